@@ -182,12 +182,13 @@ def pool_geometry(x_shape, pool_param, op="max"):
     Raises ValueError naming the input size, the parameters and the computed
     output size when the combination is not valid.
     """
+    shape = tuple(int(s) for s in x_shape)
     if not isinstance(pool_param, dict):
         raise TypeError(f"pool_param must be a dict, got {type(pool_param).__name__}")
     unknown = set(pool_param) - _POOL_KEYS
     if unknown:
-        raise ValueError(f"unknown pool_param keys {sorted(unknown)}; known: {sorted(_POOL_KEYS)}")
-    shape = tuple(int(s) for s in x_shape)
+        raise ValueError(f"unknown pool_param keys {sorted(unknown)} for input of shape {shape}; "
+                         f"known: {sorted(_POOL_KEYS)}")
     if len(shape) != 4:
         raise ValueError(f"pooling expects x of shape (N, C, H, W), got {len(shape)}-D shape {shape}")
     N, C, H, W = shape
@@ -204,11 +205,13 @@ def pool_geometry(x_shape, pool_param, op="max"):
     dh, dw = _pair(pool_param.get("dilation", 1), "dilation")
     ceil_mode = pool_param.get("ceil_mode", False)
     if not isinstance(ceil_mode, (bool, np.bool_)):
-        raise ValueError(f"pool_param['ceil_mode'] must be a bool, got {ceil_mode!r}")
+        raise ValueError(f"pool_param['ceil_mode'] must be a bool, got {ceil_mode!r} "
+                         f"(input of shape {shape})")
     ceil_mode = bool(ceil_mode)
     cip = pool_param.get("count_include_pad", True)
     if not isinstance(cip, (bool, np.bool_)):
-        raise ValueError(f"pool_param['count_include_pad'] must be a bool, got {cip!r}")
+        raise ValueError(f"pool_param['count_include_pad'] must be a bool, got {cip!r} "
+                         f"(input of shape {shape})")
 
     params = (f"kernel = ({kh}, {kw}), stride = ({sh}, {sw}), pad = ({ph}, {pw}), "
               f"dilation = ({dh}, {dw}), ceil_mode = {ceil_mode}")
