@@ -1,0 +1,713 @@
+"""Benchmark machinery shared by ``scripts/bench.py`` and ``scripts/gpu_check.py``.
+
+What is here, in the order a benchmark uses it:
+
+- *clocks*: :class:`CPUClock` (``perf_counter``), :class:`CupyClock` and
+  :class:`TorchCudaClock` (CUDA events on the current stream; CuPy and PyTorch
+  both default to the legacy default stream, so their events see each other's
+  work in order);
+- :func:`round_robin`: warm-up, then every implementation once per round in a
+  rotating order, so drift (turbo, thermal, other processes) hits all alike;
+  :func:`median` of the samples is what gets reported;
+- *the compulsory byte model* (:func:`compulsory_bytes`): each input read
+  once, each output -- indices included -- written once;
+- *copy bandwidth*: the ceiling the byte model is compared with, measured in
+  the same run (:func:`copy_bandwidth_numpy`, :func:`copy_bandwidth_cupy`);
+- :class:`Case` and :func:`build_case`: one op on one shape and dtype, with a
+  callable per implementation (ours and PyTorch's) over the *same* data;
+- :func:`peak_memory`: tracemalloc peak and retained bytes of a NumPy call;
+- the results-JSON format: :func:`results_document`, :func:`validate_results`,
+  :func:`write_json`, :func:`git_commit`, :func:`slug`.
+
+Neither CuPy nor PyTorch is imported at module import time.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import gpulayers as gl
+from .backend import is_cupy_array
+from .shapes import pool_geometry
+
+__all__ = [
+    "CPUClock", "CupyClock", "TorchCudaClock", "Timed", "round_robin", "median",
+    "compulsory_bytes", "copy_bandwidth_numpy", "copy_bandwidth_cupy",
+    "Case", "build_case", "OPS", "peak_memory", "import_torch",
+    "results_document", "validate_results", "write_json", "git_commit", "slug", "today",
+]
+
+# ------------------------------------------------------------------------------ clocks
+
+
+class CPUClock:
+    """Wall time of one call, ``time.perf_counter``; for NumPy and PyTorch CPU."""
+
+    kind = "cpu"
+
+    def time_ms(self, fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def sync(self):
+        pass
+
+
+class CupyClock:
+    """Device time of one call between two CUDA events on CuPy's current stream."""
+
+    kind = "cuda"
+
+    def __init__(self):
+        import cupy
+        self._cp = cupy
+        self._start = cupy.cuda.Event()
+        self._end = cupy.cuda.Event()
+
+    def time_ms(self, fn):
+        self._start.record()
+        fn()
+        self._end.record()
+        self._end.synchronize()
+        return float(self._cp.cuda.get_elapsed_time(self._start, self._end))
+
+    def sync(self):
+        self._cp.cuda.Device().synchronize()
+
+
+class TorchCudaClock:
+    """Device time of one call between two CUDA events on PyTorch's current stream."""
+
+    kind = "cuda"
+
+    def __init__(self, torch):
+        self._torch = torch
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+
+    def time_ms(self, fn):
+        self._start.record()
+        fn()
+        self._end.record()
+        self._end.synchronize()
+        return float(self._start.elapsed_time(self._end))
+
+    def sync(self):
+        self._torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------- round-robin timing
+
+
+@dataclass
+class Timed:
+    """One implementation to time: ``fn()`` runs it once; ``reps`` caps its
+    samples (the naive loops get fewer); ``error`` is set when it raised."""
+
+    name: str
+    fn: object
+    clock: object
+    reps: int | None = None
+    error: str | None = None
+    samples: list = field(default_factory=list)
+
+
+def round_robin(entries, reps, warmup=2, on_round=None):
+    """Time ``entries`` (a list of :class:`Timed`) alternately.
+
+    Each entry first runs ``warmup`` times untimed (compiles kernels, fills
+    allocator caches, faults pages in). Then ``reps`` rounds follow; round r
+    runs every entry once, starting at entry ``r % len(entries)``. An entry
+    that raises gets ``error`` set and drops out; the others go on.
+
+    Returns ``entries`` with ``samples`` (milliseconds) filled in.
+    """
+    def attempt(e, timed):
+        try:
+            if timed:
+                e.samples.append(e.clock.time_ms(e.fn))
+            else:
+                e.fn()
+                e.clock.sync()
+        except Exception as exc:  # record and go on with the others
+            e.error = f"{type(exc).__name__}: {exc}"[:500]
+
+    for e in entries:
+        for _ in range(warmup if (e.reps is None or e.reps > 2) else min(warmup, 1)):
+            if e.error is None:
+                attempt(e, timed=False)
+    n = len(entries)
+    for r in range(reps):
+        for k in range(n):
+            e = entries[(r + k) % n]
+            if e.error is None and (e.reps is None or len(e.samples) < e.reps):
+                attempt(e, timed=True)
+        if on_round is not None:
+            on_round()
+    return entries
+
+
+def median(samples):
+    return float(statistics.median(samples)) if samples else float("nan")
+
+
+# ------------------------------------------------------------------ compulsory bytes
+
+
+def _params_bytes(C, itemsize, count):
+    return C * itemsize * count
+
+
+def compulsory_bytes(op, x_shape, out_shape, itemsize, index_itemsize=0, param_itemsize=4):
+    """Bytes an ideal implementation moves: each input read once, each output
+    (indices included) written once.
+
+    - max_pool_forward: read x; write out and one index per output element
+      (``index_itemsize``: 1 for our uint8 offsets, 8 for PyTorch's int64);
+    - max_pool_backward: read dout and the indices; write dx;
+    - avg_pool_forward / avg_pool_backward: read x (dout), write out (dx);
+    - spatial_batchnorm_forward (train): read x, gamma, beta, running mean and
+      var; write out and the running mean and var;
+    - spatial_batchnorm_backward: read dout, x, gamma and the saved mean and
+      inverse std; write dx, dgamma, dbeta;
+    - spatial_batchnorm_eval_forward: read x, gamma, beta, running mean and var; write out.
+
+    Per-channel vectors use ``param_itemsize``. A real train forward reads x
+    twice (statistics, then normalize) unless x fits in cache, so its
+    bandwidth fraction under this model tops out near 2/3.
+    """
+    n_in = int(np.prod(x_shape))
+    n_out = int(np.prod(out_shape))
+    C = int(x_shape[1])
+    if op == "max_pool_forward":
+        return n_in * itemsize + n_out * (itemsize + index_itemsize)
+    if op == "max_pool_backward":
+        return n_out * (itemsize + index_itemsize) + n_in * itemsize
+    if op in ("avg_pool_forward", "avg_pool_backward"):
+        return (n_in + n_out) * itemsize
+    if op == "spatial_batchnorm_forward":
+        return 2 * n_in * itemsize + _params_bytes(C, param_itemsize, 6)
+    if op == "spatial_batchnorm_backward":
+        return 3 * n_in * itemsize + _params_bytes(C, param_itemsize, 5)
+    if op == "spatial_batchnorm_eval_forward":
+        return 2 * n_in * itemsize + _params_bytes(C, param_itemsize, 4)
+    raise ValueError(f"no byte model for op {op!r}")
+
+
+# ------------------------------------------------------------------- copy bandwidth
+
+
+def copy_bandwidth_numpy(nbytes=64 << 20, reps=15):
+    """GB/s of ``np.copyto`` between two fresh buffers of ``nbytes``
+    (bytes read + bytes written per second, median of ``reps``)."""
+    n = max(1, nbytes // 4)
+    src = np.random.default_rng().standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    entry = Timed("copy", lambda: np.copyto(dst, src), CPUClock())
+    round_robin([entry], reps, warmup=2)
+    return 2 * src.nbytes / (median(entry.samples) * 1e-3) / 1e9
+
+
+def copy_bandwidth_cupy(nbytes=512 << 20, reps=15):
+    """GB/s of a device-to-device copy (bytes read + written per second): the
+    better median of ``cudaMemcpyAsync`` device-to-device and an element-wise
+    copy kernel (``cupy.copyto``). Returns (GB/s, detail dict)."""
+    import cupy
+    n = max(1, nbytes // 4)
+    src = cupy.random.default_rng().standard_normal(n, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    memcpy = Timed("memcpy", lambda: dst.data.copy_from_device_async(src.data, src.nbytes),
+                   CupyClock())
+    kernel = Timed("copyto", lambda: cupy.copyto(dst, src), CupyClock())
+    round_robin([memcpy, kernel], reps, warmup=3)
+    detail = {e.name: 2 * src.nbytes / (median(e.samples) * 1e-3) / 1e9
+              for e in (memcpy, kernel) if e.error is None}
+    del src, dst
+    cupy.get_default_memory_pool().free_all_blocks()
+    return max(detail.values()), detail
+
+
+# ------------------------------------------------------------------------- PyTorch
+
+
+def import_torch(threads=None):
+    """PyTorch, or None when it does not import; sets its CPU threads to
+    ``threads`` (default: every core)."""
+    try:
+        import torch
+    except Exception:
+        return None
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch
+
+
+def _to_torch(torch, a):
+    """A tensor sharing ``a``'s memory (NumPy: from_numpy; CuPy: DLPack)."""
+    if is_cupy_array(a):
+        return torch.from_dlpack(a)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# ---------------------------------------------------------------------- cases
+
+#: op name -> which family it belongs to and whether it is a backward pass
+OPS = {
+    "max_pool_forward": ("max", False),
+    "max_pool_backward": ("max", True),
+    "avg_pool_forward": ("avg", False),
+    "avg_pool_backward": ("avg", True),
+    "spatial_batchnorm_forward": ("bn", False),
+    "spatial_batchnorm_backward": ("bn", True),
+    "spatial_batchnorm_eval_forward": ("bn_eval", False),
+}
+
+# implementation name -> (forward function name, backward function name) in gpulayers.
+# "fast" is the public entry point (max_pool_forward, ...): CUDA kernels on CuPy.
+_IMPLS = {
+    "max": {"fast": ("max_pool_forward", "max_pool_backward"),
+            "general": ("max_pool_forward_general", "max_pool_backward_general"),
+            "reshape": ("max_pool_forward_reshape", "max_pool_backward_reshape"),
+            "naive": ("max_pool_forward_naive", "max_pool_backward_naive")},
+    "avg": {"fast": ("avg_pool_forward", "avg_pool_backward")},
+    "bn": {"fast": ("spatial_batchnorm_forward", "spatial_batchnorm_backward"),
+           "general": ("spatial_batchnorm_forward_general", "spatial_batchnorm_backward_general"),
+           "naive": ("spatial_batchnorm_forward_naive", "spatial_batchnorm_backward_naive")},
+}
+
+
+def _bn_forward_transpose(x, gamma, beta, bn_param):
+    """The CS231n assignment's spatial BN: move C last, run (N*H*W, C) batch
+    norm, move C back (a contiguous copy each way)."""
+    N, C, H, W = x.shape
+    flat = x.transpose(0, 2, 3, 1).reshape(-1, C)
+    out, cache = gl.batchnorm_forward(flat, gamma, beta, bn_param)
+    xp = gl.get_array_module(x)
+    return xp.ascontiguousarray(out.reshape(N, H, W, C).transpose(0, 3, 1, 2)), (cache, x.shape)
+
+
+def _bn_backward_transpose(dout, cache):
+    inner, (N, C, H, W) = cache
+    dx, dgamma, dbeta = gl.batchnorm_backward(dout.transpose(0, 2, 3, 1).reshape(-1, C), inner)
+    xp = gl.get_array_module(dout)
+    return xp.ascontiguousarray(dx.reshape(N, H, W, C).transpose(0, 3, 1, 2)), dgamma, dbeta
+
+
+_IMPLS["bn"]["cs231n-transpose"] = (_bn_forward_transpose, _bn_backward_transpose)
+_IMPLS["bn_eval"] = _IMPLS["bn"]
+
+
+def _lookup(fn):
+    """A gpulayers function by name (None when absent), or the function itself."""
+    if fn is None or callable(fn):
+        return fn
+    return getattr(gl, fn, None)
+
+
+def impl_label(name, xp):
+    """How an implementation is shown: 'fast' on CuPy is the CUDA kernels."""
+    if name == "fast" and xp is not np:
+        return "cuda-kernels"
+    if name == "general" and xp is not np:
+        return "general(cupy)"
+    return name
+
+
+def pool_params_str(p):
+    kh, kw = p["pool_height"], p["pool_width"]
+    s = p.get("stride", (kh, kw))
+    parts = [f"k={kh}x{kw}", f"s={s}", f"p={p.get('pad', 0)}"]
+    if p.get("dilation", 1) not in (1, (1, 1)):
+        parts.append(f"d={p['dilation']}")
+    if p.get("ceil_mode"):
+        parts.append("ceil")
+    if "count_include_pad" in p and not p["count_include_pad"]:
+        parts.append("exclude_pad")
+    return " ".join(parts)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclass
+class Case:
+    """One op on one shape and dtype.
+
+    ``params`` is the pool_param dict (pool ops) or bn_param dict (BN ops;
+    'mode' is set by the op). After :func:`build_case`: ``entries`` (one
+    :class:`Timed` per implementation, ours first, PyTorch's last),
+    ``bytes`` (implementation name -> compulsory bytes), ``notes``
+    (implementations skipped and why), ``outputs`` (name -> first output, for
+    the agreement check) and ``forward_fns`` (name -> zero-argument callable
+    running that implementation's forward, for :func:`peak_memory`).
+    """
+
+    op: str
+    shape: tuple
+    dtype: str = "float32"
+    params: dict = field(default_factory=dict)
+    entries: list = field(default_factory=list)
+    bytes: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+    forward_fns: dict = field(default_factory=dict)
+    backward_fns: dict = field(default_factory=dict)
+    x_nbytes: int = 0
+
+    @property
+    def family(self):
+        return OPS[self.op][0]
+
+    @property
+    def backward(self):
+        return OPS[self.op][1]
+
+    def params_str(self):
+        if self.family in ("max", "avg"):
+            return pool_params_str(self.params)
+        mode = "eval" if self.family == "bn_eval" else "train"
+        p = self.params
+        return (f"{mode} eps={p.get('eps', 1e-5):g} momentum={p.get('momentum', 0.9):g} "
+                f"convention={p.get('convention', 'cs231n')}")
+
+
+def _random(xp, shape, dtype, rng):
+    """Fresh standard-normal data of ``dtype`` made on the array's own device."""
+    if xp is np:
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    g = xp.random.default_rng(int(rng.integers(2**31)))
+    return g.standard_normal(shape, dtype=xp.float32).astype(dtype, copy=False)
+
+
+def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
+               naive_reps=None, check=True):
+    """Make data and one :class:`Timed` per implementation for ``case``.
+
+    Inputs:
+    - case: Case (op, shape, dtype, params)
+    - xp: numpy or cupy; the data live there
+    - impls: implementation names to try, e.g. ('fast', 'general', 'reshape', 'naive');
+      one that gpulayers does not have, or whose geometry precondition fails
+      (reshape needs tiling windows), is skipped with a note
+    - clock: clock for our implementations; torch_clock for PyTorch's
+    - torch: the torch module (or None: no peer)
+    - naive_reps: cap on the naive implementation's samples
+
+    Returns ``case`` filled in. Every implementation sees the same x (and
+    dout, gamma, beta); backward entries time only the backward call, on a
+    cache each implementation made with its own forward.
+    """
+    rng = rng or np.random.default_rng()
+    fam, is_bwd = OPS[case.op]
+    shape, dtype = tuple(case.shape), np.dtype(case.dtype)
+    x = _random(xp, shape, dtype, rng)
+    case.x_nbytes = x.nbytes
+    C = shape[1]
+    pdtype = np.float32 if dtype == np.float16 else dtype
+    if fam in ("max", "avg"):
+        geom = pool_geometry(shape, case.params, fam)
+        out_shape = geom.output_shape
+        gamma = beta = None
+    else:
+        out_shape = shape
+        gamma = (1.0 + 0.1 * _random(xp, (C,), np.float32, rng)).astype(dtype)
+        beta = (0.1 * _random(xp, (C,), np.float32, rng)).astype(dtype)
+    dout = _random(xp, out_shape, dtype, rng) if is_bwd else None
+
+    def bn_param():
+        p = dict(case.params)
+        p["mode"] = "test" if fam == "bn_eval" else "train"
+        p["running_mean"] = xp.zeros(C, dtype=pdtype) + 0.1
+        p["running_var"] = xp.ones(C, dtype=pdtype) * 1.5
+        return p
+
+    for name in impls:
+        if name not in _IMPLS[fam]:
+            continue  # e.g. no reshape trick for BN
+        fwd, bwd = (_lookup(f) for f in _IMPLS[fam][name])
+        label = impl_label(name, xp)
+        if fwd is None or (is_bwd and bwd is None):
+            case.notes.append(f"{label}: not in gpulayers")
+            continue
+        if name == "reshape" and not geom.tiles:
+            case.notes.append(f"{label}: windows do not tile the input")
+            continue
+        if fam in ("max", "avg"):
+            params = case.params
+            run_fwd = (lambda f=fwd, p=params: f(x, p))
+        else:
+            bp = bn_param()
+            run_fwd = (lambda f=fwd, p=bp: f(x, gamma, beta, p))
+        try:
+            out, cache = run_fwd()
+        except Exception as exc:
+            case.notes.append(f"{label}: forward raised {type(exc).__name__}: {exc}"[:300])
+            continue
+        index_itemsize = 0
+        if fam == "max":
+            index_itemsize = np.dtype(cache.offsets.dtype).itemsize
+        case.bytes[label] = compulsory_bytes(case.op, shape, out_shape, dtype.itemsize,
+                                             index_itemsize, np.dtype(pdtype).itemsize)
+        case.forward_fns[label] = run_fwd
+        if is_bwd:
+            fn = (lambda b=bwd, c=cache: b(dout, c))
+            case.backward_fns[label] = fn
+            if check:
+                try:
+                    res = fn()
+                    case.outputs[label] = res[0] if isinstance(res, tuple) else res
+                except Exception as exc:
+                    case.notes.append(f"{label}: backward raised {type(exc).__name__}: {exc}"[:300])
+                    continue
+        else:
+            fn = run_fwd
+            case.outputs[label] = out
+        case.entries.append(Timed(label, fn, clock, reps=naive_reps if name == "naive" else None))
+        del out, cache
+    if torch is not None:
+        try:
+            _add_torch(case, torch, torch_clock or clock, x, dout, gamma, beta, out_shape, C)
+        except Exception as exc:
+            case.notes.append(f"torch: {type(exc).__name__}: {exc}"[:300])
+    return case
+
+
+def _add_torch(case, torch, clock, x, dout, gamma, beta, out_shape, C):
+    """Append PyTorch's implementation of ``case.op`` on the same data."""
+    F = torch.nn.functional
+    fam, is_bwd = OPS[case.op]
+    xt = _to_torch(torch, x)
+    dev = xt.device
+    label = f"torch-{dev.type}"
+    itemsize = xt.element_size()
+    if fam in ("max", "avg"):
+        p = case.params
+        k = (p["pool_height"], p["pool_width"])
+        s = _pair(p.get("stride", k))
+        pad = _pair(p.get("pad", 0))
+        if fam == "max":
+            dil = _pair(p.get("dilation", 1))
+
+            def fwd(t):
+                return F.max_pool2d(t, k, s, pad, dil, ceil_mode=p.get("ceil_mode", False),
+                                    return_indices=True)
+        else:
+            def fwd(t):
+                return F.avg_pool2d(t, k, s, pad, ceil_mode=p.get("ceil_mode", False),
+                                    count_include_pad=p.get("count_include_pad", True))
+        if not is_bwd:
+            fn = lambda: fwd(xt)  # noqa: E731
+            first = fwd(xt)
+            first = first[0] if isinstance(first, tuple) else first
+        else:
+            xg = xt.detach().clone().requires_grad_(True)
+            res = fwd(xg)
+            out = res[0] if isinstance(res, tuple) else res
+            dt = _to_torch(torch, dout)
+            fn = lambda: torch.autograd.grad(out, xg, dt, retain_graph=True)  # noqa: E731
+            first = fn()[0]
+        index_itemsize = 8 if fam == "max" else 0  # int64 indices
+        nbytes = compulsory_bytes(case.op, case.shape, out_shape, itemsize, index_itemsize)
+    else:
+        wdtype = torch.float32 if xt.dtype == torch.float16 else xt.dtype
+        w = _to_torch(torch, gamma).to(wdtype)
+        b = _to_torch(torch, beta).to(wdtype)
+        rm = torch.full((C,), 0.1, dtype=wdtype, device=dev)
+        rv = torch.full((C,), 1.5, dtype=wdtype, device=dev)
+        eps = case.params.get("eps", 1e-5)
+        # torch's momentum weights the new value; cs231n's weights the old one
+        mom = 1.0 - case.params.get("momentum", 0.9)
+        if fam == "bn_eval":
+            fn = lambda: F.batch_norm(xt, rm, rv, w, b, False, mom, eps)  # noqa: E731
+            first = fn()
+        elif not is_bwd:
+            fn = lambda: F.batch_norm(xt, rm, rv, w, b, True, mom, eps)  # noqa: E731
+            first = fn()
+        else:
+            xg = xt.detach().clone().requires_grad_(True)
+            wg = w.detach().clone().requires_grad_(True)
+            bg = b.detach().clone().requires_grad_(True)
+            out = F.batch_norm(xg, rm, rv, wg, bg, True, mom, eps)
+            dt = _to_torch(torch, dout)
+            fn = lambda: torch.autograd.grad(out, (xg, wg, bg), dt, retain_graph=True)  # noqa: E731
+            first = fn()[0]
+        nbytes = compulsory_bytes(case.op, case.shape, out_shape, itemsize, 0,
+                                  torch.empty((), dtype=wdtype).element_size())
+    case.bytes[label] = nbytes
+    case.outputs[label] = first.detach()
+    case.entries.append(Timed(label, fn, clock))
+
+
+def to_host(a):
+    """NumPy copy of a NumPy/CuPy array or a torch tensor."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        return a.detach().cpu().numpy()
+    return gl.to_numpy(a)
+
+
+def agreement(case, reference=None):
+    """{label: max |a - ref| / max |ref|} of every output against the first
+    implementation's (or ``reference``'s). 0.0 means bit-identical."""
+    if not case.outputs:
+        return {}
+    labels = list(case.outputs)
+    ref_label = reference or labels[0]
+    ref = to_host(case.outputs[ref_label]).astype(np.float64)
+    scale = max(float(np.nanmax(np.abs(ref))) if ref.size else 0.0, 1e-30)
+    out = {}
+    for label in labels:
+        a = to_host(case.outputs[label]).astype(np.float64)
+        if a.shape != ref.shape:
+            out[label] = float("inf")
+            continue
+        same_nan = np.isnan(a) == np.isnan(ref)
+        diff = np.where(np.isnan(a) & np.isnan(ref), 0.0, np.abs(a - ref))
+        out[label] = float(np.max(diff)) / scale if same_nan.all() else float("inf")
+    return out
+
+
+# ------------------------------------------------------------------------- memory
+
+
+def peak_memory(fn):
+    """(peak, retained) bytes that ``fn()`` allocates through tracemalloc
+    (NumPy reports its array buffers there): the high-water mark above the
+    memory in use before the call, and what is still held by its result."""
+    gc.collect()
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        current, peak = tracemalloc.get_traced_memory()
+        del result
+    finally:
+        if started:
+            tracemalloc.stop()
+    return peak - base, current - base
+
+
+# -------------------------------------------------------------------- results JSON
+
+RESULT_OPS = ("max_pool_forward", "max_pool_backward", "spatial_batchnorm_forward",
+              "spatial_batchnorm_backward", "spatial_batchnorm_eval_forward",
+              "avg_pool_forward", "avg_pool_backward")
+
+
+def today():
+    return datetime.date.today().isoformat()
+
+
+def slug(text):
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+    return s or "unknown"
+
+
+def git_commit(repo_dir="."):
+    """HEAD's hash; else env GPULAYERS_COMMIT; else 'unknown'."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()):
+            return out.stdout.strip()
+    except Exception:
+        pass
+    return os.environ.get("GPULAYERS_COMMIT") or "unknown"
+
+
+def result_case(case, ours, peer, copy_gbps, params=None):
+    """One entry of the results JSON ``cases`` list, from the medians (ms)
+    of our implementation ``ours`` and the peer ``peer`` (labels), or None
+    when ours has no time."""
+    t_ours = median(_entry(case, ours).samples) if _entry(case, ours) else float("nan")
+    if not np.isfinite(t_ours):
+        return None
+    t_peer = median(_entry(case, peer).samples) if peer and _entry(case, peer) else float("nan")
+    nbytes = int(case.bytes[ours])
+    return {
+        "op": case.op, "shape": [int(s) for s in case.shape], "dtype": str(case.dtype),
+        "params": params or case.params_str(),
+        "gpulayers_ms": round(t_ours, 5),
+        "torch_ms": round(t_peer, 5) if np.isfinite(t_peer) else None,
+        "ratio": round(t_ours / t_peer, 4) if np.isfinite(t_peer) and t_peer > 0 else None,
+        "bytes": nbytes,
+        "bandwidth_fraction": round(nbytes / (t_ours * 1e-3) / (copy_gbps * 1e9), 4)
+        if copy_gbps else None,
+    }
+
+
+def _entry(case, label):
+    for e in case.entries:
+        if e.name == label and e.error is None and e.samples:
+            return e
+    return None
+
+
+def results_document(device, copy_gbps, cases, tests=None, cupy_version=None,
+                     torch_version=None, commit=None, date=None):
+    """The results JSON as a dict (see benchmarks/results/)."""
+    tests = tests or {"passed": 0, "failed": 0, "skipped": 0}
+    return {
+        "device": str(device), "date": date or today(), "commit": commit or git_commit(),
+        "cupy": str(cupy_version) if cupy_version else "none",
+        "torch": str(torch_version) if torch_version else "none",
+        "copy_GBps": round(float(copy_gbps), 3) if copy_gbps else None,
+        "tests": {k: int(tests.get(k, 0)) for k in ("passed", "failed", "skipped")},
+        "cases": list(cases),
+    }
+
+
+def validate_results(doc):
+    """ValueError naming the first field that breaks the results format."""
+    top = {"device": str, "date": str, "commit": str, "cupy": str, "torch": str,
+           "copy_GBps": (float, int, type(None)), "tests": dict, "cases": list}
+    for key, typ in top.items():
+        if key not in doc:
+            raise ValueError(f"results JSON lacks {key!r}")
+        if not isinstance(doc[key], typ):
+            raise ValueError(f"results JSON {key!r} has type {type(doc[key]).__name__}")
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", doc["date"]):
+        raise ValueError(f"date {doc['date']!r} is not YYYY-MM-DD")
+    for k in ("passed", "failed", "skipped"):
+        if not isinstance(doc["tests"].get(k), int):
+            raise ValueError(f"tests[{k!r}] must be an int")
+    keys = ("op", "shape", "dtype", "params", "gpulayers_ms", "torch_ms", "ratio", "bytes",
+            "bandwidth_fraction")
+    for i, c in enumerate(doc["cases"]):
+        if set(c) != set(keys):
+            raise ValueError(f"cases[{i}] keys {sorted(c)} != {sorted(keys)}")
+        if c["op"] not in RESULT_OPS:
+            raise ValueError(f"cases[{i}] op {c['op']!r} unknown")
+        if len(c["shape"]) != 4 or not all(isinstance(s, int) for s in c["shape"]):
+            raise ValueError(f"cases[{i}] shape {c['shape']!r} is not [N, C, H, W]")
+        if not isinstance(c["gpulayers_ms"], (int, float)) or not isinstance(c["bytes"], int):
+            raise ValueError(f"cases[{i}] gpulayers_ms/bytes have wrong types")
+    return doc
+
+
+def write_json(doc, *paths):
+    """Validate ``doc`` and write it to every path (folders made as needed)."""
+    validate_results(doc)
+    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    # one line per shape list: [256, 64, 112, 112]
+    text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3, \4]", text)
+    for path in paths:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return paths

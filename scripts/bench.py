@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Benchmark gpulayers' pooling and batch-norm implementations against PyTorch.
+
+    python scripts/bench.py --quick              # < 1 minute on a 2-core CPU
+    python scripts/bench.py                      # the CPU target shapes
+    python scripts/bench.py --sweep --plot sweep.png
+    python scripts/bench.py --device gpu --json benchmarks/results/mine.json
+
+How the numbers are made (so they can be trusted):
+
+- every implementation of a case gets the same fresh random data (never zeros);
+- each runs ``--warmup`` times untimed, then ``--reps`` rounds alternate the
+  implementations round-robin (rotating the start), and the median is shown;
+- CPU times are ``perf_counter`` wall times with PyTorch and NumPy on every
+  core (``torch.set_num_threads``); GPU times are CUDA events;
+- GB/s uses the compulsory byte model of ``gpulayers.benchmarking.compulsory_bytes``
+  (each input read once, each output incl. indices written once: our uint8
+  offsets, PyTorch's int64 indices), and "% copy" divides it by a copy
+  bandwidth measured in the same run (``np.copyto`` / device-to-device copy);
+- outputs of every implementation are compared with the first one's before
+  timing ("agree" column: max |diff| / max |ref|; pooling should be 0);
+- "peak/x" and "kept/x" are tracemalloc's high-water mark during one call and
+  what the call's result still holds (output + cache), in units of x's size
+  (NumPy only).
+
+The article's naive loops run only on inputs up to ``--naive-max-elems``
+elements (3 samples); ``--naive`` runs them everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gpulayers  # noqa: E402
+from gpulayers import benchmarking as B  # noqa: E402
+
+MP3 = {"pool_height": 3, "pool_width": 3, "stride": 2, "pad": 1}
+MP2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
+BN = {"eps": 1e-5, "momentum": 0.9}
+ALL_OPS = ("max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward",
+           "spatial_batchnorm_forward", "spatial_batchnorm_backward",
+           "spatial_batchnorm_eval_forward")
+
+# (op, shape, params) per size preset; the CPU preset holds the NumPy targets.
+PRESETS = {
+    "smoke": [("max_pool_forward", (2, 3, 8, 8), MP3), ("max_pool_backward", (2, 3, 8, 8), MP2),
+              ("avg_pool_forward", (2, 3, 8, 8), MP3), ("avg_pool_backward", (2, 3, 8, 8), MP2),
+              ("spatial_batchnorm_forward", (2, 3, 8, 8), BN),
+              ("spatial_batchnorm_backward", (2, 3, 8, 8), BN),
+              ("spatial_batchnorm_eval_forward", (2, 3, 8, 8), BN)],
+    "quick": [("max_pool_forward", (8, 32, 28, 28), MP3), ("max_pool_backward", (8, 32, 28, 28), MP3),
+              ("max_pool_forward", (8, 32, 28, 28), MP2), ("max_pool_backward", (8, 32, 28, 28), MP2),
+              ("avg_pool_forward", (8, 32, 28, 28), MP3), ("avg_pool_backward", (8, 32, 28, 28), MP3),
+              ("spatial_batchnorm_forward", (8, 32, 28, 28), BN),
+              ("spatial_batchnorm_backward", (8, 32, 28, 28), BN),
+              ("spatial_batchnorm_eval_forward", (8, 32, 28, 28), BN)],
+    "cpu": [("max_pool_forward", (32, 64, 56, 56), MP3), ("max_pool_backward", (32, 64, 56, 56), MP3),
+            ("max_pool_forward", (16, 64, 112, 112), MP2),
+            ("max_pool_backward", (16, 64, 112, 112), MP2),
+            ("avg_pool_forward", (32, 64, 56, 56), MP3), ("avg_pool_backward", (32, 64, 56, 56), MP3),
+            ("spatial_batchnorm_forward", (32, 64, 56, 56), BN),
+            ("spatial_batchnorm_backward", (32, 64, 56, 56), BN),
+            ("spatial_batchnorm_eval_forward", (32, 64, 56, 56), BN)],
+    "gpu": [("max_pool_forward", (256, 64, 112, 112), MP3),
+            ("max_pool_backward", (256, 64, 112, 112), MP3),
+            ("max_pool_forward", (128, 128, 112, 112), MP2),
+            ("max_pool_backward", (128, 128, 112, 112), MP2),
+            ("avg_pool_forward", (256, 64, 112, 112), MP3),
+            ("avg_pool_backward", (256, 64, 112, 112), MP3),
+            ("spatial_batchnorm_forward", (256, 64, 112, 112), BN),
+            ("spatial_batchnorm_backward", (256, 64, 112, 112), BN),
+            ("spatial_batchnorm_eval_forward", (256, 64, 112, 112), BN)],
+}
+SWEEP_OPS = ("max_pool_forward", "max_pool_backward", "spatial_batchnorm_forward",
+             "spatial_batchnorm_backward")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small shapes, few reps (< 1 min on 2 cores)")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, 2 reps: checks the script runs")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                    help="cpu (NumPy) or gpu (CuPy); default gpu when CuPy is usable")
+    ap.add_argument("--ops", nargs="+", choices=ALL_OPS, default=None, help="ops to run (default all)")
+    ap.add_argument("--impls", nargs="+", default=None,
+                    help="gpulayers implementations: fast general reshape naive cs231n-transpose "
+                         "(default all that apply)")
+    ap.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64"))
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 15, --quick 5)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per implementation first")
+    ap.add_argument("--naive", action="store_true", help="run the naive loops on every shape")
+    ap.add_argument("--naive-max-elems", type=int, default=16 << 20,
+                    help="largest input (elements) the naive loops run on without --naive")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="PyTorch CPU threads (default: every core)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    ap.add_argument("--no-memory", action="store_true", help="skip the tracemalloc measurement")
+    ap.add_argument("--sweep", action="store_true", help="also grow the batch size and fit time vs work")
+    ap.add_argument("--plot", default=None, help="PNG path for the sweep plot (needs matplotlib)")
+    ap.add_argument("--json", default=None, help="write the results JSON here")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    return ap.parse_args(argv)
+
+
+class Progress:
+    """tqdm when it is installed and wanted, else nothing."""
+
+    def __init__(self, total, disable):
+        self.bar = None
+        if not disable:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="round", file=sys.stderr, leave=False,
+                                dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def describe(self, text):
+        if self.bar is not None:
+            self.bar.set_description(text[:40])
+
+    def update(self, n=1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Setup:
+    """Where the data live and how time is taken: NumPy + perf_counter, or
+    CuPy + CUDA events. The only place bench.py touches CuPy directly."""
+
+    def __init__(self, args):
+        want_gpu = args.device == "gpu" or (args.device is None
+                                             and "cupy" in gpulayers.available_backends())
+        self.torch = None if args.no_torch else B.import_torch(args.threads)
+        if want_gpu:
+            reason = gpulayers.backend.cupy_unusable_reason()
+            if reason:
+                sys.exit(f"--device gpu: {reason}")
+            import cupy
+            self.xp = cupy
+            self.gpu = True
+            self.clock = B.CupyClock()
+            info = gpulayers.backend_info()
+            self.device = f"gpu: {info['devices'][0]['name']}" if info["devices"] else "gpu"
+            self.cupy_version = cupy.__version__
+            if self.torch is not None and not self.torch.cuda.is_available():
+                print("note: torch has no CUDA here; no PyTorch peer")
+                self.torch = None
+            self.torch_clock = B.TorchCudaClock(self.torch) if self.torch is not None else None
+        else:
+            self.xp = np
+            self.gpu = False
+            self.clock = B.CPUClock()
+            self.torch_clock = B.CPUClock()
+            self.device = f"cpu: {cpu_name()} ({os.cpu_count()} cores, torch threads {args.threads})"
+            self.cupy_version = None
+
+    def copy_bandwidth(self, nbytes):
+        if self.gpu:
+            gbps, detail = B.copy_bandwidth_cupy(max(nbytes, 256 << 20))
+            return gbps, ", ".join(f"{k} {v:.0f}" for k, v in detail.items())
+        return B.copy_bandwidth_numpy(nbytes), "np.copyto"
+
+    def free(self):
+        import gc
+        gc.collect()
+        if self.gpu:
+            self.xp.get_default_memory_pool().free_all_blocks()
+            if self.torch is not None:
+                self.torch.cuda.empty_cache()
+
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None and np.isfinite(v) else "-"
+
+
+def case_table(case, copy_gbps, memory):
+    lines = []
+    print = lines.append  # noqa: A001 -- collect the table, the caller writes it
+    torch_entry = next((e for e in case.entries if e.name.startswith("torch") and e.samples), None)
+    t_torch = B.median(torch_entry.samples) if torch_entry else None
+    agree = B.agreement(case)
+    print(f"\n{case.op} {tuple(case.shape)} {case.dtype}  {case.params_str()}")
+    print(f"  {'implementation':<17}{'median ms':>11}{'min ms':>10}{'n':>4}{'/ torch':>9}"
+          f"{'GB/s':>8}{'% copy':>8}{'peak/x':>8}{'kept/x':>8}{'agree':>10}")
+    for e in case.entries:
+        if e.error:
+            print(f"  {e.name:<17} ERROR {e.error}")
+            continue
+        t = B.median(e.samples)
+        gbps = case.bytes[e.name] / (t * 1e-3) / 1e9
+        peak, kept = memory.get(e.name, (None, None))
+        x = case.x_nbytes
+        print(f"  {e.name:<17}{t:>11.3f}{min(e.samples):>10.3f}{len(e.samples):>4}"
+              f"{fmt(t / t_torch if t_torch else None, '>8.2f')}{'x' if t_torch else ' '}"
+              f"{gbps:>8.1f}{100 * gbps / copy_gbps:>7.0f}%"
+              f"{fmt(peak / x if peak is not None else None, '>8.2f')}"
+              f"{fmt(kept / x if kept is not None else None, '>8.2f')}"
+              f"{fmt(agree.get(e.name), '>10.1e')}")
+    for note in case.notes:
+        print(f"  (skipped {note})")
+    return "\n".join(lines)
+
+
+def measure_memory(case):
+    """{label: (peak, kept)} of the timed call of every NumPy implementation."""
+    out = {}
+    fns = case.backward_fns if case.backward else case.forward_fns
+    for label, fn in fns.items():
+        if label.startswith("torch"):
+            continue
+        out[label] = B.peak_memory(fn)
+    return out
+
+
+def make_cases(args, setup):
+    preset = "smoke" if args.smoke else "quick" if args.quick else ("gpu" if setup.gpu else "cpu")
+    ops = args.ops or ALL_OPS
+    return preset, [B.Case(op, shape, args.dtype, dict(params))
+                    for op, shape, params in PRESETS[preset] if op in ops]
+
+
+def run_cases(args, setup, cases, reps, warmup, rng, copy_gbps):
+    impls = args.impls or ["fast", "general", "reshape", "cs231n-transpose", "naive"]
+    progress = Progress(len(cases) * reps, args.no_progress)
+    done = []
+    for case in cases:
+        progress.describe(case.op)
+        use = list(impls)
+        n_elems = int(np.prod(case.shape))
+        if "naive" in use and not args.naive and (setup.gpu or n_elems > args.naive_max_elems):
+            use.remove("naive")
+            case.notes.append("naive: too slow for this size (use --naive)")
+        try:
+            B.build_case(case, setup.xp, use, setup.clock, setup.torch, setup.torch_clock,
+                         rng=rng, naive_reps=min(3, reps))
+            B.round_robin(case.entries, reps, warmup, on_round=progress.update)
+            memory = {} if (setup.gpu or args.no_memory) else measure_memory(case)
+        except Exception as exc:  # one broken case must not end the run
+            case.notes.append(f"case failed: {type(exc).__name__}: {exc}"[:300])
+            memory = {}
+            progress.update(reps)
+        progress.write(case_table(case, copy_gbps, memory))
+        case.forward_fns.clear()
+        case.backward_fns.clear()
+        case.outputs.clear()
+        for e in case.entries:
+            e.fn = None
+        done.append(case)
+        setup.free()
+    progress.close()
+    return done
+
+
+def summary(cases):
+    print("\nsummary (fast = gpulayers' public entry point; ratio < 1 beats PyTorch)")
+    print(f"  {'op':<31}{'shape':<20}{'params':<16}{'fast ms':>9}{'torch ms':>10}{'ratio':>7}"
+          f"{'naive/fast':>11}")
+    for case in cases:
+        med = {e.name: B.median(e.samples) for e in case.entries if e.samples and not e.error}
+        fast = med.get("fast", med.get("cuda-kernels"))
+        peer = next((v for k, v in med.items() if k.startswith("torch")), None)
+        naive = med.get("naive", med.get("cs231n-transpose"))
+        params = case.params_str() if case.family in ("max", "avg") else ""
+        print(f"  {case.op:<31}{str(tuple(case.shape)):<20}{params:<16}{fmt(fast, '>9.3f')}"
+              f"{fmt(peer, '>10.3f')}{fmt(fast / peer if fast and peer else None, '>7.2f')}"
+              f"{fmt(naive / fast if fast and naive else None, '>10.1f')}{'x' if naive and fast else ''}")
+
+
+def run_sweep(args, setup, rng, reps, warmup):
+    """Grow N; fit time = a + b * bytes per implementation; print and plot."""
+    ops = [op for op in SWEEP_OPS if op in (args.ops or SWEEP_OPS)] or list(args.ops)
+    if args.smoke:
+        base, batches = (3, 8, 8), [1, 2, 4]
+    elif args.quick:
+        base, batches = (32, 28, 28), [1, 2, 4, 8, 16]
+    elif setup.gpu:
+        base, batches = (64, 112, 112), [8, 16, 32, 64, 128, 256]
+    else:
+        base, batches = (64, 56, 56), [1, 2, 4, 8, 16, 32]
+    results = {}
+    progress = Progress(len(ops) * len(batches) * reps, args.no_progress)
+    for op in ops:
+        params = MP3 if op.startswith("max") else BN
+        rows = []
+        for n in batches:
+            progress.describe(f"sweep {op} N={n}")
+            case = B.Case(op, (n,) + base, args.dtype, dict(params))
+            try:
+                B.build_case(case, setup.xp, ["fast"], setup.clock, setup.torch,
+                             setup.torch_clock, rng=rng, check=False)
+                B.round_robin(case.entries, reps, warmup, on_round=progress.update)
+            except Exception as exc:
+                print(f"  sweep {op} N={n} failed: {type(exc).__name__}: {exc}")
+                continue
+            for e in case.entries:
+                if e.samples and not e.error:
+                    rows.append((e.name, n, case.bytes[e.name], B.median(e.samples)))
+            setup.free()
+        results[op] = rows
+    progress.close()
+    print("\nsweep: time vs work (batch size N grows; linear cost means ms/MB stays flat)")
+    for op, rows in results.items():
+        print(f"\n{op} (N, {', '.join(map(str, base))})")
+        print(f"  {'implementation':<15}{'N':>5}{'MB':>10}{'ms':>10}{'ms/MB':>9}")
+        for label in dict.fromkeys(r[0] for r in rows):
+            pts = [r for r in rows if r[0] == label]
+            for _, n, nbytes, t in pts:
+                print(f"  {label:<15}{n:>5}{nbytes / 1e6:>10.2f}{t:>10.3f}{t / (nbytes / 1e6):>9.4f}")
+            if len(pts) >= 2:
+                x = np.array([p[2] for p in pts], float) / 1e6
+                y = np.array([p[3] for p in pts], float)
+                slope, icpt = np.polyfit(x, y, 1)
+                fit = slope * x + icpt
+                r2 = 1 - ((y - fit) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)
+                print(f"  {label:<15} fit: ms = {icpt:.4f} + {slope:.4f} * MB   R^2 = {r2:.4f}")
+    if args.plot:
+        plot_sweep(results, base, args.plot)
+    return results
+
+
+def plot_sweep(results, base, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\nno plot: matplotlib is not installed (pip install matplotlib); wanted {path}")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
+    for ax, (op, rows) in zip(axes[0], results.items()):
+        for label in dict.fromkeys(r[0] for r in rows):
+            pts = [r for r in rows if r[0] == label]
+            mb = [p[2] / 1e6 for p in pts]
+            ax.loglog(mb, [p[3] for p in pts], "o-" if not label.startswith("torch") else "s--",
+                      label=label)
+        if rows:
+            mb = np.array(sorted({r[2] / 1e6 for r in rows}))
+            t0 = min(r[3] for r in rows if r[2] / 1e6 == mb[-1])
+            ax.loglog(mb, t0 * mb / mb[-1], ":", color="gray", label="linear")
+        ax.set_title(op, fontsize=9)
+        ax.set_xlabel("compulsory MB")
+        ax.set_ylabel("median ms")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"time vs work, input (N, {', '.join(map(str, base))})", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"\nplot written to {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup = Setup(args)
+    rng = np.random.default_rng(args.seed)
+    preset, cases = make_cases(args, setup)
+    reps = args.reps or (2 if args.smoke else 5 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+    copy_mb = 4 if args.smoke else 32 if args.quick else 128
+    copy_gbps, how = setup.copy_bandwidth(copy_mb << 20)
+    torch_v = setup.torch.__version__ if setup.torch is not None else "not installed/skipped"
+    print(f"device: {setup.device}\nnumpy {np.__version__}, cupy {setup.cupy_version or '-'}, "
+          f"torch {torch_v}\npreset {preset}: {reps} timed rounds after {warmup} warm-up "
+          f"calls, median shown\ncopy bandwidth: {copy_gbps:.1f} GB/s (read + write; {how})")
+    cases = run_cases(args, setup, cases, reps, warmup, rng, copy_gbps)
+    summary(cases)
+    if args.sweep:
+        run_sweep(args, setup, rng, reps, warmup)
+    if args.json:
+        label = "cuda-kernels" if setup.gpu else "fast"
+        peer = "torch-cuda" if setup.gpu else "torch-cpu"
+        rows = [B.result_case(c, label, peer, copy_gbps) for c in cases]
+        doc = B.results_document(setup.device, copy_gbps, [r for r in rows if r],
+                                 cupy_version=setup.cupy_version,
+                                 torch_version=setup.torch.__version__ if setup.torch else None)
+        B.write_json(doc, args.json)
+        print(f"\nresults JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+#!/usr/bin/env python
+"""Everything a CUDA machine should tell us, in one call.
+
+    PYTHONPATH=. python scripts/gpu_check.py            # on the GPU machine; output in $OUT
+    python scripts/gpu_check.py --dry-run --out /tmp/gc  # here: NumPy + PyTorch CPU, tiny shapes
+
+Stages, each guarded so that one failure is recorded and the rest go on:
+
+1. compare: CUDA kernels vs the general xp path on CuPy vs NumPy, for max
+   pooling (exact: outputs, argmax indices, gradients -- dout holds small
+   integers, so sums of gradients are exact in any order) and spatial batch
+   norm (normwise error against a float64 NumPy reference; tolerance 1e-10
+   float64, 1e-5 float32, 1e-2 float16);
+2. timing: CUDA events, warm-up, round-robin, medians, on data larger than L2,
+   against PyTorch on the same card; a device-to-device copy bandwidth from
+   the same run is the ceiling for the bandwidth fraction;
+3. the results JSON, written to benchmarks/results/<date>-<gpu>.json and $OUT
+   (written once before the test suite runs, and again with its counts);
+4. the test suite with CuPy usable (pytest in a subprocess with a timeout;
+   log in $OUT/pytest.log);
+5. a short table, printed last.
+
+Only the ``Device`` class knows about CuPy and torch.cuda; ``--dry-run``
+swaps it for NumPy, perf_counter and PyTorch CPU, so all the rest runs here.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import gpulayers as gl  # noqa: E402
+from gpulayers import benchmarking as B  # noqa: E402
+
+MP3 = {"pool_height": 3, "pool_width": 3, "stride": 2, "pad": 1}
+MP2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
+BN = {"eps": 1e-5, "momentum": 0.9}
+TOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2}
+
+# timing shapes: (op family, shape, params)
+GPU_POOL = [((256, 64, 112, 112), MP3), ((128, 128, 112, 112), MP2)]
+GPU_BN = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7), (32, 64, 56, 56)]
+DRY_POOL = [((2, 4, 10, 10), MP3), ((2, 4, 8, 8), MP2)]
+DRY_BN = [(2, 4, 6, 6), (3, 8, 5, 5)]
+
+# correctness shapes
+CMP_POOL = [((2, 3, 7, 9), MP3), ((4, 8, 16, 16), MP2),
+            ((2, 4, 10, 11), {"pool_height": 3, "pool_width": 3, "stride": 2, "pad": 1,
+                              "dilation": 2}),
+            ((2, 4, 8, 8), {"pool_height": 3, "pool_width": 3, "stride": 2, "ceil_mode": True}),
+            ((8, 64, 56, 56), MP3)]
+CMP_BN = [(4, 3, 5, 7), (8, 16, 14, 14), (2, 2048, 7, 7), (32, 64, 56, 56)]
+DRY_CMP_POOL = CMP_POOL[:4]
+DRY_CMP_BN = CMP_BN[:2]
+
+
+class Tee:
+    """Write to the terminal and to a log file."""
+
+    def __init__(self, stream, path):
+        self.stream = stream
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+
+def say(text=""):
+    print(text, flush=True)
+
+
+# ------------------------------------------------------------------- the device
+
+
+class Device:
+    """The thin device-specific part: array module, clocks, PyTorch device,
+    memory release, copy bandwidth, name. ``dry_run``: NumPy and the CPU."""
+
+    def __init__(self, dry_run, no_torch):
+        self.dry_run = dry_run
+        self.cupy_version = None
+        torch = None if no_torch else B.import_torch()
+        if dry_run:
+            self.xp = np
+            self.clock = B.CPUClock()
+            self.name = f"cpu (dry run, {os.cpu_count()} cores)"
+            self.torch = torch
+            self.torch_clock = B.CPUClock()
+            self.ours, self.peer = "fast", "torch-cpu"
+            return
+        reason = gl.backend.cupy_unusable_reason()
+        if reason:
+            raise RuntimeError(f"CuPy is not usable: {reason}")
+        import cupy
+        self.xp = cupy
+        self.cupy_version = cupy.__version__
+        self.clock = B.CupyClock()
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        name = props["name"]
+        self.name = name.decode() if isinstance(name, bytes) else str(name)
+        self.l2_bytes = int(props.get("l2CacheSize", 0))
+        if torch is not None and not torch.cuda.is_available():
+            say("note: torch does not see CUDA; no PyTorch peer")
+            torch = None
+        self.torch = torch
+        self.torch_clock = B.TorchCudaClock(torch) if torch is not None else None
+        self.ours, self.peer = "cuda-kernels", "torch-cuda"
+
+    def to_device(self, a):
+        return self.xp.asarray(a)
+
+    def free(self):
+        gc.collect()
+        if not self.dry_run:
+            self.xp.cuda.Device().synchronize()
+            self.xp.get_default_memory_pool().free_all_blocks()
+            self.xp.get_default_pinned_memory_pool().free_all_blocks()
+            if self.torch is not None:
+                self.torch.cuda.empty_cache()
+
+    def copy_bandwidth(self):
+        if self.dry_run:
+            return B.copy_bandwidth_numpy(16 << 20), "np.copyto 16 MiB"
+        gbps, detail = B.copy_bandwidth_cupy(1 << 30)
+        return gbps, "1 GiB; " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in detail.items())
+
+
+# ------------------------------------------------------------------- 1. compare
+
+
+def _exact(a, b):
+    """Number of positions where a and b differ (NaN equals NaN)."""
+    a, b = B.to_host(a), B.to_host(b)
+    if a.shape != b.shape:
+        return -1
+    same = (a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else (a == b)
+    return int((~same).sum())
+
+
+def _normwise(a, ref):
+    a = B.to_host(a).astype(np.float64)
+    ref = B.to_host(ref).astype(np.float64)
+    if a.shape != ref.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-300))
+
+
+def compare_pool(dev, shape, params, dtype, rng, rows):
+    x = rng.standard_normal(shape).astype(dtype)
+    # ties (values on a coarse grid), NaN and -inf, to test the semantics too
+    x[0, 0] = np.round(x[0, 0] * 2) / 2
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, 3, replace=False)] = np.nan
+    flat[rng.choice(flat.size, 3, replace=False)] = -np.inf
+    xd = dev.to_device(x)
+    out_k, cache_k = gl.max_pool_forward(xd, params)
+    out_g, cache_g = gl.max_pool_forward_general(xd, params)
+    out_n, cache_n = gl.max_pool_forward(x, params)
+    dout = rng.integers(-8, 9, size=out_n.shape).astype(dtype)  # exact sums in any order
+    dd = dev.to_device(dout)
+    dx_k = gl.max_pool_backward(dd, cache_k)
+    dx_g = gl.max_pool_backward_general(dd, cache_g)
+    dx_n = gl.max_pool_backward(dout, cache_n)
+    idx = {k: gl.max_pool_indices(c) for k, c in (("k", cache_k), ("g", cache_g), ("n", cache_n))}
+    where = f"max_pool {shape} {dtype} {B.pool_params_str(params)}"
+    for what, a, b in (("out kernel vs numpy", out_k, out_n), ("out xp vs numpy", out_g, out_n),
+                       ("indices kernel vs numpy", idx["k"], idx["n"]),
+                       ("indices xp vs numpy", idx["g"], idx["n"]),
+                       ("dx kernel vs numpy", dx_k, dx_n), ("dx xp vs numpy", dx_g, dx_n)):
+        bad = _exact(a, b)
+        rows.append({"check": where, "quantity": what, "error": bad, "tol": 0, "ok": bad == 0,
+                     "unit": "differing elements"})
+
+
+def _bn_all(fwd, bwd, x, gamma, beta, dout, mode):
+    p = dict(BN, mode="train")
+    out, cache = fwd(x, gamma, beta, p)
+    dx, dgamma, dbeta = bwd(dout, cache)
+    if mode == "train":
+        return {"out": out, "dx": dx, "dgamma": dgamma, "dbeta": dbeta,
+                "running_mean": p["running_mean"], "running_var": p["running_var"]}
+    p["mode"] = "test"
+    out_e, cache_e = fwd(x, gamma, beta, p)
+    dx_e, _, _ = bwd(dout, cache_e)
+    return {"eval out": out_e, "eval dx": dx_e}
+
+
+def compare_bn(dev, shape, dtype, rng, rows):
+    C = shape[1]
+    x64 = rng.standard_normal(shape) * 2.0 + 3.0
+    g64 = 1.0 + 0.2 * rng.standard_normal(C)
+    b64 = 0.2 * rng.standard_normal(C)
+    d64 = rng.standard_normal(shape)
+    x, g, b, d = (a.astype(dtype) for a in (x64, g64, b64, d64))
+    # reference: the same (rounded) values, computed in float64 on NumPy
+    args64 = [a.astype(np.float64) for a in (x, g, b, d)]
+    tol = TOL[str(np.dtype(dtype))]
+    for mode in ("train", "eval"):
+        ref = _bn_all(gl.spatial_batchnorm_forward_general, gl.spatial_batchnorm_backward_general,
+                      *args64, mode)
+        dev_args = [dev.to_device(a) for a in (x, g, b, d)]
+        got = {
+            "kernel": _bn_all(gl.spatial_batchnorm_forward, gl.spatial_batchnorm_backward,
+                              *dev_args, mode),
+            "xp": _bn_all(gl.spatial_batchnorm_forward_general,
+                          gl.spatial_batchnorm_backward_general, *dev_args, mode),
+            "numpy": _bn_all(gl.spatial_batchnorm_forward, gl.spatial_batchnorm_backward,
+                             x, g, b, d, mode),
+        }
+        where = f"spatial_bn {mode} {shape} {dtype}"
+        for impl, res in got.items():
+            for q, v in res.items():
+                err = _normwise(v, ref[q])
+                rows.append({"check": where, "quantity": f"{q} {impl} vs float64",
+                             "error": err, "tol": tol, "ok": bool(err <= tol),
+                             "unit": "max|diff|/max|ref|"})
+        for q in got["kernel"]:
+            err = _normwise(got["kernel"][q], got["xp"][q])
+            rows.append({"check": where, "quantity": f"{q} kernel vs xp", "error": err,
+                         "tol": tol, "ok": bool(err <= tol), "unit": "max|diff|/max|ref|"})
+
+
+def stage_compare(dev, args, rng):
+    rows = []
+    pools = DRY_CMP_POOL if dev.dry_run else CMP_POOL
+    bns = DRY_CMP_BN if dev.dry_run else CMP_BN
+    jobs = [("pool", s, p, dt) for s, p in pools for dt in ("float32", "float16", "float64")]
+    jobs += [("bn", s, None, dt) for s in bns for dt in ("float32", "float16", "float64")]
+    for kind, shape, params, dtype in jobs:
+        try:
+            if kind == "pool":
+                compare_pool(dev, shape, params, dtype, rng, rows)
+            else:
+                compare_bn(dev, shape, dtype, rng, rows)
+        except Exception as exc:
+            rows.append({"check": f"{kind} {shape} {dtype}", "quantity": "ran", "ok": False,
+                         "error": f"{type(exc).__name__}: {exc}"[:400], "tol": None, "unit": ""})
+            say(traceback.format_exc(limit=4))
+        dev.free()
+    bad = [r for r in rows if not r["ok"]]
+    say(f"\n== compare: {len(rows) - len(bad)}/{len(rows)} checks within tolerance")
+    worst = {}
+    for r in rows:
+        if isinstance(r["error"], (int, float)):
+            key = (r["check"].split()[0], r["quantity"].split()[-1] if "float64" in r["quantity"]
+                   else r["quantity"])
+            worst[key] = max(worst.get(key, 0), r["error"])
+    for r in bad:
+        say(f"  FAIL {r['check']}: {r['quantity']}: {r['error']} (tol {r['tol']})")
+    by_dtype = {}
+    for r in rows:
+        if r["check"].startswith("spatial_bn") and isinstance(r["error"], float):
+            dt = r["check"].split()[-1]
+            by_dtype[dt] = max(by_dtype.get(dt, 0.0), r["error"])
+    for dt, err in sorted(by_dtype.items()):
+        say(f"  spatial BN max normwise error, {dt}: {err:.2e} (tol {TOL[dt]:g})")
+    n_pool = [r for r in rows if r["check"].startswith("max_pool")]
+    say(f"  max pool exact comparisons: {sum(r['ok'] for r in n_pool)}/{len(n_pool)} identical")
+    return rows
+
+
+# -------------------------------------------------------------------- 2. timing
+
+
+def timing_cases(dev):
+    pools = DRY_POOL if dev.dry_run else GPU_POOL
+    bns = DRY_BN if dev.dry_run else GPU_BN
+    cases = []
+    for dtype in ("float32", "float16"):
+        for shape, params in pools:
+            for op in ("max_pool_forward", "max_pool_backward"):
+                cases.append(B.Case(op, shape, dtype, dict(params)))
+        for shape in bns:
+            for op in ("spatial_batchnorm_forward", "spatial_batchnorm_backward",
+                       "spatial_batchnorm_eval_forward"):
+                cases.append(B.Case(op, shape, dtype, dict(BN)))
+    return cases
+
+
+def stage_timing(dev, args, rng, copy_gbps, errors):
+    results = []
+    cases = timing_cases(dev)
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        try:
+            B.build_case(case, dev.xp, ["fast"], dev.clock, dev.torch, dev.torch_clock,
+                         rng=rng, check=False)
+            case.outputs.clear()
+            B.round_robin(case.entries, args.reps, args.warmup)
+            row = B.result_case(case, dev.ours, dev.peer, copy_gbps)
+            problems = list(case.notes) + [f"{e.name}: {e.error}" for e in case.entries if e.error]
+            if problems:
+                errors.append({"case": f"{case.op} {case.shape} {case.dtype}",
+                               "error": "; ".join(problems)[:600]})
+            if row is not None:
+                results.append(row)
+                say(f"  [{i + 1}/{len(cases)}] {case.op:<31} {str(case.shape):<20} {case.dtype:<8}"
+                    f" ours {row['gpulayers_ms']:8.3f} ms  torch "
+                    f"{row['torch_ms'] if row['torch_ms'] is not None else float('nan'):8.3f} ms  "
+                    f"bw {row['bandwidth_fraction']:.2f}  ({time.perf_counter() - t0:.1f} s)")
+            else:
+                say(f"  [{i + 1}/{len(cases)}] {case.op} {case.shape} {case.dtype}: no time "
+                    f"({'; '.join(problems)[:300]})")
+        except Exception as exc:
+            errors.append({"case": f"{case.op} {case.shape} {case.dtype}",
+                           "error": f"{type(exc).__name__}: {exc}"[:600]})
+            say(f"  [{i + 1}/{len(cases)}] {case.op} {case.shape} {case.dtype} FAILED: "
+                f"{type(exc).__name__}: {exc}"[:400])
+        for e in case.entries:
+            e.fn = None
+        case.entries = [B.Timed(e.name, None, None, error=e.error, samples=e.samples)
+                        for e in case.entries]
+        case.forward_fns.clear()
+        case.backward_fns.clear()
+        dev.free()
+    return results
+
+
+# --------------------------------------------------------------------- 4. tests
+
+
+def parse_pytest(text):
+    """{'passed', 'failed', 'skipped'} from pytest -q output; errors count as
+    failed. Without a summary line (timeout), count the progress characters."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    summary = None
+    for line in text.splitlines():
+        if re.search(r"\b\d+ (passed|failed|skipped|errors?)\b.* in [\d.]+s", line):
+            summary = line
+    if summary is not None:
+        for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", summary):
+            key = {"error": "failed", "errors": "failed", "xfailed": "skipped",
+                   "xpassed": "passed"}.get(word, word)
+            counts[key] += int(n)
+        return counts, True
+    for line in text.splitlines():
+        m = re.fullmatch(r"([.FEsxX]+)\s*(\[\s*\d+%\])?", line.strip())
+        if m:
+            s = m.group(1)
+            counts["passed"] += s.count(".") + s.count("X")
+            counts["failed"] += s.count("F") + s.count("E")
+            counts["skipped"] += s.count("s") + s.count("x")
+    return counts, False
+
+
+def stage_tests(dev, args, out_dir):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + args.pytest_args
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    say(f"\n== tests: {' '.join(cmd)} (timeout {args.test_timeout} s)")
+    t0 = time.perf_counter()
+    timed_out = False
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=args.test_timeout)
+        text = proc.stdout + proc.stderr
+        rc = proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        err = exc.stderr or b""
+        text = (out.decode(errors="replace") if isinstance(out, bytes) else out) + \
+               (err.decode(errors="replace") if isinstance(err, bytes) else err)
+        text += f"\n[gpu_check] pytest killed after {args.test_timeout} s\n"
+        rc, timed_out = None, True
+    with open(os.path.join(out_dir, "pytest.log"), "w", encoding="utf-8") as f:
+        f.write(text)
+    counts, complete = parse_pytest(text)
+    say(f"  rc {rc}, {time.perf_counter() - t0:.0f} s, {counts}"
+        f"{'' if complete else ' (no summary line: counted progress marks)'}"
+        f"{' TIMED OUT' if timed_out else ''}; log in {os.path.join(out_dir, 'pytest.log')}")
+    tail = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    for ln in tail[:30]:
+        say(f"  {ln[:300]}")
+    return counts, {"rc": rc, "timed_out": timed_out, "complete": complete}
+
+
+# ----------------------------------------------------------------------- output
+
+
+def write_results(doc, out_dir, results_dir):
+    name = f"{doc['date']}-{B.slug(doc['device'])}.json"
+    paths = [os.path.join(out_dir, name)]
+    if results_dir:
+        paths.insert(0, os.path.join(results_dir, name))
+    try:
+        B.write_json(doc, *paths)
+    except Exception as exc:  # a bad field must not lose the run: write it raw
+        say(f"results JSON did not validate ({exc}); writing it unvalidated")
+        for p in paths:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1, default=str)
+    return paths
+
+
+def final_table(doc, checks, errors, test_info, paths):
+    clock = "perf_counter" if "dry run" in doc["device"] else "CUDA-event"
+    lines = ["", f"== summary (ms: median of {clock} times; ratio < 1: faster than torch;"
+             " bw: fraction of copy bandwidth)",
+             f"device {doc['device']}  copy {doc['copy_GBps']} GB/s  cupy {doc['cupy']}  "
+             f"torch {doc['torch']}  commit {doc['commit'][:12]}",
+             f"{'op':<31}{'shape':<20}{'dtype':<8}{'params':<14}{'ours':>9}{'torch':>9}"
+             f"{'ratio':>7}{'bw':>6}"]
+    for c in doc["cases"]:
+        params = c["params"] if c["op"].startswith("max") else c["params"].split()[0]
+        t = c["torch_ms"]
+        lines.append(f"{c['op']:<31}{str(tuple(c['shape'])):<20}{c['dtype']:<8}{params[:13]:<14}"
+                     f"{c['gpulayers_ms']:>9.3f}{t if t is not None else float('nan'):>9.3f}"
+                     f"{c['ratio'] if c['ratio'] is not None else float('nan'):>7.2f}"
+                     f"{c['bandwidth_fraction'] or float('nan'):>6.2f}")
+    n_ok = sum(1 for r in checks if r["ok"])
+    lines.append(f"compare: {n_ok}/{len(checks)} within tolerance; timing errors: {len(errors)}")
+    for e in errors[:8]:
+        lines.append(f"  error {e['case']}: {e['error'][:200]}")
+    t = doc["tests"]
+    lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                 f"{' (TIMED OUT)' if test_info.get('timed_out') else ''}"
+                 f"{' (not run)' if test_info.get('skipped') else ''}")
+    lines.append("results JSON: " + ", ".join(paths))
+    say("\n".join(lines))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry-run", action="store_true",
+                    help="NumPy + PyTorch CPU on tiny shapes (exercises the logic without a GPU)")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
+    ap.add_argument("--results-dir", default=None,
+                    help="where the dated results JSON goes (default benchmarks/results; "
+                         "'' for $OUT only; --dry-run defaults to $OUT only)")
+    ap.add_argument("--reps", type=int, default=20, help="timed rounds per case")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
+    ap.add_argument("--test-timeout", type=int, default=240, help="seconds for the test suite")
+    ap.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra pytest arguments (the rest of the command line)")
+    ap.add_argument("--no-torch", action="store_true", help="no PyTorch peer")
+    ap.add_argument("--seed", type=int, default=None)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = os.path.abspath(args.out or os.environ.get("OUT") or "./gpu_check_out")
+    os.makedirs(out_dir, exist_ok=True)
+    sys.stdout = Tee(sys.stdout, os.path.join(out_dir, "gpu_check.log"))
+    if args.results_dir is None:
+        args.results_dir = "" if args.dry_run else os.path.join(REPO, "benchmarks", "results")
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    checks, errors, cases = [], [], []
+    copy_gbps = None
+    test_info = {"skipped": True}
+    doc = B.results_document("unknown", None, [], commit=B.git_commit(REPO))
+    paths = []
+    try:
+        dev = Device(args.dry_run, args.no_torch)
+    except Exception as exc:
+        say(f"no usable device: {type(exc).__name__}: {exc}")
+        doc["device"] = f"unusable ({exc})"[:200]
+        paths = write_results(doc, out_dir, args.results_dir)
+        final_table(doc, checks, [{"case": "device", "error": str(exc)}], test_info, paths)
+        return 1
+    doc.update(device=dev.name, cupy=dev.cupy_version or "none",
+               torch=dev.torch.__version__ if dev.torch is not None else "none")
+    say(f"device {dev.name}; cupy {doc['cupy']}; torch {doc['torch']}; numpy {np.__version__}; "
+        f"python {sys.version.split()[0]}; commit {doc['commit']}")
+    if not dev.dry_run and dev.l2_bytes:
+        say(f"L2 {dev.l2_bytes / 2**20:.0f} MiB")
+
+    say("\n== compare: kernels vs xp-on-CuPy vs NumPy")
+    try:
+        checks = stage_compare(dev, args, rng)
+    except Exception:
+        say(traceback.format_exc())
+    with open(os.path.join(out_dir, "checks.json"), "w", encoding="utf-8") as f:
+        json.dump(checks, f, indent=1, default=str)
+
+    say("\n== timing")
+    try:
+        copy_gbps, how = dev.copy_bandwidth()
+        say(f"  copy bandwidth {copy_gbps:.1f} GB/s (bytes read + written; {how})")
+        doc["copy_GBps"] = round(copy_gbps, 3)
+        cases = stage_timing(dev, args, rng, copy_gbps, errors)
+    except Exception as exc:
+        errors.append({"case": "timing stage", "error": f"{type(exc).__name__}: {exc}"})
+        say(traceback.format_exc())
+    doc["cases"] = cases
+    with open(os.path.join(out_dir, "errors.json"), "w", encoding="utf-8") as f:
+        json.dump(errors, f, indent=1)
+    paths = write_results(doc, out_dir, args.results_dir)
+    say(f"  results JSON (tests pending) written: {paths}  ({time.perf_counter() - t_start:.0f} s)")
+
+    if not args.skip_tests:
+        try:
+            dev.free()
+            counts, test_info = stage_tests(dev, args, out_dir)
+            doc["tests"] = counts
+            paths = write_results(doc, out_dir, args.results_dir)
+        except Exception:
+            say(traceback.format_exc())
+    say(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    final_table(doc, checks, errors, test_info, paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
