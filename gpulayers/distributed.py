@@ -72,6 +72,12 @@ def _check_buffer(buf):
         raise TypeError(f"allreduce_sum needs a real integer or floating array, got dtype {buf.dtype}")
 
 
+def _check_timeout(timeout):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+
+
 def _flat_size(buf):
     """Element count to send even when ``buf`` is invalid (keeps the collective in step)."""
     try:
@@ -114,9 +120,8 @@ class _FlaggedComm:
         except Exception as exc:  # still enter the collective, flagged
             local_error = exc
             data = None
-        payload = self._payload(data, n, failed=local_error is not None)
         try:
-            reduced = self._reduce(payload)
+            reduced = self._reduce(self._payload(data, n, failed=local_error is not None))
         except CommError:
             raise
         except Exception as exc:
@@ -212,12 +217,11 @@ class MPIComm(_FlaggedComm):
     """
 
     def __init__(self, comm=None, timeout=None):
+        _check_timeout(timeout)
         try:
             from mpi4py import MPI
         except ImportError as exc:
             raise ImportError("MPIComm needs mpi4py (pip install mpi4py mpich)") from exc
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
@@ -267,6 +271,7 @@ class NCCLComm(_FlaggedComm):
     """
 
     def __init__(self, comm, timeout=None):
+        _check_timeout(timeout)
         try:
             import cupy
             from cupy.cuda import nccl
@@ -275,8 +280,6 @@ class NCCLComm(_FlaggedComm):
                               "(pip install cupy-cuda12x; nccl via cupy's installer)") from exc
         if not getattr(nccl, "available", True):
             raise ImportError("this CuPy build has no NCCL support")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
         if isinstance(comm, tuple):
             if len(comm) != 3:
                 raise ValueError("NCCLComm needs an NcclCommunicator or (nranks, unique_id, rank), "

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpulayers.distributed import CommError, MPIComm  # noqa: E402
+from gpulayers.distributed import MPIComm  # noqa: E402
 
 STEPS = 2  # training steps per bn case: running stats see two updates
 

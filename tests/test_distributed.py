@@ -10,6 +10,7 @@ GPULAYERS_REQUIRE_MPI=1, which turns the skip into a failure (for CI).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -126,10 +127,11 @@ def test_transport_error_becomes_comm_error_naming_rank_and_op():
     assert (info.value.rank, info.value.op) == (0, "allreduce_sum")
 
 
-def test_constructors_check_arguments():
-    pytest.importorskip("mpi4py")
-    with pytest.raises(ValueError, match="timeout"):
-        MPIComm(timeout=0)
+@pytest.mark.parametrize("timeout", [0, -1.0, "5", True])
+def test_constructors_check_timeout_before_importing(timeout):
+    for make in (lambda: MPIComm(timeout=timeout), lambda: NCCLComm(None, timeout=timeout)):
+        with pytest.raises(ValueError, match="timeout must be None or a positive number"):
+            make()
 
 
 @pytest.mark.skipif(cupy_unusable_reason() is None, reason="CuPy is usable here")
@@ -199,10 +201,8 @@ def find_mpiexec():
 
 @functools.lru_cache(maxsize=1)
 def mpi_unusable_reason():
-    try:
-        import mpi4py  # noqa: F401  (imported here only to find it; MPI is not initialized)
-    except ImportError as exc:
-        return f"mpi4py does not import ({exc}); pip install mpi4py mpich"
+    if importlib.util.find_spec("mpi4py") is None:  # found, not imported: MPI stays uninitialized here
+        return "mpi4py is not installed; pip install mpi4py mpich"
     if find_mpiexec() is None:
         return ("no mpiexec next to the Python interpreter or on PATH; pip install mpich "
                 "(or install the MPI that mpi4py was built against)")
@@ -379,3 +379,14 @@ def test_absent_rank_times_out_instead_of_hanging(mpi_results, size):
     assert errors[-1]["type"] == "RuntimeError"
     for rank, st in enumerate(errors[:-1]):
         assert st["type"] == "CommError" and "timed out" in st["message"], (rank, st)
+
+
+@pytest.mark.mpi
+def test_ddp_example_runs(tmp_path):
+    """scripts/ddp_example.py: 3 ranks, unequal slices (7 = 3 + 2 + 2), agrees with one process."""
+    _need_mpi()
+    cmd = [find_mpiexec(), "-n", "3", sys.executable, str(REPO / "scripts" / "ddp_example.py"),
+           "--batch", "7", "--steps", "2", "--size", "8", "--channels", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=MPI_TIMEOUT_S, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), proc.stdout + proc.stderr
