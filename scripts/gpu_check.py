@@ -40,8 +40,19 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import gpulayers as gl  # noqa: E402
-from gpulayers import benchmarking as B  # noqa: E402
+try:
+    import gpulayers as gl
+    from gpulayers import benchmarking as B
+except Exception as _exc:  # still leave a results JSON that says why
+    _out = os.environ.get("OUT") or "./gpu_check_out"
+    os.makedirs(_out, exist_ok=True)
+    with open(os.path.join(_out, "import-failed.json"), "w", encoding="utf-8") as _f:
+        json.dump({"device": "unknown", "date": time.strftime("%Y-%m-%d"), "commit":
+                   os.environ.get("GPULAYERS_COMMIT", "unknown"), "cupy": "none", "torch": "none",
+                   "copy_GBps": None, "tests": {"passed": 0, "failed": 0, "skipped": 0},
+                   "cases": [], "error": f"import gpulayers failed: {_exc!r}"}, _f, indent=1)
+    traceback.print_exc()
+    sys.exit(f"import gpulayers failed: {_exc!r}")
 
 MP3 = {"pool_height": 3, "pool_width": 3, "stride": 2, "pad": 1}
 MP2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
@@ -63,6 +74,7 @@ CMP_POOL = [((2, 3, 7, 9), MP3), ((4, 8, 16, 16), MP2),
 CMP_BN = [(4, 3, 5, 7), (8, 16, 14, 14), (2, 2048, 7, 7), (32, 64, 56, 56)]
 DRY_CMP_POOL = CMP_POOL[:4]
 DRY_CMP_BN = CMP_BN[:2]
+SMOKE_POOL, SMOKE_BN = DRY_POOL[:1], DRY_BN[:1]
 
 
 class Tee:
@@ -95,7 +107,9 @@ class Device:
     def __init__(self, dry_run, no_torch):
         self.dry_run = dry_run
         self.cupy_version = None
-        torch = None if no_torch else B.import_torch()
+        # dry run: one PyTorch thread (a rehearsal of the logic, not a CPU benchmark;
+        # several threads on a busy small machine make tiny ops wait for each other)
+        torch = None if no_torch else B.import_torch(1 if dry_run else None)
         if dry_run:
             self.xp = np
             self.clock = B.CPUClock()
@@ -240,8 +254,11 @@ def stage_compare(dev, args, rng):
     rows = []
     pools = DRY_CMP_POOL if dev.dry_run else CMP_POOL
     bns = DRY_CMP_BN if dev.dry_run else CMP_BN
-    jobs = [("pool", s, p, dt) for s, p in pools for dt in ("float32", "float16", "float64")]
-    jobs += [("bn", s, None, dt) for s in bns for dt in ("float32", "float16", "float64")]
+    dtypes = ("float32", "float16", "float64")
+    if args.smoke:
+        pools, bns, dtypes = pools[-1:], bns[:1], ("float32",)
+    jobs = [("pool", s, p, dt) for s, p in pools for dt in dtypes]
+    jobs += [("bn", s, None, dt) for s in bns for dt in dtypes]
     for kind, shape, params, dtype in jobs:
         try:
             if kind == "pool":
@@ -278,11 +295,14 @@ def stage_compare(dev, args, rng):
 # -------------------------------------------------------------------- 2. timing
 
 
-def timing_cases(dev):
+def timing_cases(dev, smoke=False):
     pools = DRY_POOL if dev.dry_run else GPU_POOL
     bns = DRY_BN if dev.dry_run else GPU_BN
+    dtypes = ("float32", "float16")
+    if smoke:
+        pools, bns, dtypes = SMOKE_POOL, SMOKE_BN, ("float32",)
     cases = []
-    for dtype in ("float32", "float16"):
+    for dtype in dtypes:
         for shape, params in pools:
             for op in ("max_pool_forward", "max_pool_backward"):
                 cases.append(B.Case(op, shape, dtype, dict(params)))
@@ -295,7 +315,7 @@ def timing_cases(dev):
 
 def stage_timing(dev, args, rng, copy_gbps, errors):
     results = []
-    cases = timing_cases(dev)
+    cases = timing_cases(dev, args.smoke)
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
         try:
@@ -440,6 +460,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true",
                     help="NumPy + PyTorch CPU on tiny shapes (exercises the logic without a GPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --dry-run: one shape per op, float32, 2 reps, no test suite "
+                         "(what tests/test_scripts.py runs)")
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     ap.add_argument("--results-dir", default=None,
                     help="where the dated results JSON goes (default benchmarks/results; "
@@ -457,6 +480,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        args.dry_run, args.skip_tests = True, True
+        args.reps, args.warmup = min(args.reps, 2), min(args.warmup, 1)
     out_dir = os.path.abspath(args.out or os.environ.get("OUT") or "./gpu_check_out")
     os.makedirs(out_dir, exist_ok=True)
     sys.stdout = Tee(sys.stdout, os.path.join(out_dir, "gpu_check.log"))

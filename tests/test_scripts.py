@@ -1,0 +1,140 @@
+"""The benchmark scripts run end to end (tiny shapes, NumPy) and write valid results JSON.
+
+scripts/bench.py --smoke and scripts/gpu_check.py --smoke run as users run
+them, in a subprocess; neither needs PyTorch (gpu_check uses it as the peer
+when it imports). The shared machinery in gpulayers.benchmarking is tested
+directly.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpulayers import benchmarking as B
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_smoke_writes_valid_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = run_script("bench.py", "--smoke", "--device", "cpu", "--no-torch", "--no-progress",
+                     "--sweep", "--plot", str(tmp_path / "sweep.png"), "--json", str(path))
+    doc = B.validate_results(json.loads(path.read_text()))
+    ops = {c["op"] for c in doc["cases"]}
+    assert {"max_pool_forward", "max_pool_backward", "spatial_batchnorm_forward",
+            "spatial_batchnorm_backward", "spatial_batchnorm_eval_forward"} <= ops
+    for c in doc["cases"]:
+        assert c["gpulayers_ms"] > 0 and c["bytes"] > 0 and c["torch_ms"] is None
+    assert "summary" in out and "sweep: time vs work" in out and "fit: ms =" in out
+    # every implementation agrees with the public entry point on the pooling cases
+    for line in out.splitlines():
+        if line.strip().startswith(("general", "reshape", "naive")) and "e+" in line:
+            assert line.rstrip().endswith("0.0e+00"), line
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("no_torch", [True, False], ids=["no-torch", "torch-if-installed"])
+def test_gpu_check_dry_run(tmp_path, no_torch):
+    args = ["--smoke", "--out", str(tmp_path)] + (["--no-torch"] if no_torch else [])
+    out = run_script("gpu_check.py", *args)
+    files = [p for p in tmp_path.iterdir() if p.suffix == ".json"
+             and p.name not in ("checks.json", "errors.json")]
+    assert len(files) == 1, files
+    doc = B.validate_results(json.loads(files[0].read_text()))
+    assert doc["device"].startswith("cpu (dry run")
+    assert doc["copy_GBps"] > 0 and len(doc["cases"]) == 5
+    checks = json.loads((tmp_path / "checks.json").read_text())
+    assert checks and all(r["ok"] for r in checks), [r for r in checks if not r["ok"]]
+    assert json.loads((tmp_path / "errors.json").read_text()) == []
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0
+    assert out.rstrip().splitlines()[-1].startswith("results JSON:")  # the table comes last
+    if no_torch or doc["torch"] == "none":
+        assert all(c["torch_ms"] is None and c["ratio"] is None for c in doc["cases"])
+    else:
+        assert all(c["torch_ms"] > 0 for c in doc["cases"])
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check",
+                                                  os.path.join(REPO, "scripts", "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_pytest_summary_and_timeout():
+    parse = _load_gpu_check().parse_pytest
+    text = "....F..s\n=== FAILURES ===\nFAILED tests/a.py::t\n3 failed, 70 passed, 4 skipped, 1 error in 12.34s\n"
+    assert parse(text) == ({"passed": 70, "failed": 4, "skipped": 4}, True)
+    assert parse("..F.s.....   [ 40%]\n.sE\n") == ({"passed": 9, "failed": 2, "skipped": 2}, False)
+
+
+def test_compulsory_bytes():
+    x, o = (2, 3, 8, 8), (2, 3, 4, 4)
+    assert B.compulsory_bytes("max_pool_forward", x, o, 4, 1) == 384 * 4 + 96 * 5
+    assert B.compulsory_bytes("max_pool_forward", x, o, 4, 8) == 384 * 4 + 96 * 12
+    assert B.compulsory_bytes("max_pool_backward", x, o, 2, 1) == 96 * 3 + 384 * 2
+    assert B.compulsory_bytes("spatial_batchnorm_backward", x, x, 4, 0, 4) == 3 * 384 * 4 + 3 * 4 * 5
+    with pytest.raises(ValueError):
+        B.compulsory_bytes("conv", x, o, 4)
+
+
+def test_round_robin_alternates_and_survives_a_failure():
+    order = []
+
+    class Clock(B.CPUClock):
+        pass
+
+    def boom():
+        raise RuntimeError("broken")
+
+    entries = [B.Timed("a", lambda: order.append("a"), Clock()),
+               B.Timed("b", lambda: order.append("b"), Clock()),
+               B.Timed("bad", boom, Clock()),
+               B.Timed("c", lambda: order.append("c"), Clock(), reps=1)]
+    B.round_robin(entries, reps=3, warmup=1)
+    assert entries[2].error.startswith("RuntimeError") and entries[2].samples == []
+    assert [len(e.samples) for e in entries] == [3, 3, 0, 1]
+    timed = order[3:]  # after one warm-up call each
+    assert timed[:3] == ["a", "b", "c"] and timed[3:5] == ["b", "a"]  # round 2 starts at b
+
+
+def test_results_format_is_checked(tmp_path):
+    case = {"op": "max_pool_forward", "shape": [1, 2, 3, 4], "dtype": "float32", "params": "k",
+            "gpulayers_ms": 1.0, "torch_ms": 2.0, "ratio": 0.5, "bytes": 10,
+            "bandwidth_fraction": 0.1}
+    doc = B.results_document("dev", 10.0, [case], commit="abc")
+    B.write_json(doc, str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text()) == doc
+    for bad in ({**case, "extra": 1}, {**case, "shape": [1, 2]}, {**case, "op": "conv"}):
+        with pytest.raises(ValueError):
+            B.validate_results({**doc, "cases": [bad]})
+    assert B.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_build_case_same_data_and_agreement():
+    case = B.Case("max_pool_forward", (2, 3, 8, 8), "float32",
+                  {"pool_height": 2, "pool_width": 2, "stride": 2})
+    B.build_case(case, np, ["fast", "general", "reshape", "naive"], B.CPUClock())
+    assert [e.name for e in case.entries] == ["fast", "general", "reshape", "naive"]
+    assert set(B.agreement(case).values()) == {0.0}
+    assert case.bytes["fast"] == 384 * 4 + 96 * 5
+    peak, kept = B.peak_memory(case.forward_fns["fast"])
+    assert kept >= 96 * 5 and peak >= kept
