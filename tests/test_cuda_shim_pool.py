@@ -1,0 +1,318 @@
+"""The exact maxpool.cu source, run on the CPU through the host shim (tests/cuda_shim).
+
+Kernels are compared with a loop reference written here and with the general
+xp path of gpulayers.pooling: offsets and outputs bitwise, dx exactly (both
+references add the windows' contributions in ascending tap order, as the
+kernels do). Every case also runs with 64-bit indices and under launch grids
+smaller and larger than the work, with a block size that is no multiple of
+the plane. Outputs are poisoned first, so an element the kernels skip fails.
+"""
+import sys
+import types
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpulayers.cuda import pool_kernels as pk
+from gpulayers.pooling import _max_pool_backward_xp, _max_pool_forward_xp
+from gpulayers.shapes import PoolGeometry, pool_geometry
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/cuda_shim is a helper package here
+import cuda_shim  # noqa: E402
+
+pytestmark = pytest.mark.skipif(cuda_shim.compiler() is None,
+                                reason="no C++ compiler (g++ or $CXX) for the CUDA host shim")
+
+DTYPES = [np.float32, np.float64] + ([np.float16] if cuda_shim.has_half() else [])
+
+# (input H, W; pool_param): the benchmark geometries, padding, dilation, ceil_mode, windows that
+# leave input elements uncovered, and windows too large for the unrolled fast paths.
+GEOMETRIES = {
+    "3x3s2p1": ((11, 10), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
+    "2x2s2": ((8, 6), dict(pool_height=2, pool_width=2, stride=2)),
+    "3x3s1p1": ((7, 9), dict(pool_height=3, pool_width=3, stride=1, pad=1)),
+    "3x3s2p2d2": ((11, 12), dict(pool_height=3, pool_width=3, stride=2, pad=2, dilation=2)),
+    "3x2s1p3x1d3x2": ((9, 8), dict(pool_height=3, pool_width=2, stride=1, pad=(3, 1),
+                                   dilation=(3, 2))),
+    "2x2s1p1d2ceil": ((7, 8), dict(pool_height=2, pool_width=2, stride=1, pad=1, dilation=2,
+                                   ceil_mode=True)),
+    "3x3s2p3d3": ((13, 12), dict(pool_height=3, pool_width=3, stride=2, pad=3, dilation=3)),
+    "2x3s1x2p1ceil": ((9, 10), dict(pool_height=2, pool_width=3, stride=(1, 2), pad=1,
+                                    ceil_mode=True)),
+    "3x3s2ceil": ((10, 10), dict(pool_height=3, pool_width=3, stride=2, ceil_mode=True)),
+    "2x2s3ceil": ((8, 8), dict(pool_height=2, pool_width=2, stride=3, ceil_mode=True)),
+    "2x2s3d2": ((9, 9), dict(pool_height=2, pool_width=2, stride=3, dilation=2)),
+    "1x1s2": ((10, 7), dict(pool_height=1, pool_width=1, stride=2)),
+    "5x5s1p2": ((8, 8), dict(pool_height=5, pool_width=5, stride=1, pad=2)),
+    "4x4s3p1ceil": ((11, 11), dict(pool_height=4, pool_width=4, stride=3, pad=1,
+                                   ceil_mode=True)),
+    "3x3s2p1d1x3": ((5, 13), dict(pool_height=3, pool_width=3, stride=2, pad=(1, 3),
+                                  dilation=(1, 3), ceil_mode=True)),
+    "17x16s1_uint16": ((20, 18), dict(pool_height=17, pool_width=16, stride=1)),
+}
+
+DATA = ("random", "ties", "nan", "-inf")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """maxpool.cu built for the CPU with every instantiation the shim can run."""
+    expressions = [e for e in pk.NAME_EXPRESSIONS if "__half" not in e or cuda_shim.has_half()]
+    with resources.as_file(resources.files("gpulayers.cuda") / pk.SOURCE) as path:
+        return cuda_shim.build(path, expressions)
+
+
+def make_input(kind, shape, dtype, rng):
+    x = rng.standard_normal(shape)
+    if kind == "ties":
+        x = rng.integers(-2, 3, size=shape).astype(np.float64)
+    elif kind == "nan":
+        x[rng.random(shape) < 0.2] = np.nan
+        x[rng.random(shape) < 0.2] = -np.inf
+    elif kind == "-inf":
+        x[rng.random(shape) < 0.7] = -np.inf
+    return x.astype(dtype)
+
+
+def reference_forward(x, geom):
+    """Loop reference: per window, its in-range taps in row-major order, PyTorch's rule."""
+    out = np.empty(geom.output_shape, x.dtype)
+    offsets = np.empty(geom.output_shape, geom.offset_dtype)
+    for oh, ow in np.ndindex(geom.Ho, geom.Wo):
+        best = np.full(x.shape[:2], -np.inf, x.dtype)
+        arg = np.full(x.shape[:2], -1)
+        for i, j in np.ndindex(geom.kh, geom.kw):
+            h, w = oh * geom.sh - geom.ph + i * geom.dh, ow * geom.sw - geom.pw + j * geom.dw
+            if not (0 <= h < geom.H and 0 <= w < geom.W):
+                continue
+            v = x[:, :, h, w]
+            take = (v > best) | np.isnan(v) | (arg < 0)
+            best, arg = np.where(take, v, best), np.where(take, i * geom.kw + j, arg)
+        out[:, :, oh, ow], offsets[:, :, oh, ow] = best, arg
+    return out, offsets
+
+
+def reference_backward(dout, offsets, geom):
+    """Loop reference: taps in ascending offset order add dout to the element they name,
+    in float32 for float16."""
+    acc = np.float32 if dout.dtype == np.float16 else dout.dtype
+    dx = np.zeros(geom.input_shape, acc)
+    for k in range(geom.window_size):
+        i, j = divmod(k, geom.kw)
+        for oh, ow in np.ndindex(geom.Ho, geom.Wo):
+            h, w = oh * geom.sh - geom.ph + i * geom.dh, ow * geom.sw - geom.pw + j * geom.dw
+            hit = offsets[:, :, oh, ow] == k
+            if hit.any():
+                dx[:, :, h, w] += np.where(hit, dout[:, :, oh, ow].astype(acc), 0)
+    return dx.astype(dout.dtype)
+
+
+def launches(geom, plane):
+    """(grid, block) triples: the launcher's own, a grid smaller than the work with a block of
+    7 threads, and a grid larger than the work with 33-thread blocks."""
+    planes = geom.N * geom.C
+    yield pk.launch_config(plane, planes, sm_count=1)
+    yield (2, 2, 1), (7, 1, 1)
+    yield (-(-plane // 33) + 1, planes + 2, 1), (33, 1, 1)
+
+
+def expression(kernel, dtype, geom, index):
+    return (f"{kernel}<{pk.VALUE_TYPES[np.dtype(dtype)]}, "
+            f"{pk.OFFSET_TYPES[geom.offset_dtype]}, {index}>")
+
+
+def scalars(geom, index):
+    planes, *dims = pk.scalar_args(geom)
+    return (pk.INDEX_TYPES[index](planes), *dims)
+
+
+def run_forward(lib, x, geom, index, grid, block):
+    out = np.full(geom.output_shape, 1234.5, x.dtype)
+    offsets = np.full(geom.output_shape, np.iinfo(geom.offset_dtype).max, geom.offset_dtype)
+    lib.launch(expression("max_pool2d_forward", x.dtype, geom, index), grid, block,
+               (x, out, offsets) + scalars(geom, index))
+    return out, offsets
+
+
+def run_backward(lib, dout, offsets, geom, index, grid, block):
+    dx = np.full(geom.input_shape, 1234.5, dout.dtype)
+    kernel = "max_pool2d_backward" if geom.overlapping else "max_pool2d_backward_disjoint"
+    lib.launch(expression(kernel, dout.dtype, geom, index), grid, block,
+               (dout, offsets, dx) + scalars(geom, index))
+    return dx
+
+
+def assert_same_values(a, b, what):
+    """Bitwise for float32/64 (NaN payloads included); NaN-aware equality for float16,
+    whose kernels compare in float."""
+    if a.dtype == np.float16:
+        np.testing.assert_array_equal(a, b, err_msg=what)
+    else:
+        uint = np.dtype(f"u{a.dtype.itemsize}")
+        assert np.array_equal(a.view(uint), b.view(uint)), f"{what}: values differ bitwise"
+
+
+def check_case(lib, geom, x, dout):
+    """Kernels vs both references, for each index type and launch grid; inputs unchanged."""
+    x_copy, dout_copy = x.copy(), dout.copy()
+    ref_out, ref_offsets = reference_forward(x, geom)
+    xp_out, xp_offsets = _max_pool_forward_xp(x, geom)
+    assert np.array_equal(ref_offsets, xp_offsets), "loop reference and xp path disagree"
+    ref_dx = reference_backward(dout, ref_offsets, geom)
+    assert np.array_equal(ref_dx, _max_pool_backward_xp(dout, ref_offsets, geom))
+    for index in pk.INDEX_TYPES:
+        for grid, block in launches(geom, geom.Ho * geom.Wo):
+            where = f"{geom.describe()}, {index} indices, grid {grid}, block {block}"
+            out, offsets = run_forward(lib, x, geom, index, grid, block)
+            assert np.array_equal(offsets, ref_offsets), f"offsets differ: {where}"
+            assert_same_values(out, ref_out, f"out: {where}")
+            assert_same_values(out, xp_out, f"out vs xp path: {where}")
+        for grid, block in launches(geom, geom.H * geom.W):
+            where = f"{geom.describe()}, {index} indices, grid {grid}, block {block}"
+            dx = run_backward(lib, dout, ref_offsets, geom, index, grid, block)
+            assert np.array_equal(dx, ref_dx), f"dx differs: {where}"
+    assert_same_values(x, x_copy, "x was modified")
+    assert_same_values(dout, dout_copy, "dout was modified")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("kind", DATA)
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_kernels_match_references(lib, name, kind, dtype, rng):
+    (H, W), pool_param = GEOMETRIES[name]
+    x = make_input(kind, (2, 3, H, W), dtype, rng)
+    geom = pool_geometry(x.shape, pool_param)
+    dout = rng.standard_normal(geom.output_shape).astype(dtype)
+    check_case(lib, geom, x, dout)
+
+
+def test_uint32_offsets(lib, rng):
+    """A window of more than 65536 elements stores uint32 offsets."""
+    x = make_input("ties", (1, 2, 257, 256), np.float32, rng)
+    geom = pool_geometry(x.shape, dict(pool_height=257, pool_width=256))
+    assert geom.offset_dtype == np.uint32
+    dout = rng.standard_normal(geom.output_shape).astype(np.float32)
+    xp_out, xp_offsets = _max_pool_forward_xp(x, geom)
+    xp_dx = _max_pool_backward_xp(dout, xp_offsets, geom)
+    for index in pk.INDEX_TYPES:
+        out, offsets = run_forward(lib, x, geom, index, (3, 1), (64, 1))
+        assert np.array_equal(offsets, xp_offsets) and np.array_equal(out, xp_out)
+        dx = run_backward(lib, dout, offsets, geom, index, (50, 2), (96, 1))
+        assert np.array_equal(dx, xp_dx)
+
+
+def test_empty_batch_runs_nothing(lib):
+    x = np.zeros((0, 3, 6, 6), np.float32)
+    geom = pool_geometry(x.shape, dict(pool_height=2, pool_width=2))
+    out, offsets = run_forward(lib, x, geom, "int", (1, 1), (32, 1))
+    assert out.shape == (0, 3, 3, 3) and offsets.shape == (0, 3, 3, 3)
+
+
+def test_shim_checks_argument_types(lib):
+    """The shim rejects what a RawKernel would misread: wrong scalar widths, wrong arrays."""
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    geom = pool_geometry(x.shape, dict(pool_height=2, pool_width=2))
+    out, offsets = np.empty((1, 1, 2, 2), np.float32), np.empty((1, 1, 2, 2), np.uint8)
+    name = expression("max_pool2d_forward", np.float32, geom, "int")
+    args = (x, out, offsets) + scalars(geom, "int")
+    with pytest.raises(TypeError, match="argument 3"):
+        lib.launch(name, 1, 32, args[:3] + (np.int64(1),) + args[4:])
+    with pytest.raises(TypeError, match="argument 0"):
+        lib.launch(name, 1, 32, (x.astype(np.float64),) + args[1:])
+    with pytest.raises(TypeError, match="argument 0"):
+        lib.launch(name, 1, 32, (x[..., ::2],) + args[1:])
+    with pytest.raises(TypeError, match="takes 16 arguments"):
+        lib.launch(name, 1, 32, args[:-1])
+
+
+@pytest.fixture
+def shim_launchers(lib, monkeypatch):
+    """pool_kernels' own launchers, running the shim build: NumPy stands in for cupy, and
+    get_kernel/launch hand the name expression and arguments to the shim."""
+    runtime = types.SimpleNamespace(getDevice=lambda: 0,
+                                    getDeviceProperties=lambda i: {"multiProcessorCount": 2})
+    fake_cupy = types.SimpleNamespace(ndarray=np.ndarray, empty=np.empty,
+                                      ascontiguousarray=np.ascontiguousarray,
+                                      cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setattr(pk.cuda_compile, "get_kernel", lambda source, expression, _: expression)
+    monkeypatch.setattr(pk.cuda_compile, "launch",
+                        lambda kernel, name, grid, block, args: lib.launch(kernel, grid, block,
+                                                                           args))
+    pk._sm_count.cache_clear()
+    yield
+    pk._sm_count.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["3x3s2p1", "2x2s2", "5x5s1p2", "2x2s3d2", "17x16s1_uint16"])
+def test_launchers_through_the_shim(shim_launchers, rng, name):
+    """Argument order and C types, kernel choice, strided inputs: the launchers end to end."""
+    (H, W), pool_param = GEOMETRIES[name]
+    x = make_input("ties", (3, 2, W, H), np.float32, rng).swapaxes(2, 3)  # not contiguous
+    geom = pool_geometry(x.shape, pool_param)
+    dout = rng.standard_normal(geom.output_shape).astype(np.float32)[..., ::-1]
+    assert not x.flags.c_contiguous and not dout.flags.c_contiguous
+    x_copy, dout_copy = x.copy(), dout.copy()
+    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    ref_out, ref_offsets = _max_pool_forward_xp(x, geom)
+    assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
+    dx = pk.max_pool_backward_gpu(dout, offsets, geom)
+    assert np.array_equal(dx, _max_pool_backward_xp(dout, offsets, geom))
+    assert np.array_equal(x, x_copy) and np.array_equal(dout, dout_copy)
+
+
+# ---------------------------------------------------------------- launcher helpers, no data
+
+def fake_geometry(N, C, H, W, k=2, s=2, p=0):
+    """A PoolGeometry without an array behind it, for sizes too large to allocate."""
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    return PoolGeometry(N, C, H, W, k, k, s, s, p, p, 1, 1, False, Ho, Wo)
+
+
+@pytest.mark.parametrize("geom, expected", [
+    (fake_geometry(1, 1, 8, 8), "int"),
+    (fake_geometry(2**15, 2**8, 2**4, 2**4 - 1), "int"),            # 2**31 - 2**27 elements
+    (fake_geometry(2**16 - 1, 2**8, 2**3, 2**4), "int"),            # 2**31 - 2**15
+    (fake_geometry(2**16, 2**8, 2**3, 2**4), "long long"),          # exactly 2**31
+    (fake_geometry(2**20, 2**10, 2**4, 2**4), "long long"),         # 2**38
+    (fake_geometry(2**15, 2**8, 15, 15, k=2, s=1, p=1), "long long"),  # input < 2**31 = output
+], ids=["small", "below", "just-below", "2**31", "2**38", "output-larger"])
+def test_index_type(geom, expected):
+    assert pk.index_type(geom) == expected
+    planes = pk.scalar_args(geom)[0]
+    assert planes.dtype == pk.INDEX_TYPES[expected] and int(planes) == geom.N * geom.C
+
+
+def test_output_larger_than_input_geometry():
+    geom = fake_geometry(2**15, 2**8, 15, 15, k=2, s=1, p=1)
+    assert geom.N * geom.C * geom.H * geom.W < 2**31 <= geom.N * geom.C * geom.Ho * geom.Wo
+
+
+def test_scalar_args_have_exact_c_types():
+    args = pk.scalar_args(fake_geometry(2, 3, 9, 8, k=3, s=2, p=1))
+    assert [type(a) for a in args] == [np.int32] * 13
+    assert [int(a) for a in args] == [6, 9, 8, 5, 4, 3, 3, 2, 2, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="below 2\\*\\*31"):
+        pk.scalar_args(fake_geometry(1, 1, 1, 2**31))
+
+
+def test_every_kernel_expression_is_instantiated():
+    for dtype in pk.VALUE_TYPES:
+        for geom in (fake_geometry(1, 1, 8, 8), fake_geometry(1, 1, 300, 300, k=20, s=20),
+                     fake_geometry(2**16, 2**8, 2**3, 2**4, k=300, s=300)):
+            for kernel in pk.KERNELS:
+                assert pk.kernel_expression(kernel, dtype, geom) in pk.NAME_EXPRESSIONS
+    with pytest.raises(TypeError, match="int32"):
+        pk.kernel_expression(pk.KERNELS[0], np.int32, fake_geometry(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("plane, planes, sm_count", [
+    (3136, 32768, 132), (12544, 16384, 132), (1, 1, 132), (5, 10**6, 8), (2**31 - 1, 1, 132)])
+def test_launch_config(plane, planes, sm_count):
+    (gx, gy, gz), block = pk.launch_config(plane, planes, sm_count)
+    assert block[1:] == (1, 1) and gz == 1
+    assert gx * block[0] >= plane or gx * block[0] >= 2**30  # grid-stride covers the rest
+    assert gx * block[0] < 2**31
+    assert 1 <= gy <= min(planes, 65535)

@@ -1,0 +1,203 @@
+"""The max-pool CUDA kernels on a GPU, against the general xp path on CuPy and on NumPy.
+
+Offsets and outputs must agree bitwise (NaN-aware for float16), dx exactly:
+the kernels add the windows' contributions in the xp path's order. Outputs
+are allocated poisoned, so an element the kernels skip fails; backward runs
+twice and must repeat bitwise; inputs must come back unchanged.
+"""
+import numpy as np
+import pytest
+
+from gpulayers import backend
+from gpulayers.cuda import compile as cuda_compile
+from gpulayers.cuda import pool_kernels as pk
+from gpulayers.pooling import (_max_pool_backward_xp, _max_pool_forward_xp, max_pool_backward,
+                               max_pool_forward)
+from gpulayers.shapes import pool_geometry
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif("cupy" not in backend.available_backends(),
+                       reason=f"CuPy not usable: {backend.cupy_unusable_reason()}"),
+]
+
+DTYPES = (np.float16, np.float32, np.float64)
+
+# (x shape, pool_param): fast and fallback paths, padding, dilation, ceil_mode, uncovered inputs,
+# uint16 offsets, and shapes large enough that threads visit many planes.
+CASES = {
+    "3x3s2p1": ((2, 3, 11, 10), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
+    "2x2s2": ((2, 3, 8, 6), dict(pool_height=2, pool_width=2, stride=2)),
+    "3x3s1p1": ((2, 3, 7, 9), dict(pool_height=3, pool_width=3, stride=1, pad=1)),
+    "3x3s2p2d2": ((2, 3, 11, 12), dict(pool_height=3, pool_width=3, stride=2, pad=2, dilation=2)),
+    "3x2s1p3x1d3x2": ((2, 3, 9, 8), dict(pool_height=3, pool_width=2, stride=1, pad=(3, 1),
+                                         dilation=(3, 2))),
+    "3x3s2p3d3": ((2, 3, 13, 12), dict(pool_height=3, pool_width=3, stride=2, pad=3, dilation=3)),
+    "2x3s1x2p1ceil": ((2, 3, 9, 10), dict(pool_height=2, pool_width=3, stride=(1, 2), pad=1,
+                                          ceil_mode=True)),
+    "2x2s3ceil": ((2, 3, 8, 8), dict(pool_height=2, pool_width=2, stride=3, ceil_mode=True)),
+    "2x2s3d2": ((2, 3, 9, 9), dict(pool_height=2, pool_width=2, stride=3, dilation=2)),
+    "5x5s1p2": ((2, 3, 8, 8), dict(pool_height=5, pool_width=5, stride=1, pad=2)),
+    "17x16s1_uint16": ((1, 2, 20, 18), dict(pool_height=17, pool_width=16, stride=1)),
+    "large3x3s2p1": ((32, 64, 56, 56), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
+    "large2x2s2": ((16, 128, 56, 56), dict(pool_height=2, pool_width=2, stride=2)),
+}
+DATA = ("random", "ties", "nan", "-inf")
+LAYOUTS = ("contiguous", "strided", "transposed")
+# Large shapes run with random data, contiguous and strided, and against the xp path on CuPy only.
+PARAMS = [pytest.param(name, kind, dtype, layout,
+                       id=f"{name}-{kind}-{np.dtype(dtype).name}-{layout}")
+          for name in CASES for kind in DATA for dtype in DTYPES for layout in LAYOUTS
+          if not name.startswith("large") or (kind == "random" and layout != "transposed")]
+
+
+@pytest.fixture
+def cp():
+    return backend.backend_module("cupy")
+
+
+@pytest.fixture
+def poisoned(cp, monkeypatch):
+    """Make cupy.empty return arrays filled with 0xA5 bytes while the test runs."""
+    real_empty = cp.empty
+
+    def empty(shape, dtype=float, order="C"):
+        a = real_empty(shape, dtype=dtype, order=order)
+        if a.nbytes:
+            a.data.memset_async(0xA5, a.nbytes)
+        return a
+
+    monkeypatch.setattr(cp, "empty", empty)
+
+
+def make_input(kind, shape, dtype, rng):
+    x = rng.standard_normal(shape)
+    if kind == "ties":
+        x = rng.integers(-2, 3, size=shape).astype(np.float64)
+    elif kind == "nan":
+        x[rng.random(shape) < 0.2] = np.nan
+        x[rng.random(shape) < 0.2] = -np.inf
+    elif kind == "-inf":
+        x[rng.random(shape) < 0.7] = -np.inf
+    return x.astype(dtype)
+
+
+def on_device(cp, a, layout):
+    """``a`` on the GPU: contiguous, a strided view, or a transposed view of the same values."""
+    if layout == "strided":
+        base = cp.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
+        base[..., ::2] = cp.asarray(a)
+        return base[..., ::2]
+    if layout == "transposed":
+        return cp.asarray(np.ascontiguousarray(a.swapaxes(-1, -2))).swapaxes(-1, -2)
+    return cp.asarray(a)
+
+
+def assert_same_values(a, b, what):
+    """Bitwise for float32/64; NaN-aware equality for float16 (compared in float)."""
+    a, b = backend.to_numpy(a), backend.to_numpy(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    if a.dtype == np.float16:
+        np.testing.assert_array_equal(a, b, err_msg=what)
+    else:
+        uint = np.dtype(f"u{a.dtype.itemsize}")
+        assert np.array_equal(a.view(uint), b.view(uint)), f"{what}: values differ bitwise"
+
+
+@pytest.mark.parametrize("name, kind, dtype, layout", PARAMS)
+def test_kernels_match_xp_on_cupy_and_numpy(cp, poisoned, rng, name, kind, dtype, layout):
+    shape, pool_param = CASES[name]
+    large = name.startswith("large")
+    x = make_input(kind, shape, dtype, rng)
+    geom = pool_geometry(x.shape, pool_param)
+    dout = rng.standard_normal(geom.output_shape).astype(dtype)
+    x_gpu, dout_gpu = on_device(cp, x, layout), on_device(cp, dout, layout)
+    x_before, dout_before = x_gpu.copy(), dout_gpu.copy()
+    where = f"{geom.describe()}, {kind} data, {np.dtype(dtype)}, {layout}"
+
+    out, offsets = pk.max_pool_forward_gpu(x_gpu, geom)
+    xp_out, xp_offsets = _max_pool_forward_xp(cp.ascontiguousarray(x_gpu), geom)
+    assert offsets.dtype == geom.offset_dtype and out.dtype == x.dtype
+    assert cp.array_equal(offsets, xp_offsets), f"offsets vs xp on CuPy: {where}"
+    assert_same_values(out, xp_out, f"out vs xp on CuPy: {where}")
+    if not large:
+        np_out, np_offsets = _max_pool_forward_xp(x, geom)
+        assert np.array_equal(offsets.get(), np_offsets), f"offsets vs NumPy: {where}"
+        assert_same_values(out, np_out, f"out vs NumPy: {where}")
+
+    offsets_before = offsets.copy()
+    dx = pk.max_pool_backward_gpu(dout_gpu, offsets, geom)
+    dx_again = pk.max_pool_backward_gpu(dout_gpu, offsets, geom)
+    assert dx.dtype == dout.dtype and dx.shape == geom.input_shape
+    assert_same_values(dx, dx_again, f"backward is not repeatable: {where}")
+    xp_dx = _max_pool_backward_xp(cp.ascontiguousarray(dout_gpu), offsets, geom)
+    assert cp.array_equal(dx, xp_dx), f"dx vs xp on CuPy: {where}"
+    if not large:
+        np_dx = _max_pool_backward_xp(dout, offsets.get(), geom)
+        assert np.array_equal(dx.get(), np_dx), f"dx vs NumPy: {where}"
+
+    assert_same_values(x_gpu, x_before, f"x was modified: {where}")
+    assert_same_values(dout_gpu, dout_before, f"dout was modified: {where}")
+    assert cp.array_equal(offsets, offsets_before), f"offsets were modified: {where}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["3x3s2p1", "2x2s2", "5x5s1p2"])
+def test_64bit_index_instantiations(cp, poisoned, rng, name, dtype):
+    """The long long kernels, forced on small data, agree with the int ones."""
+    shape, pool_param = CASES[name]
+    x = cp.asarray(make_input("ties", shape, dtype, rng))
+    geom = pool_geometry(x.shape, pool_param)
+    dout = cp.asarray(rng.standard_normal(geom.output_shape).astype(dtype))
+    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    dx = pk.max_pool_backward_gpu(dout, offsets, geom)
+    planes, *dims = pk.scalar_args(geom)
+    args = (np.int64(planes), *dims)
+    grid, block = (3, 2, 1), (96, 1, 1)
+    backward = "max_pool2d_backward" if geom.overlapping else "max_pool2d_backward_disjoint"
+    out64, offsets64 = cp.empty(out.shape, out.dtype), cp.empty(offsets.shape, offsets.dtype)
+    dx64 = cp.empty(dx.shape, dx.dtype)
+    for kernel, arrays in (("max_pool2d_forward", (x, out64, offsets64)),
+                           (backward, (dout, offsets, dx64))):
+        expression = pk.kernel_expression(kernel, dtype, geom).replace(", int>", ", long long>")
+        function = cuda_compile.get_kernel(pk.SOURCE, expression, pk.NAME_EXPRESSIONS)
+        cuda_compile.launch(function, expression, grid, block, arrays + args)
+    assert cp.array_equal(offsets64, offsets)
+    assert_same_values(out64, out, "out, long long indices")
+    assert_same_values(dx64, dx, "dx, long long indices")
+
+
+def test_public_entry_points_use_the_kernels(cp, rng):
+    x = cp.asarray(make_input("ties", (2, 3, 11, 10), np.float32, rng))
+    pool_param = dict(pool_height=3, pool_width=3, stride=2, pad=1)
+    out, cache = max_pool_forward(x, pool_param)
+    dout = cp.asarray(rng.standard_normal(out.shape).astype(np.float32))
+    dx = max_pool_backward(dout, cache)
+    geom = cache.geom
+    ref_out, ref_offsets = _max_pool_forward_xp(x, geom)
+    assert cp.array_equal(cache.offsets, ref_offsets) and cp.array_equal(out, ref_out)
+    assert cp.array_equal(dx, _max_pool_backward_xp(dout, ref_offsets, geom))
+
+
+def test_empty_batch(cp):
+    x = cp.zeros((0, 3, 6, 6), np.float32)
+    geom = pool_geometry(x.shape, dict(pool_height=2, pool_width=2))
+    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    dx = pk.max_pool_backward_gpu(cp.zeros(out.shape, np.float32), offsets, geom)
+    assert out.shape == offsets.shape == (0, 3, 3, 3) and dx.shape == (0, 3, 6, 6)
+
+
+def test_launchers_check_arguments(cp):
+    x = cp.zeros((1, 1, 4, 4), np.float32)
+    geom = pool_geometry(x.shape, dict(pool_height=2, pool_width=2))
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        pk.max_pool_forward_gpu(x.get(), geom)
+    with pytest.raises(TypeError, match="floating"):
+        pk.max_pool_forward_gpu(x.astype(np.int32), geom)
+    with pytest.raises(ValueError, match="shape"):
+        pk.max_pool_forward_gpu(x[:, :, :3], geom)
+    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    with pytest.raises(TypeError, match="uint8"):
+        pk.max_pool_backward_gpu(out, offsets.astype(np.uint16), geom)
+    with pytest.raises(ValueError, match="shape"):
+        pk.max_pool_backward_gpu(out[:, :, :1], offsets, geom)
