@@ -18,24 +18,12 @@ import pytest
 
 from gpulayers.cuda import compile as cuda_compile
 from gpulayers.cuda import instantiations
+from gpulayers.cuda.compile import cuda_include_dir
 
 nvrtc = pytest.importorskip(
     "cuda.bindings.nvrtc", reason="cuda-bindings is not installed (pip install cuda-bindings)")
 
 ARCHS = ("sm_80", "sm_90")
-
-
-def _cuda_include_dir():
-    """Include folder of the nvidia-cuda-runtime wheel (the one holding cuda_fp16.h), or None."""
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for root in nvidia.__path__:  # a namespace package: cu13/include, or cuda_runtime/include
-        for pattern in ("cu*/include/cuda_fp16.h", "cuda_runtime/include/cuda_fp16.h"):
-            for header in sorted(Path(root).glob(pattern)):
-                return header.parent
-    return None
 
 
 def _nvrtc_problem():
@@ -48,7 +36,7 @@ def _nvrtc_problem():
 
 
 _NO_NVRTC = _nvrtc_problem()
-_INCLUDE = _cuda_include_dir()
+_INCLUDE = cuda_include_dir()
 
 pytestmark = [
     pytest.mark.skipif(_NO_NVRTC is not None, reason="libnvrtc does not load "

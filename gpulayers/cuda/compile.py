@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
+from pathlib import Path
 
-__all__ = ["source", "get_kernel", "launch", "KernelLaunchError", "OPTIONS"]
+__all__ = ["source", "get_kernel", "launch", "KernelLaunchError", "OPTIONS", "cuda_include_dir"]
 
 # Options used for every compile; the NVRTC check in the tests uses the same.
 OPTIONS = ("-std=c++17",)
@@ -26,13 +27,39 @@ def source(name):
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_include_dir():
+    """Include folder of NVIDIA's pip wheels that holds cuda_fp16.h, or None.
+
+    CuPy normally finds the CUDA headers itself (CUDA_PATH); this is the
+    fallback when it does not, and the folder the NVRTC check in CI uses.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:  # a namespace package: cu13/include, or cuda_runtime/include
+        for pattern in ("cu*/include/cuda_fp16.h", "cuda_runtime/include/cuda_fp16.h"):
+            for header in sorted(Path(root).glob(pattern)):
+                return header.parent
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _module(name, name_expressions, device_id):
     import cupy
     with cupy.cuda.Device(device_id):
-        mod = cupy.RawModule(code=source(name), options=OPTIONS,
-                             name_expressions=list(name_expressions))
-        mod.compile()
+        try:
+            mod = cupy.RawModule(code=source(name), options=OPTIONS,
+                                 name_expressions=list(name_expressions))
+            mod.compile()
+        except cupy.cuda.compiler.CompileException as exc:
+            include = cuda_include_dir()
+            if "cuda_fp16.h" not in str(exc) or include is None:
+                raise
+            mod = cupy.RawModule(code=source(name), options=OPTIONS + (f"-I{include}",),
+                                 name_expressions=list(name_expressions))
+            mod.compile()
     return mod
 
 
