@@ -1,0 +1,327 @@
+"""Batch-norm CUDA kernels (gpulayers/cuda/bn_kernels.py) against float64 NumPy and against
+the NumPy path of gpulayers.batchnorm. Needs CuPy and a CUDA device; skips otherwise.
+
+Errors are normwise, max|a - b| / max|b|: at most 1e-10 for float64, 1e-5 for
+float32, 1e-2 for float16. Outputs are poisoned (the memory pool hands back
+NaN-filled blocks) so that an unwritten element fails.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from gpulayers import backend
+from gpulayers.cuda import bn_kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif("cupy" not in backend.available_backends(),
+                       reason=f"CuPy not usable: {backend.cupy_unusable_reason()}"),
+]
+
+TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2}
+DTYPES = [np.float64, np.float32, np.float16]
+EPS = 1e-5
+
+SHAPES = [
+    (4, 3, 5, 6),
+    (2, 1, 7, 7),          # C = 1
+    (5, 1, 1, 1),          # C = 1, H*W = 1
+    (3, 4096, 1, 1),       # C = 4096, small N*H*W
+    (2, 4096, 2, 3),
+    (257, 33, 1, 1),       # plain batch norm (N, D)
+    (1024, 512, 1, 1),
+    (5, 7, 9, 11),         # odd sizes
+    (1, 2, 1, 2),          # two values per channel
+    (16, 64, 28, 28),
+    (8, 96, 7, 7),
+    (3, 5, 65, 1),         # planes, H*W just above the columns limit
+    (2, 3, 512, 520),      # several blocks per channel
+]
+
+
+def cupy():
+    import cupy as cp
+    return cp
+
+
+def rel(a, b, scale=None):
+    """max|a - b| / max|b|, or / ``scale`` when given."""
+    a = np.asarray(backend.to_numpy(a), np.float64)
+    b = np.asarray(backend.to_numpy(b), np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)) if scale is None else scale, 1e-300))
+
+
+def dx_scale(dout, gamma, invstd):
+    """Size of the terms of dx: max|gamma*invstd*dout| (train dx can cancel to ~0, e.g. for
+    two values per channel, where an error relative to dx itself means nothing)."""
+    s = (1, -1, 1, 1)
+    return float(np.max(np.abs(dout.astype(np.float64) * (gamma * invstd).reshape(s))))
+
+
+def poison_pool(*shapes_dtypes):
+    """Fill pool blocks of these sizes with NaN and free them, so the launchers'
+    cupy.empty outputs start as NaN."""
+    cp = cupy()
+    blocks = [cp.full(shape, np.nan, dtype=dtype) for shape, dtype in shapes_dtypes]
+    cp.cuda.Device().synchronize()
+    del blocks
+
+
+def ref_forward(x, gamma, beta, eps):
+    x = x.astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3))
+    invstd = 1 / np.sqrt(var + eps)
+    s = (1, -1, 1, 1)
+    y = (x - mean.reshape(s)) * invstd.reshape(s) * gamma.reshape(s) + beta.reshape(s)
+    return y, mean, var, invstd
+
+
+def ref_backward(dout, x, gamma, mean, invstd, train):
+    s = (1, -1, 1, 1)
+    d = dout.astype(np.float64)
+    xhat = (x.astype(np.float64) - mean.reshape(s)) * invstd.reshape(s)
+    dbeta = d.sum(axis=(0, 2, 3))
+    dgamma = (d * xhat).sum(axis=(0, 2, 3))
+    M = x.size // x.shape[1]
+    if train:
+        dx = (gamma * invstd).reshape(s) / M * (M * d - dbeta.reshape(s) - xhat * dgamma.reshape(s))
+    else:
+        dx = d * (gamma * invstd).reshape(s)
+    return dx, dgamma, dbeta
+
+
+def make(rng, shape, dtype, loc=1.0, scale=2.0):
+    x = (rng.standard_normal(shape) * scale + loc).astype(dtype)
+    C = shape[1]
+    sd = bn_kernels.stats_dtype(dtype)
+    gamma = (rng.standard_normal(C) + 1).astype(sd)
+    beta = rng.standard_normal(C).astype(sd)
+    return x, gamma, beta
+
+
+def to_gpu(*arrays):
+    cp = cupy()
+    return [cp.asarray(a) for a in arrays]
+
+
+def stats_tol(dtype):
+    """Statistics are float32 for float16 input: judged at float32 accuracy."""
+    return TOL[np.dtype(np.float32)] if np.dtype(dtype) == np.float16 else TOL[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_train_forward(rng, shape, dtype):
+    x, gamma, beta = make(rng, shape, dtype)
+    X, G, B = to_gpu(x, gamma, beta)
+    copies = [a.copy() for a in (X, G, B)]
+    C, sd = shape[1], bn_kernels.stats_dtype(dtype)
+    poison_pool((shape, dtype), ((C,), sd), ((C,), sd), ((C,), sd))
+    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(X, G, B, EPS)
+    ry, rmean, rvar, rinv = ref_forward(x, gamma, beta, EPS)
+    assert y.dtype == dtype and y.shape == shape
+    assert mean.dtype == var.dtype == invstd.dtype == sd and mean.shape == (C,)
+    assert rel(y, ry) < TOL[np.dtype(dtype)]
+    assert rel(mean, rmean) < stats_tol(dtype)
+    assert rel(var, rvar) < stats_tol(dtype)
+    assert rel(invstd, rinv) < stats_tol(dtype)
+    for a, b in zip((X, G, B), copies):
+        assert bool((a == b).all()), "an input was modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_eval_forward(rng, shape, dtype):
+    x, gamma, beta = make(rng, shape, dtype)
+    C, sd = shape[1], bn_kernels.stats_dtype(dtype)
+    rm, rv = rng.standard_normal(C).astype(sd), (rng.random(C) + 0.5).astype(sd)
+    X, G, B, RM, RV = to_gpu(x, gamma, beta, rm, rv)
+    copies = [a.copy() for a in (X, RM, RV)]
+    poison_pool((shape, dtype))
+    y = bn_kernels.bn_eval_forward_gpu(X, G, B, RM, RV, EPS)
+    s = (1, -1, 1, 1)
+    ref = ((x.astype(np.float64) - rm.reshape(s)) / np.sqrt(rv.astype(np.float64) + EPS).reshape(s)
+           * gamma.reshape(s) + beta.reshape(s))
+    assert y.dtype == dtype and rel(y, ref) < TOL[np.dtype(dtype)]
+    for a, b in zip((X, RM, RV), copies):
+        assert bool((a == b).all())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward(rng, shape, dtype, train):
+    x, gamma, _ = make(rng, shape, dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    C, sd = shape[1], bn_kernels.stats_dtype(dtype)
+    if train:
+        _, mean, _, invstd = ref_forward(x, gamma, gamma, EPS)
+    else:
+        mean, invstd = rng.standard_normal(C), 1 / np.sqrt(rng.random(C) + 0.5)
+    mean, invstd = mean.astype(sd), invstd.astype(sd)
+    D, X, G, MEAN, INV = to_gpu(dout, x, gamma, mean, invstd)
+    copies = [a.copy() for a in (D, X, G, MEAN, INV)]
+    poison_pool((shape, dtype), ((C,), sd), ((C,), sd))
+    dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(D, X, G, MEAN, INV, train)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean, invstd, train)
+    assert dx.dtype == dtype and dgamma.dtype == dbeta.dtype == sd
+    assert rel(dx, rdx, dx_scale(dout, gamma, invstd)) < TOL[np.dtype(dtype)]
+    assert rel(dgamma, rdg) < stats_tol(dtype)
+    assert rel(dbeta, rdb) < stats_tol(dtype)
+    for a, b in zip((D, X, G, MEAN, INV), copies):
+        assert bool((a == b).all()), "an input was modified"
+
+
+def test_large_mean_float32(rng):
+    x = (rng.standard_normal((64, 4, 16, 16)) * 0.1 + 1e4).astype(np.float32)
+    x[:, 2] = np.float32(1e4 + 0.5)  # constant channel
+    gamma, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
+    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(*to_gpu(x, gamma, beta), EPS)
+    ry, rmean, rvar, _ = ref_forward(x, gamma, beta, EPS)
+    assert rel(var, rvar) < 1e-4
+    y = backend.to_numpy(y).astype(np.float64)
+    assert np.all(y[:, 2] == 0)
+    assert np.abs(y - ry).max() < 1e-3
+    np.testing.assert_allclose(y[:, [0, 1, 3]].std(axis=(0, 2, 3)), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_unaligned_input_uses_scalar_loads(rng, dtype):
+    cp = cupy()
+    shape = (4, 6, 8, 8)
+    x, gamma, beta = make(rng, shape, dtype)
+    flat = cp.empty(x.size + 1, dtype=dtype)
+    flat[1:] = cp.asarray(x.reshape(-1))
+    X = flat[1:].reshape(shape)  # contiguous, 2 or 4 bytes off 16-byte alignment
+    assert X.data.ptr % 16 != 0
+    y, _, _, _ = bn_kernels.bn_train_forward_gpu(X, *to_gpu(gamma, beta), EPS)
+    assert rel(y, ref_forward(x, gamma, beta, EPS)[0]) < TOL[np.dtype(dtype)]
+
+
+def test_non_contiguous_input(rng):
+    x, gamma, beta = make(rng, (6, 4, 5, 7), np.float32)
+    X = cupy().asarray(x.transpose(0, 1, 3, 2).copy()).transpose(0, 1, 3, 2)
+    y, _, _, _ = bn_kernels.bn_train_forward_gpu(X, *to_gpu(gamma, beta), EPS)
+    assert rel(y, ref_forward(x, gamma, beta, EPS)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (64, 10, 1, 1), (3, 2, 17, 19)])
+def test_matches_numpy_path_of_gpulayers(rng, shape, dtype):
+    """The kernels against gpulayers.batchnorm's NumPy path (the reference semantics)."""
+    from gpulayers import batchnorm
+    x, gamma, beta = make(rng, shape, dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    for mode in ("train", "test"):
+        param = {"mode": mode, "eps": EPS}
+        if mode == "test":
+            C = shape[1]
+            param.update(running_mean=rng.standard_normal(C).astype(np.float32),
+                         running_var=(rng.random(C) + 0.5).astype(np.float32))
+        out, cache = batchnorm.spatial_batchnorm_forward(x, gamma, beta, dict(param))
+        dx, dgamma, dbeta = batchnorm.spatial_batchnorm_backward(dout, cache)
+        sd = bn_kernels.stats_dtype(dtype)
+        if mode == "train":
+            y, mean, _, invstd = bn_kernels.bn_train_forward_gpu(*to_gpu(x, gamma, beta), EPS)
+        else:
+            rm = param["running_mean"].astype(sd)
+            rv = param["running_var"].astype(sd)
+            y = bn_kernels.bn_eval_forward_gpu(*to_gpu(x, gamma, beta, rm, rv), EPS)
+            mean, invstd = to_gpu(rm, (1 / np.sqrt(rv.astype(np.float64) + EPS)).astype(sd))
+        kdx, kdg, kdb = bn_kernels.bn_backward_gpu(*to_gpu(dout, x, gamma), mean, invstd,
+                                                   mode == "train")
+        tol = TOL[np.dtype(dtype)]
+        assert rel(y, out) < tol
+        assert rel(kdx, dx, dx_scale(dout, gamma, backend.to_numpy(invstd))) < tol
+        assert rel(kdg, dgamma) < 2 * tol and rel(kdb, dbeta) < 2 * tol
+
+
+# ------------------------------------------------------------------------ bandwidth
+
+PERF_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7), (32, 64, 56, 56)]
+
+
+def _time(fn, repeat=20):
+    cp = cupy()
+    fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeat):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / 1e3 / repeat
+
+
+def _device_name():
+    cp = cupy()
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", PERF_SHAPES)
+def test_bandwidth_targets(shape, dtype):
+    """Fractions of device-to-device copy bandwidth (asserted on H100/H200 only):
+    train forward >= 0.60, train backward >= 0.55, eval forward >= 0.85, and train
+    forward/backward no slower than torch's (cuDNN) batch norm when torch is there."""
+    cp = cupy()
+    x = cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+    dout = cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+    C = shape[1]
+    g, b = cp.ones(C, np.float32), cp.zeros(C, np.float32)
+    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(x, g, b, EPS)
+    dst = cp.empty_like(x)
+    t_copy = _time(lambda: dst.data.copy_from_device_async(x.data, x.nbytes))
+    copy_bw = 2 * x.nbytes / t_copy
+    t_fwd = _time(lambda: bn_kernels.bn_train_forward_gpu(x, g, b, EPS))
+    t_eval = _time(lambda: bn_kernels.bn_eval_forward_gpu(x, g, b, mean, var, EPS))
+    t_bwd = _time(lambda: bn_kernels.bn_backward_gpu(dout, x, g, mean, invstd, True))
+    frac = {"fwd": 2 * x.nbytes / t_fwd / copy_bw, "eval": 2 * x.nbytes / t_eval / copy_bw,
+            "bwd": 3 * x.nbytes / t_bwd / copy_bw}
+    print(f"\n{_device_name()} {shape} {np.dtype(dtype).name}: copy {copy_bw / 1e9:.0f} GB/s, "
+          f"train fwd {t_fwd * 1e6:.1f} us ({frac['fwd']:.2f}), eval {t_eval * 1e6:.1f} us "
+          f"({frac['eval']:.2f}), train bwd {t_bwd * 1e6:.1f} us ({frac['bwd']:.2f})")
+    torch_times = _torch_times(x, dout)
+    if torch_times:
+        print(f"  torch (cuDNN): fwd {torch_times[0] * 1e6:.1f} us, bwd {torch_times[1] * 1e6:.1f} us")
+    if not any(k in _device_name() for k in ("H100", "H200")):
+        return
+    assert frac["fwd"] >= 0.60 and frac["bwd"] >= 0.55 and frac["eval"] >= 0.85, frac
+    if torch_times:
+        assert t_fwd <= torch_times[0] and t_bwd <= torch_times[1]
+
+
+def _torch_times(x, dout):
+    """(train forward, backward) seconds of torch.nn.functional.batch_norm, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    tx = torch.as_tensor(x, device="cuda").requires_grad_(True)
+    td = torch.as_tensor(dout, device="cuda")
+    C = x.shape[1]
+    w = torch.ones(C, device="cuda", dtype=torch.float32 if x.dtype != np.float64 else torch.float64,
+                   requires_grad=True)
+    bias = torch.zeros_like(w, requires_grad=True)
+    rm, rv = torch.zeros_like(w), torch.ones_like(w)
+
+    def fwd():
+        return torch.nn.functional.batch_norm(tx, rm, rv, w, bias, training=True, eps=EPS)
+
+    def timed(fn, repeat=20):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeat
+
+    t_fwd = timed(fwd)
+    t_both = timed(lambda: torch.autograd.grad(fwd(), (tx, w, bias), td))
+    return t_fwd, max(t_both - t_fwd, 1e-9)
