@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import numpy_fast
 from .backend import get_array_module
 from .shapes import check_floating
 
@@ -248,6 +249,20 @@ def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
                                **dtypes)
         return y.reshape(x.shape), cache
 
+    fast = None
+    if kernels and xp is np and ndim == 4 and comm is None:
+        # NumPy fast path: blocked and threaded; the cache keeps x, not a normalized copy
+        fast = (numpy_fast.bn_train_forward(x, g, b, eps, sd) if train
+                else (numpy_fast.bn_eval_forward(x, g, b, mean, invstd, sd), mean, None, invstd))
+    if fast is not None:
+        y, mean, var, invstd = fast
+        total = int(np.prod([x.shape[a] for a in axes]))
+        if train:
+            _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
+        cache = BatchNormCache(axes, train, np.dtype(x.dtype), g, invstd, total, x=x, mean=mean,
+                               **dtypes)
+        return y, cache
+
     if train:
         mean, var, total, centered = _train_stats(x, axes, sd, comm)
         if total <= 1:
@@ -280,7 +295,10 @@ def _backward(dout, cache, ndim, what):
                          f"had shape {tuple(ref.shape)}")
     xp = get_array_module(dout, ref)
     sd = cache.invstd.dtype
-    if cache.xhat is None:  # CUDA path
+    if cache.xhat is None and xp is np:  # NumPy fast path
+        dx, dgamma, dbeta = numpy_fast.bn_backward(dout, cache.x, cache.gamma, cache.mean,
+                                                   cache.invstd, cache.count, cache.train, sd)
+    elif cache.xhat is None:  # CUDA path
         from .cuda import bn_kernels
         x4 = cache.x.reshape(cache.x.shape + (1, 1)) if ndim == 2 else cache.x
         d4 = dout.reshape(x4.shape)

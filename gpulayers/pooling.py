@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import numpy_fast
 from .backend import get_array_module
 from .shapes import PoolGeometry, check_floating, pool_geometry
 
@@ -384,8 +385,9 @@ def max_pool_forward_fast(x, pool_param):
         from .cuda import pool_kernels
         out, offsets = pool_kernels.max_pool_forward_gpu(x, geom)
         return out, MaxPoolCache(geom, np.dtype(x.dtype), offsets)
-    if geom.tiles:
-        return max_pool_forward_reshape(x, pool_param)
+    fast = numpy_fast.max_pool_forward(x, geom, _max_pool_forward_xp)
+    if fast is not None:  # blocked, threaded NumPy (no dilation)
+        return fast[0], MaxPoolCache(geom, np.dtype(x.dtype), _freeze(fast[1]))
     out, offsets = _max_pool_forward_xp(x, geom)
     return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
 
@@ -407,9 +409,7 @@ def max_pool_backward_fast(dout, cache):
     if _use_kernels(xp):
         from .cuda import pool_kernels
         return pool_kernels.max_pool_backward_gpu(dout, cache.offsets, geom)
-    if geom.tiles:
-        return max_pool_backward_reshape(dout, cache)
-    return _max_pool_backward_xp(dout, cache.offsets, geom)
+    return numpy_fast.max_pool_backward(dout, cache.offsets, geom)  # blocked bincount
 
 
 def max_pool_forward(x, pool_param):

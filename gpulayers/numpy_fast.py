@@ -1,0 +1,401 @@
+"""The NumPy fast paths: max pooling and spatial batch norm, blocked and threaded.
+
+Plain NumPy loses to a C loop when each step streams a big array through
+memory, walks it with strides, or makes a masked copy. These paths avoid all
+three:
+
+- **blocks**: the N*C planes are processed a few at a time, so every
+  intermediate fits in the core's L2 cache; only the input is read from
+  memory and only the results are written back;
+- **threads**: blocks go to a pool of ``GPULAYERS_NUM_THREADS`` threads
+  (default: every core); NumPy releases the GIL inside its loops;
+- **contiguous steps**: max pooling first splits each block's columns by
+  ``col % stride`` (one strided copy), after which every window tap is a
+  *flat shift* of a contiguous array: ``np.maximum``/``np.greater`` run
+  vectorized over whole blocks;
+- **argmax without masked copies**: a window's first maximum is found in
+  row-major tap order with strict ``>``, so the winning tap index only grows
+  as taps are added: ``offset = max(offset, (tap > best) * tap_index)``, in
+  uint8 arithmetic (rows first, then ``i*kw + j`` over rows, which also grows
+  with i);
+- **exactness guards**: a block whose output holds NaN or -inf (where
+  PyTorch's rules -- last NaN, first in-range element -- differ from the
+  comparisons above), or whose dout is not finite, is recomputed by the
+  general path, so the results are those of the general path bit for bit
+  (backward sums in the same tap order).
+
+Batch norm keeps ``x`` itself in the cache instead of a normalized copy and
+computes per-plane (mean, M2) pairs in cache-sized blocks, merged per channel
+with Chan's formula: one pass over memory for the statistics, no
+E[x^2] - E[x]^2 cancellation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = ["max_pool_forward", "max_pool_backward", "bn_train_forward", "bn_eval_forward",
+           "bn_backward", "num_threads", "BLOCK_BYTES"]
+
+#: target bytes of one block's intermediates (about half a 1 MiB L2)
+BLOCK_BYTES = int(os.environ.get("GPULAYERS_BLOCK_BYTES", 1 << 19))
+
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def num_threads():
+    """Threads the NumPy fast paths use: env GPULAYERS_NUM_THREADS, else every core."""
+    try:
+        n = int(os.environ.get("GPULAYERS_NUM_THREADS", "0"))
+    except ValueError:
+        n = 0
+    return max(1, n or os.cpu_count() or 1)
+
+
+def _executor(n):
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gpulayers")
+            _pool_size = n
+        return _pool
+
+
+class _Scratch:
+    """Per-thread reusable buffers, allocated once for the largest block."""
+
+    def __init__(self, n_max):
+        self.n_max = n_max
+        self.bufs = {}
+
+    def get(self, name, per_item, dtype, fill=None):
+        """Flat buffer for ``n_max`` items of ``per_item`` elements; ``fill``
+        is written once, at allocation (callers never overwrite those parts)."""
+        buf = self.bufs.get(name)
+        if buf is None:
+            size = self.n_max * per_item
+            buf = np.empty(size, dtype) if fill is None else np.full(size, fill, dtype)
+            self.bufs[name] = buf
+        return buf
+
+
+def _run_blocks(n_items, bytes_per_item, work):
+    """Call ``work(start, stop, scratch)`` over blocks of items, in threads."""
+    per_block = max(1, min(n_items, BLOCK_BYTES // max(1, bytes_per_item)))
+    blocks = [(s, min(s + per_block, n_items)) for s in range(0, n_items, per_block)]
+    n_threads = min(num_threads(), len(blocks))
+    if n_threads <= 1:
+        scratch = _Scratch(per_block)
+        for s, e in blocks:
+            work(s, e, scratch)
+        return
+
+    def group(part):
+        scratch = _Scratch(per_block)
+        for s, e in part:
+            work(s, e, scratch)
+
+    k, r = divmod(len(blocks), n_threads)
+    parts, i = [], 0
+    for t in range(n_threads):
+        j = i + k + (1 if t < r else 0)
+        parts.append(blocks[i:j])
+        i = j
+    futures = [_executor(n_threads).submit(group, p) for p in parts]
+    for f in futures:
+        f.result()
+
+
+def _span(pad, phase, stride, n_grid, size):
+    """Grid cells ``g`` of one phase whose input position ``g*stride + phase - pad``
+    lies in ``[0, size)``: (first cell, first input position, number of cells)."""
+    g0 = max(0, -(-(pad - phase) // stride))
+    first = g0 * stride + phase - pad
+    if first >= size or g0 >= n_grid:
+        return g0, first, 0
+    return g0, first, min(n_grid - g0, (size - 1 - first) // stride + 1)
+
+
+# ----------------------------------------------------------------------- max pooling
+
+
+def max_pool_forward(x, geom, general):
+    """Max pooling of a NumPy x (N, C, H, W) by blocks; None when the geometry
+    has dilation (the caller then uses the general path).
+
+    ``general(xb, geom_b)`` is the exact general implementation, used for
+    blocks holding NaN or -inf. Returns (out, offsets) like it.
+    """
+    if geom.dh != 1 or geom.dw != 1:
+        return None
+    x = np.ascontiguousarray(x)
+    N, C, H, W = geom.input_shape
+    kh, kw, sh, sw, ph, pw = geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw
+    Ho, Wo = geom.Ho, geom.Wo
+    odt = geom.offset_dtype
+    NC = N * C
+    xr = x.reshape(NC, H, W)
+    out = np.empty((NC, Ho, Wo), x.dtype)
+    off = np.empty((NC, Ho, Wo), odt)
+    Hr = (Ho - 1) * sh + kh          # padded rows the windows read
+    Wq = Wo + (kw - 1) // sw         # columns of one column phase
+    nq = min(sw, kw)
+    M = Hr * Wq
+    rows = _span(ph, 0, 1, Hr, H)    # (first padded row, first x row, count)
+    cols = [_span(pw, q, sw, Wq, W) for q in range(nq)]
+    item = x.dtype.itemsize
+    per_plane = M * (item * (nq + 2) + odt.itemsize * 3 + 1)
+    acc = np.float32 if x.dtype == np.float16 else x.dtype
+
+    def work(s, e, scr):
+        n = e - s
+        L = n * M
+        ph_flat = []
+        for q in range(nq):
+            buf = scr.get(("E", q), M, x.dtype, fill=-np.inf)
+            (g0, c0, nc), (r0, x0, nr) = cols[q], rows
+            if nc and nr:
+                b3 = buf[:L].reshape(n, Hr, Wq)
+                b3[:, r0:r0 + nr, g0:g0 + nc] = xr[s:e, x0:x0 + nr, c0:c0 + (nc - 1) * sw + 1:sw]
+            ph_flat.append(buf[:L])
+        g = scr.get("g", M, np.bool_)
+        tmp = scr.get("tmp", M, odt)
+        # width: running max over taps j of each padded row; rj = first argmax j
+        Lw = L - (kw - 1) // sw
+
+        def tap(j):
+            d = j // sw
+            return ph_flat[j % sw][d:d + Lw]
+        if kw == 1:
+            rm, rj = ph_flat[0], scr.get("zero", M, odt, fill=0)[:L]
+        else:
+            rm = scr.get("rm", M, x.dtype, fill=-np.inf)[:L]
+            rj = scr.get("rj", M, odt, fill=0)[:L]
+            np.greater(tap(1), tap(0), out=g[:Lw])
+            np.copyto(rj[:Lw], g[:Lw], casting="unsafe")
+            np.maximum(tap(0), tap(1), out=rm[:Lw])
+            for j in range(2, kw):
+                t = tap(j)
+                np.greater(t, rm[:Lw], out=g[:Lw])
+                np.multiply(g[:Lw], odt.type(j), out=tmp[:Lw])
+                np.maximum(rj[:Lw], tmp[:Lw], out=rj[:Lw])
+                np.maximum(rm[:Lw], t, out=rm[:Lw])
+        # height, on every padded row (contiguous); offsets i*kw + j grow with i
+        Lh = L - (kh - 1) * Wq
+        if kh == 1:
+            o, of = rm, rj
+        else:
+            o = scr.get("o", M, x.dtype, fill=-np.inf)[:L]
+            of = scr.get("of", M, odt, fill=0)[:L]
+            np.greater(rm[Wq:Wq + Lh], rm[:Lh], out=g[:Lh])
+            np.add(rj[Wq:Wq + Lh], odt.type(kw), out=tmp[:Lh])
+            np.multiply(tmp[:Lh], g[:Lh], out=tmp[:Lh])
+            np.maximum(rj[:Lh], tmp[:Lh], out=of[:Lh])
+            np.maximum(rm[:Lh], rm[Wq:Wq + Lh], out=o[:Lh])
+            for i in range(2, kh):
+                t = rm[i * Wq:i * Wq + Lh]
+                np.greater(t, o[:Lh], out=g[:Lh])
+                np.add(rj[i * Wq:i * Wq + Lh], odt.type(i * kw), out=tmp[:Lh])
+                np.multiply(tmp[:Lh], g[:Lh], out=tmp[:Lh])
+                np.maximum(of[:Lh], tmp[:Lh], out=of[:Lh])
+                np.maximum(o[:Lh], t, out=o[:Lh])
+        last = (Ho - 1) * sh + 1
+        ob, fb = out[s:e], off[s:e]
+        np.copyto(ob, o.reshape(n, Hr, Wq)[:, 0:last:sh, :Wo])
+        np.copyto(fb, of.reshape(n, Hr, Wq)[:, 0:last:sh, :Wo])
+        total = np.add.reduce(ob.reshape(-1), dtype=acc)
+        if not np.isfinite(total) and (np.isnan(ob).any() or (ob == -np.inf).any()):
+            gb = dataclasses.replace(geom, N=n, C=1)
+            o2, f2 = general(xr[s:e].reshape(n, 1, H, W), gb)
+            ob[...] = o2.reshape(n, Ho, Wo)
+            fb[...] = f2.reshape(n, Ho, Wo)
+
+    _run_blocks(NC, per_plane, work)
+    return out.reshape(geom.output_shape), off.reshape(geom.output_shape)
+
+
+def max_pool_backward(dout, offsets, geom, general=None):
+    """dx of max pooling from the compact offsets, by blocks (any geometry).
+
+    Each output element's flat target in its dx plane is ``base[oh, ow] +
+    lut[offset]``; ``np.add.at`` then adds every window's gradient at its
+    argmax only (a NaN in dout reaches only its argmax, as in PyTorch),
+    in output order, one cache-sized block of planes at a time (float32
+    accumulation for float16).
+    """
+    N, C, H, W = geom.input_shape
+    Ho, Wo = geom.Ho, geom.Wo
+    NC = N * C
+    dr = np.ascontiguousarray(dout).reshape(NC, Ho * Wo)
+    fr = np.ascontiguousarray(offsets).reshape(NC, Ho * Wo)
+    k = np.arange(geom.window_size, dtype=np.intp)
+    lut = (k // geom.kw) * geom.dh * W + (k % geom.kw) * geom.dw
+    oh = np.arange(Ho, dtype=np.intp)[:, None] * geom.sh - geom.ph
+    ow = np.arange(Wo, dtype=np.intp)[None, :] * geom.sw - geom.pw
+    base = (oh * W + ow).reshape(-1)
+    dx = np.empty((NC, H * W), dout.dtype)
+    acc = np.float32 if dout.dtype == np.float16 else dout.dtype
+    per_plane = Ho * Wo * np.dtype(np.intp).itemsize + H * W * 4
+
+    def work(s, e, scr):
+        n = e - s
+        idx = scr.get("idx", Ho * Wo, np.intp)[:n * Ho * Wo].reshape(n, Ho * Wo)
+        np.take(lut, fr[s:e], out=idx, mode="clip")  # offsets < window_size
+        idx += base
+        idx += (np.arange(n, dtype=np.intp) * (H * W))[:, None]
+        direct = acc == dout.dtype
+        sums = dx[s:e] if direct else scr.get("acc", H * W, acc)[:n * H * W]
+        sums.fill(0)
+        np.add.at(sums.reshape(-1), idx.reshape(-1), dr[s:e].reshape(-1))
+        if not direct:
+            np.copyto(dx[s:e], sums.reshape(n, H * W), casting="unsafe")
+
+    _run_blocks(NC, per_plane, work)
+    return dx.reshape(geom.input_shape)
+
+
+# --------------------------------------------------------------------- batch norm
+
+
+def _rows(v, N):
+    """(C,) -> (N*C, 1): the value of each (n, c) plane's channel."""
+    return np.tile(v, N)[:, None]
+
+
+def bn_train_forward(x, gamma, beta, eps, sd):
+    """Spatial BN train forward of a NumPy x (N, C, H, W).
+
+    Per plane: shift by the channel's pivot (its first sample, so a constant
+    channel gives exact zeros), sum, then the sum of squared deviations from
+    the plane mean -- both on the block in cache. Planes merge per channel by
+    Chan's formula. ``gamma``, ``beta`` are (C,) in the stats dtype ``sd``.
+
+    Returns (out, mean, var, invstd), out in x's dtype; or None when some
+    channel's |mean| / std exceeds ``_MEAN_OVER_STD_MAX`` (the caller then
+    uses the general path, which centres without rounding the mean first).
+    """
+    x = np.ascontiguousarray(x)
+    N, C, H, W = x.shape
+    P = H * W
+    NC = N * C
+    xr = x.reshape(NC, P)
+    pivot = x[0, :, 0, 0].astype(sd)
+    piv_rows = _rows(pivot, N)
+    sum_p = np.empty(NC, sd)
+    m2_p = np.empty(NC, sd)
+
+    def stats(s, e, scr):
+        n = e - s
+        t = scr.get("t", P, sd)[:n * P].reshape(n, P)
+        np.subtract(xr[s:e], piv_rows[s:e], out=t, dtype=sd)
+        sums = np.add.reduce(t, axis=1)
+        sum_p[s:e] = sums
+        t -= (sums / P)[:, None]
+        np.square(t, out=t)
+        np.add.reduce(t, axis=1, out=m2_p[s:e])
+
+    _run_blocks(NC, P * (x.dtype.itemsize + np.dtype(sd).itemsize), stats)
+    mean_p = (sum_p / P).reshape(N, C)              # shifted plane means
+    shift_mean = mean_p.mean(axis=0)
+    m2 = m2_p.reshape(N, C).sum(axis=0) + P * np.square(mean_p - shift_mean).sum(axis=0)
+    var = (m2 / (N * P)).astype(sd)
+    mean = (pivot + shift_mean).astype(sd)
+    invstd = (1 / np.sqrt(var + eps)).astype(sd)
+    if np.any(np.abs(mean) * invstd > _MEAN_OVER_STD_MAX):
+        return None
+    out = _affine(x, mean, gamma * invstd, beta, sd)
+    return out, mean, var, invstd
+
+
+#: above this |mean| / std the rounding of the mean to the stats dtype would
+#: show in x - mean (relative error ~ eps * ratio): such inputs take the general path
+_MEAN_OVER_STD_MAX = 64.0
+
+
+def _affine(x, mean, scale, shift, sd):
+    """(x - mean) * scale + shift per channel, by blocks; dtype of x."""
+    N, C, H, W = x.shape
+    P, NC = H * W, N * C
+    xr = np.ascontiguousarray(x).reshape(NC, P)
+    out = np.empty((NC, P), x.dtype)
+    m, a, b = _rows(mean, N), _rows(scale.astype(sd), N), _rows(shift.astype(sd), N)
+    direct = np.dtype(sd) == x.dtype
+
+    def work(s, e, scr):
+        n = e - s
+        t = out[s:e] if direct else scr.get("t", P, sd)[:n * P].reshape(n, P)
+        np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
+        t *= a[s:e]
+        t += b[s:e]
+        if not direct:
+            np.copyto(out[s:e], t, casting="unsafe")
+
+    _run_blocks(NC, P * (x.dtype.itemsize + np.dtype(sd).itemsize), work)
+    return out.reshape(x.shape)
+
+
+def bn_eval_forward(x, gamma, beta, mean, invstd, sd):
+    """Spatial BN test-mode forward: (x - mean) * gamma * invstd + beta."""
+    return _affine(x, mean, gamma * invstd, beta, sd)
+
+
+def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
+    """Spatial BN backward from x itself (no normalized copy in the cache).
+
+    Per plane, on blocks in cache: sum(dout) and sum(dout * (x - mean));
+    merged per channel. Then dx = scale * dout + (x - mean) * k2 + k3 (train)
+    or scale * dout (test), with scale = gamma * invstd.
+
+    Returns (dx in dout's dtype, dgamma, dbeta in ``sd``).
+    """
+    N, C, H, W = x.shape
+    P, NC = H * W, N * C
+    xr = np.ascontiguousarray(x).reshape(NC, P)
+    dr = np.ascontiguousarray(dout).reshape(NC, P)
+    m = _rows(mean, N)
+    db_p = np.empty(NC, sd)
+    dg_p = np.empty(NC, sd)
+    item = x.dtype.itemsize + dout.dtype.itemsize + np.dtype(sd).itemsize
+
+    def sums(s, e, scr):
+        n = e - s
+        t = scr.get("t", P, sd)[:n * P].reshape(n, P)
+        np.add.reduce(dr[s:e], axis=1, dtype=sd, out=db_p[s:e])
+        np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
+        np.multiply(t, dr[s:e], out=t, dtype=sd)
+        np.add.reduce(t, axis=1, out=dg_p[s:e])
+
+    _run_blocks(NC, item, sums)
+    dbeta = db_p.reshape(N, C).sum(axis=0)
+    dgamma = dg_p.reshape(N, C).sum(axis=0) * invstd
+    scale = gamma * invstd
+    a = _rows(scale, N)
+    if train:
+        k2 = _rows(-scale * invstd * dgamma / count, N)
+        k3 = _rows(-scale * dbeta / count, N)
+    dx = np.empty((NC, P), dout.dtype)
+    direct = np.dtype(sd) == dout.dtype
+
+    def grad(s, e, scr):
+        n = e - s
+        o = dx[s:e] if direct else scr.get("o", P, sd)[:n * P].reshape(n, P)
+        np.multiply(dr[s:e], a[s:e], out=o, dtype=sd)
+        if train:
+            t = scr.get("t", P, sd)[:n * P].reshape(n, P)
+            np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
+            t *= k2[s:e]
+            o += t
+            o += k3[s:e]
+        if not direct:
+            np.copyto(dx[s:e], o, casting="unsafe")
+
+    _run_blocks(NC, item + np.dtype(sd).itemsize, grad)
+    return dx.reshape(dout.shape), dgamma, dbeta
