@@ -385,7 +385,7 @@ def max_pool_forward_fast(x, pool_param):
         from .cuda import pool_kernels
         out, offsets = pool_kernels.max_pool_forward_gpu(x, geom)
         return out, MaxPoolCache(geom, np.dtype(x.dtype), offsets)
-    fast = numpy_fast.max_pool_forward(x, geom, _max_pool_forward_xp)
+    fast = numpy_fast.max_pool_forward(x, geom, _max_pool_forward_xp) if xp is np else None
     if fast is not None:  # blocked, threaded NumPy (no dilation)
         return fast[0], MaxPoolCache(geom, np.dtype(x.dtype), _freeze(fast[1]))
     out, offsets = _max_pool_forward_xp(x, geom)
@@ -409,7 +409,11 @@ def max_pool_backward_fast(dout, cache):
     if _use_kernels(xp):
         from .cuda import pool_kernels
         return pool_kernels.max_pool_backward_gpu(dout, cache.offsets, geom)
-    return numpy_fast.max_pool_backward(dout, cache.offsets, geom)  # blocked bincount
+    if xp is np:
+        return numpy_fast.max_pool_backward(dout, cache.offsets, geom)  # blocked np.add.at
+    if geom.tiles:
+        return max_pool_backward_reshape(dout, cache)
+    return _max_pool_backward_xp(dout, cache.offsets, geom)
 
 
 def max_pool_forward(x, pool_param):
