@@ -201,7 +201,10 @@ class Setup:
 
 
 def fmt(v, spec):
-    return format(v, spec) if v is not None and np.isfinite(v) else "-"
+    if v is not None and np.isfinite(v):
+        return format(v, spec)
+    width = spec[1:].split(".")[0] if spec.startswith(">") else ""
+    return format("-", ">" + width)
 
 
 def case_table(case, copy_gbps, memory):
