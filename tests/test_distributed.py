@@ -150,6 +150,35 @@ def test_local_comm_keeps_cupy_arrays():
     cupy.testing.assert_array_equal(out, buf)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(cupy_unusable_reason() is not None, reason=f"needs CuPy: {cupy_unusable_reason()}")
+@pytest.mark.parametrize("layout", ["nchw", "nd"])
+def test_nccl_comm_one_rank_matches_plain_bn(layout):
+    """The NCCL path on one GPU, one rank: synchronized BN equals plain BN (float64)."""
+    import cupy
+    from cupy.cuda import nccl
+    from gpulayers import batchnorm
+    if not getattr(nccl, "available", True):
+        pytest.skip("this CuPy build has no NCCL")
+    comm = NCCLComm((1, nccl.get_unique_id(), 0))
+    assert (comm.rank, comm.size) == (0, 1)
+    rng = np.random.default_rng([SESSION_SEED, 7])
+    shape = (6, 3, 4, 5) if layout == "nchw" else (9, 3)
+    x = cupy.asarray(rng.standard_normal(shape) * 2 + 1)
+    gamma, beta = cupy.asarray(rng.standard_normal(3)), cupy.asarray(rng.standard_normal(3))
+    dout = cupy.asarray(rng.standard_normal(shape))
+    fwd, bwd = ((batchnorm.spatial_batchnorm_forward, batchnorm.spatial_batchnorm_backward)
+                if layout == "nchw" else (batchnorm.batchnorm_forward, batchnorm.batchnorm_backward))
+    synced, plain = {"mode": "train", "comm": comm}, {"mode": "train"}
+    out_s, cache_s = fwd(x, gamma, beta, synced)
+    out_p, cache_p = fwd(x, gamma, beta, plain)
+    cupy.testing.assert_allclose(out_s, out_p, rtol=1e-12, atol=1e-12)
+    for a, b in zip(bwd(dout, cache_s), bwd(dout, cache_p)):
+        cupy.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for key in ("running_mean", "running_var"):
+        cupy.testing.assert_allclose(synced[key], plain[key], rtol=1e-12, atol=1e-12)
+
+
 # --- batch norm with an in-process communicator -----------------------------------------------
 
 def _bn_case(layout, convention, n=6):
