@@ -368,7 +368,9 @@ def max_pool_backward_reshape(dout, cache):
 
 def max_pool_forward_fast(x, pool_param):
     """Max pooling by the fastest correct implementation for x's backend:
-    the CUDA kernels for CuPy arrays; on NumPy the reshape trick where the
+    the CUDA kernels for CuPy arrays; on NumPy the blocked, threaded path of
+    gpulayers.numpy_fast (the general path for dilated windows); on CuPy with
+    the kernels turned off (GPULAYERS_KERNELS=0), the reshape trick where the
     windows tile the input, else the general path.
 
     Inputs:
