@@ -215,6 +215,31 @@ def _use_kernels(xp, comm):
 def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
     mode, eps, momentum, convention, comm = _parse(x, gamma, beta, bn_param, ndim, what)
     xp = get_array_module(x, gamma, beta)
+    if kernels and _use_kernels(xp, comm):
+        # CUDA path: statistics, running-stat update and normalization in three kernel
+        # launches (train) or one (test, which also returns invstd); no CuPy op in between
+        from .cuda import bn_kernels
+        x4 = x if ndim == 4 else x.reshape(x.shape + (1, 1))
+        total = x.size // x.shape[1]
+        rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
+        if mode == "train":
+            if total <= 1:
+                raise ValueError(f"{what} in train mode needs more than one value per channel, "
+                                 f"got x of shape {tuple(x.shape)}")
+            y, mean, _, invstd, bn_param["running_mean"], bn_param["running_var"] = \
+                bn_kernels.bn_train_forward_update_gpu(x4, gamma, beta, eps, rm, rv, momentum,
+                                                       convention)
+        else:
+            if rm is None or rv is None:
+                raise ValueError(f"{what} in test mode needs bn_param['running_mean'] and "
+                                 "['running_var'] (run a train step first or set them)")
+            y, mean, invstd = bn_kernels.bn_eval_forward_stats_gpu(x4, gamma, beta, rm, rv, eps)
+        sd = _stats_dtype(x.dtype)
+        cache = BatchNormCache((0,) if ndim == 2 else (0, 2, 3), mode == "train",
+                               np.dtype(x.dtype), gamma if gamma.dtype == sd else gamma.astype(sd),
+                               invstd, total, x=x, mean=mean, gamma_dtype=np.dtype(gamma.dtype),
+                               beta_dtype=np.dtype(beta.dtype))
+        return (y if ndim == 4 else y.reshape(x.shape)), cache
     axes = (0,) if ndim == 2 else (0, 2, 3)
     C = x.shape[1]
     sd = _stats_dtype(x.dtype)
@@ -234,20 +259,6 @@ def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
                              "['running_var'] (run a train step first or set them)")
         mean = xp.asarray(rm, dtype=sd)
         invstd = 1 / xp.sqrt(xp.asarray(rv, dtype=sd) + eps)
-
-    if kernels and _use_kernels(xp, comm):
-        from .cuda import bn_kernels
-        x4 = x.reshape(x.shape + (1, 1)) if ndim == 2 else x
-        if train:
-            y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(x4, g, b, eps)
-            total = int(np.prod([x.shape[a] for a in axes]))
-            _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
-        else:
-            y = bn_kernels.bn_eval_forward_gpu(x4, g, b, mean, xp.asarray(bn_param["running_var"], dtype=sd), eps)
-            total = int(np.prod([x.shape[a] for a in axes]))
-        cache = BatchNormCache(axes, train, np.dtype(x.dtype), g, invstd, total, x=x, mean=mean,
-                               **dtypes)
-        return y.reshape(x.shape), cache
 
     fast = None
     if kernels and xp is np and ndim == 4 and comm is None:
@@ -300,11 +311,12 @@ def _backward(dout, cache, ndim, what):
                                                    cache.invstd, cache.count, cache.train, sd)
     elif cache.xhat is None:  # CUDA path
         from .cuda import bn_kernels
-        x4 = cache.x.reshape(cache.x.shape + (1, 1)) if ndim == 2 else cache.x
-        d4 = dout.reshape(x4.shape)
+        x4 = cache.x if ndim == 4 else cache.x.reshape(cache.x.shape + (1, 1))
+        d4 = dout if ndim == 4 else dout.reshape(x4.shape)
         dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, cache.mean,
                                                         cache.invstd, cache.train)
-        dx = dx.reshape(dout.shape)
+        if ndim != 4:
+            dx = dx.reshape(dout.shape)
     else:
         axes, xhat = cache.axes, cache.xhat
         d = dout.astype(sd, copy=False)

@@ -2,7 +2,7 @@
 
 The shim (tests/cuda_shim) runs kernels without block-level synchronisation, so
 this covers the elementwise kernels (normalize, train-mode dx) and the two merge
-kernels, in float32 and float64, launched exactly as bn_kernels.py launches them
+kernels (statistics, running-statistics update, gradients), in float32 and float64, launched exactly as bn_kernels.py launches them
 (same plan, grid and argument types). The block reductions use shared memory
 and run only on a GPU (tests/test_bn_kernels_gpu.py); here a Python model of
 their partial sums (which block writes which slot) feeds the merge kernels.
@@ -183,16 +183,31 @@ def test_apply_matches_numpy(lib, rng, shape, dtype):
     bcast = (1, C, 1, 1)
     x0 = x.copy()
     plan = _plan(shape, dtype)
-    # batch statistics (train): stat = invstd and mean_lo counts; running ones: stat = var
-    for batch_stats, stat, lo in ((1, invstd, mean_lo), (0, var, np.zeros(C))):
-        ref = ((x.astype(np.float64) - mean.reshape(bcast) - lo.reshape(bcast))
-               * invstd.reshape(bcast) * gamma.reshape(bcast) + beta.reshape(bcast))
-        y = np.full_like(x, np.nan)
-        lib.launch(_expr("apply", plan, dtype), plan.grid, THREADS,
-                   (x, gamma, beta, mean, mean_lo, stat, np.int32(batch_stats), np.float64(eps),
-                    y, np.int32(C)) + plan.args)
-        assert not np.isnan(y).any(), "outputs left unwritten"
-        assert rel(y, ref) < TOL[A]
+    # train: mean, mean_lo and invstd from the merge's stats block (the other rows and the
+    # running-stat pointers are NaN: read, they would show); invstd_out is not written
+    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, dtype=A)
+    stats[0], stats[2], stats[3] = mean, invstd, mean_lo
+    nans = np.full(C, np.nan, dtype=A)
+    ref = ((x.astype(np.float64) - mean.reshape(bcast) - mean_lo.reshape(bcast))
+           * invstd.reshape(bcast) * gamma.reshape(bcast) + beta.reshape(bcast))
+    y, invstd_out = np.full_like(x, np.nan), nans.copy()
+    lib.launch(_expr("apply", plan, dtype), plan.grid, THREADS,
+               (x, gamma, beta, stats, nans, nans, np.int32(1), np.float64(eps), invstd_out,
+                y, np.int32(C)) + plan.args)
+    assert not np.isnan(y).any(), "outputs left unwritten"
+    assert rel(y, ref) < TOL[A]
+    assert np.isnan(invstd_out).all(), "train mode wrote invstd_out"
+    # test: running mean and var; invstd = 1/sqrt(var + eps) comes back in invstd_out
+    ref = ((x.astype(np.float64) - mean.reshape(bcast))
+           * invstd.reshape(bcast) * gamma.reshape(bcast) + beta.reshape(bcast))
+    y, invstd_out = np.full_like(x, np.nan), nans.copy()
+    stats[:] = np.nan
+    lib.launch(_expr("apply", plan, dtype), plan.grid, THREADS,
+               (x, gamma, beta, stats, mean, var, np.int32(0), np.float64(eps), invstd_out,
+                y, np.int32(C)) + plan.args)
+    assert not np.isnan(y).any(), "outputs left unwritten"
+    assert rel(y, ref) < TOL[A]
+    assert rel(invstd_out, 1 / np.sqrt(var.astype(np.float64) + eps)) < TOL[A]
     assert np.array_equal(x, x0)
 
 
@@ -224,14 +239,22 @@ def test_backward_dx_matches_numpy(lib, rng, shape, dtype):
     assert np.array_equal(dout, inputs[0]) and np.array_equal(x, inputs[1])
 
 
-def _merge_stats(lib, x, plan, part):
+def _merge_stats(lib, x, plan, part, running=(None, None), keep=1.0, take=0.0, var_factor=1.0,
+                 var_default=0.0):
+    """The merge kernel as bn_kernels launches it; returns its (6, C) block of STAT_ROWS."""
     N, C, H, W = x.shape
     A = np.dtype(x.dtype)
-    out = [np.full(C, np.nan, dtype=A) for _ in range(4)]
+    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, dtype=A)
+    rm, rv = running
+    given = (rm is not None) | (rv is not None) << 1
+    dummy = np.full(C, np.nan, dtype=A)  # passed for an absent running stat: never read
     lib.launch(f"bn_stats_merge<{CTYPE[A]}>", -(-C // THREADS), THREADS,
                (x, part.astype(A), np.int32(C), np.int32(plan.slots), np.int64(H * W),
-                np.float64(x.size // C), np.float64(1e-5), *out))
-    return out
+                np.float64(x.size // C), np.float64(1e-5),
+                dummy if rm is None else rm, dummy if rv is None else rv, np.int32(given),
+                np.float64(keep), np.float64(take), np.float64(var_factor),
+                np.float64(var_default), stats))
+    return stats
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -244,7 +267,7 @@ def test_two_level_stats_merge(lib, rng, shape, dtype):
     shifted = x.astype(np.float64) - x[0, :, 0, 0].astype(np.float64).reshape(1, C, 1, 1)
     part = _partials(shape, plan := _plan(shape, dtype), shifted, shifted ** 2)
     assert not np.isnan(part).any(), "a partial slot is never written"
-    mean, var, invstd, mean_lo = _merge_stats(lib, x, plan, part)
+    mean, var, invstd, mean_lo, _, _ = _merge_stats(lib, x, plan, part)
     mean64, var64 = _stats(x)
     assert rel(mean, mean64) < TOL[np.dtype(dtype)]
     assert rel(mean.astype(np.float64) + mean_lo, mean64) < TOL[np.dtype(dtype)]
@@ -264,12 +287,45 @@ def test_merge_large_mean_and_constant_channel(lib, rng, dtype):
     shifted = x - x[0, :, 0, 0].reshape(1, C, 1, 1)
     part = _partials(shape, plan, shifted.astype(np.float64),
                      (shifted * shifted).astype(np.float64))
-    mean, var, invstd, mean_lo = _merge_stats(lib, x, plan, part)
+    mean, var, invstd, mean_lo, _, _ = _merge_stats(lib, x, plan, part)
     mean64, var64 = _stats(x)
     assert var[1] == 0 and mean_lo[1] == 0 and np.isfinite(invstd).all()
     assert rel(var, var64) < 1e-5
     # mean + mean_lo keeps what a float32 mean of 1e4 rounds off (up to 5e-4)
     assert np.abs(mean.astype(np.float64) + mean_lo - mean64).max() < 1e-9 * 1e4
+
+
+@pytest.mark.parametrize("given", [0, 1, 2, 3])
+@pytest.mark.parametrize("convention", ["cs231n", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_updates_running_stats(lib, rng, dtype, convention, given):
+    """The merge's running rows follow gpulayers.batchnorm's conventions (the factors
+    bn_kernels.bn_train_forward_update_gpu passes), with absent running stats as 0 / 0 or 1."""
+    shape = (6, 5, 3, 4)
+    x = _data(rng, shape, dtype, loc=-2.0, scale=3.0)
+    C, M = shape[1], x.size // shape[1]
+    A = np.dtype(dtype)
+    shifted = x.astype(np.float64) - x[0, :, 0, 0].astype(np.float64).reshape(1, C, 1, 1)
+    plan = _plan(shape, dtype)
+    part = _partials(shape, plan, shifted, shifted ** 2)
+    rm, rv = _data(rng, C, A), (rng.random(C) + 0.5).astype(A)
+    m = 0.9 if convention == "cs231n" else 0.1
+    if convention == "cs231n":
+        keep, take, factor, default = m, 1 - m, 1.0, 0.0
+    else:
+        keep, take, factor, default = 1 - m, m, M / (M - 1), 1.0
+    running = (rm if given & 1 else None, rv if given & 2 else None)
+    stats = _merge_stats(lib, x, plan, part, running, keep, take, factor, default)
+    assert not np.isnan(stats).any()
+    mean64, var64 = _stats(x)
+    rm0 = rm.astype(np.float64) if given & 1 else np.zeros(C)
+    rv0 = rv.astype(np.float64) if given & 2 else np.full(C, default)
+    if convention == "cs231n":
+        ref_m, ref_v = m * rm0 + (1 - m) * mean64, m * rv0 + (1 - m) * var64
+    else:
+        ref_m, ref_v = (1 - m) * rm0 + m * mean64, (1 - m) * rv0 + m * var64 * M / (M - 1)
+    assert rel(stats[4], ref_m) < 10 * TOL[A]
+    assert rel(stats[5], ref_v) < 10 * TOL[A]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

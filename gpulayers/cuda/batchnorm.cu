@@ -15,7 +15,8 @@
 //   plain batch norm on (N, D)); a channel then touches at most two tiles.
 //
 // Statistics are two-level: every block writes partial sums to `part`, a small merge
-// kernel adds them per channel. Sums are shifted by K = the channel's first element
+// kernel adds them per channel and writes one (kStatRows, C) block `stats`: mean, biased
+// var, invstd, mean_lo and the updated running mean and var (see bn::StatRow). Sums are shifted by K = the channel's first element
 // (x[0, c, 0, 0]), so a large mean does not cancel the variance: var = E[(x-K)^2] -
 // E[x-K]^2. Partial layout: part[s][c][k] for s = 0 (sum), 1 (sum of squares or of
 // dout*(x - mean)), k < slots (slots = S for planes, 2*S for columns).
@@ -37,6 +38,11 @@ constexpr int kUnroll = 4;     // loads in flight per thread and input
 // Columns kernels hold V accumulators or constants per thread: fewer loads in flight for
 // V = 8 (__half) keep them spill-free (2 x 16 bytes per input are still plenty).
 template <int V> constexpr int kColumnUnroll = V >= 8 ? 2 : kUnroll;
+
+// Rows of the merge's output block stats[row * C + c] (gpulayers/cuda/bn_kernels.py names
+// them too): batch mean, biased batch var, invstd = 1/sqrt(var + eps), mean_lo (what
+// rounding the mean to acc_t<T> lost), new running mean, new running var.
+enum StatRow { kMean = 0, kVar, kInvstd, kMeanLo, kRunMean, kRunVar, kStatRows };
 
 template <typename T> struct AccType { using type = T; };
 #ifndef GPULAYERS_CPU_SHIM
@@ -342,18 +348,25 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_reduce_columns(
 
 #endif  // !GPULAYERS_CPU_SHIM
 
-// One thread per channel c: adds the `slots` partial sums of c and writes mean[c],
-// var[c] (biased), invstd[c] = 1/sqrt(var + eps) and mean_lo[c], the part of the mean that
-// rounding to acc_t<T> lost (a float32 mean of 1e4 is off by up to 5e-4). Reads K = x[c*hw].
+// One thread per channel c: adds the `slots` partial sums of c and writes column c of the
+// (kStatRows, C) block `stats`: mean, var (biased), invstd = 1/sqrt(var + eps), mean_lo (the
+// part of the mean that rounding to acc_t<T> lost: a float32 mean of 1e4 is off by up to
+// 5e-4) and the running statistics updated in double precision,
+//   running_mean' = keep*running_mean + take*mean
+//   running_var'  = keep*running_var  + take*var*var_factor
+// where running_mean (running_var) is read only when bit 0 (bit 1) of `given` is set, else
+// taken as 0 (var_default). Reads K = x[c*hw].
 template <typename T>
 __global__ void bn_stats_merge(
         const T* __restrict__ x, const acc_t<T>* __restrict__ part, int C, int slots,
-        long long hw, double count, double eps, acc_t<T>* __restrict__ mean,
-        acc_t<T>* __restrict__ var, acc_t<T>* __restrict__ invstd, acc_t<T>* __restrict__ mean_lo) {
+        long long hw, double count, double eps, const acc_t<T>* __restrict__ running_mean,
+        const acc_t<T>* __restrict__ running_var, int given, double keep, double take,
+        double var_factor, double var_default, acc_t<T>* __restrict__ stats) {
+    using A = acc_t<T>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    const acc_t<T>* p1 = part + (unsigned long long)c * slots;
-    const acc_t<T>* p2 = p1 + (unsigned long long)C * slots;
+    const A* p1 = part + (unsigned long long)c * slots;
+    const A* p2 = p1 + (unsigned long long)C * slots;
     double s1[4] = {0.0, 0.0, 0.0, 0.0}, s2[4] = {0.0, 0.0, 0.0, 0.0};
     int k = 0;
     for (; k + 4 <= slots; k += 4)
@@ -370,11 +383,15 @@ __global__ void bn_stats_merge(
     double v = ((s2[0] + s2[1]) + (s2[2] + s2[3])) / count - d * d;
     v = v > 0.0 ? v : 0.0;
     const double pivot = (double)bn::to_acc(x[c * hw]);
-    const acc_t<T> m = (acc_t<T>)(pivot + d);
-    mean[c] = m;
-    mean_lo[c] = (acc_t<T>)((pivot - (double)m) + d);
-    var[c] = (acc_t<T>)v;
-    invstd[c] = (acc_t<T>)(1.0 / sqrt(v + eps));
+    const A m = (A)(pivot + d);
+    const double rm = (given & 1) ? (double)running_mean[c] : 0.0;
+    const double rv = (given & 2) ? (double)running_var[c] : var_default;
+    stats[bn::kMean * C + c] = m;
+    stats[bn::kVar * C + c] = (A)v;
+    stats[bn::kInvstd * C + c] = (A)(1.0 / sqrt(v + eps));
+    stats[bn::kMeanLo * C + c] = (A)((pivot - (double)m) + d);
+    stats[bn::kRunMean * C + c] = (A)(keep * rm + take * (pivot + d));
+    stats[bn::kRunVar * C + c] = (A)(keep * rv + take * (v * var_factor));
 }
 
 // One thread per channel c: adds the `slots` partial sums of c and writes
@@ -403,23 +420,54 @@ __global__ void bn_backward_merge(
     dgamma[c] = (A)((double)invstd[c] * ((s2[0] + s2[1]) + (s2[2] + s2[3])));
 }
 
+// Per-channel constants of the apply kernels, y = (x - m - lo)*scale + shift. Train mode
+// (batch_stats != 0): mean, mean_lo and invstd from the merge's block `stats`. Test mode:
+// mean = run_mean[c], lo = 0, invstd = 1/sqrt(run_var[c] + eps), and the thread that
+// `writes` stores that invstd to invstd_out[c] (backward needs it).
+namespace bn {
+template <typename A>
+struct ApplyConstants {
+    A m, lo, scale, shift;
+    __device__ __forceinline__ ApplyConstants(
+            unsigned c, int C, const A* __restrict__ gamma, const A* __restrict__ beta,
+            const A* __restrict__ stats, const A* __restrict__ run_mean,
+            const A* __restrict__ run_var, int batch_stats, double eps,
+            A* __restrict__ invstd_out, bool writes) {
+        A inv;
+        if (batch_stats) {
+            inv = stats[bn::kInvstd * C + c];
+            m = stats[bn::kMean * C + c];
+            lo = stats[bn::kMeanLo * C + c];
+        } else {
+            inv = (A)(1.0 / sqrt((double)run_var[c] + eps));
+            m = run_mean[c];
+            lo = A(0);
+            if (writes) invstd_out[c] = inv;
+        }
+        scale = gamma[c] * inv;
+        shift = beta[c];
+    }
+};
+}  // namespace bn
+
 // Planes, block (S-1-b, C-1-c): each thread writes y = (x - mean - mean_lo)*gamma*invstd +
-// beta for its strided vectors of chunk b of channel c. With batch_stats, stat is invstd
-// (train mode); else stat is the running var, invstd = 1/sqrt(stat + eps) and mean_lo = 0.
+// beta for its strided vectors of chunk b of channel c (constants: ApplyConstants; in test
+// mode thread 0 of block b = 0 writes invstd_out[c]).
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
         const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ mean,
-        const acc_t<T>* __restrict__ mean_lo, const acc_t<T>* __restrict__ stat, int batch_stats,
-        double eps, T* __restrict__ y, int C, unsigned hwv, unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
+        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ stats,
+        const acc_t<T>* __restrict__ run_mean, const acc_t<T>* __restrict__ run_var,
+        int batch_stats, double eps, acc_t<T>* __restrict__ invstd_out, T* __restrict__ y,
+        int C, unsigned hwv, unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
     using A = acc_t<T>;
     const int c = C - 1 - (int)blockIdx.y, b = gridDim.x - 1 - blockIdx.x;
     const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
     const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
     Vec<T, V>* yv = reinterpret_cast<Vec<T, V>*>(y);
-    const A inv = batch_stats ? stat[c] : (A)(1.0 / sqrt((double)stat[c] + eps));
-    const A m = mean[c], lo = batch_stats ? mean_lo[c] : A(0);
-    const A scale = gamma[c] * inv, shift_c = beta[c];
+    const bn::ApplyConstants<A> k(c, C, gamma, beta, stats, run_mean, run_var, batch_stats, eps,
+                                  invstd_out, b == 0 && threadIdx.x == 0);
+    const A m = k.m, lo = k.lo, scale = k.scale, shift_c = k.shift;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
     for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
         Vec<T, V> r[kUnroll];
@@ -443,13 +491,16 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
 }
 
 // Columns, block (S-1-b, tiles-1-tile): each thread writes y = (x - mean - mean_lo)*gamma*
-// invstd + beta for its V columns over its rows of chunk b (stat as in bn_apply_planes).
+// invstd + beta for its V columns over its rows of chunk b (constants: ApplyConstants; in test
+// mode the thread of row 0 of block b = 0 holding a channel's first column writes
+// invstd_out[c]).
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_apply_columns(
         const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ mean,
-        const acc_t<T>* __restrict__ mean_lo, const acc_t<T>* __restrict__ stat, int batch_stats,
-        double eps, T* __restrict__ y, int C, unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
+        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ stats,
+        const acc_t<T>* __restrict__ run_mean, const acc_t<T>* __restrict__ run_var,
+        int batch_stats, double eps, acc_t<T>* __restrict__ invstd_out, T* __restrict__ y,
+        int C, unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
     using A = acc_t<T>;
     constexpr int U = bn::kColumnUnroll<V>;
     const unsigned W = C * hw, tile = gridDim.y - 1 - blockIdx.y;
@@ -461,11 +512,12 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_columns(
 #pragma unroll
     for (int q = 0; q < V; ++q) {
         const unsigned cq = (j0 + q) / hw;
-        const A inv = batch_stats ? stat[cq] : (A)(1.0 / sqrt((double)stat[cq] + eps));
-        m[q] = mean[cq];
-        lo[q] = batch_stats ? mean_lo[cq] : A(0);
-        scale[q] = gamma[cq] * inv;
-        shift_c[q] = beta[cq];
+        const bn::ApplyConstants<A> k(cq, C, gamma, beta, stats, run_mean, run_var, batch_stats,
+                                      eps, invstd_out, b == 0 && ty == 0 && (j0 + q) % hw == 0);
+        m[q] = k.m;
+        lo[q] = k.lo;
+        scale[q] = k.scale;
+        shift_c[q] = k.shift;
     }
     const unsigned begin = b * chunk, end = begin + chunk < n ? begin + chunk : n;
     const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x + j0);

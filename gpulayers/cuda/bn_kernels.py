@@ -9,8 +9,9 @@ float16 and float32 input, float64 for float64.
 Passes over memory (x and dout are read, y and dx written, all full-size):
 
 ==================  ===================================================
-train forward       stats (read x), merge (tiny), apply (read x, write y)
-eval forward        apply (read x, write y)
+train forward       stats (read x), merge (tiny; also the running statistics),
+                    apply (read x, write y)
+eval forward        apply (read x, write y; also invstd for backward)
 train backward      reduce (read dout, x), merge, dx (read dout, x, write dx)
 test backward       reduce + dx (read dout, x, write dx), merge
 ==================  ===================================================
@@ -28,8 +29,9 @@ import numpy as np
 from .compile import get_kernel, launch
 
 __all__ = [
-    "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout",
-    "bn_train_forward_gpu", "bn_eval_forward_gpu", "bn_backward_gpu",
+    "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout", "TUNING", "set_tuning",
+    "STAT_ROWS", "bn_train_forward_gpu", "bn_train_forward_update_gpu", "bn_eval_forward_gpu",
+    "bn_eval_forward_stats_gpu", "bn_backward_gpu",
 ]
 
 SOURCE = "batchnorm.cu"
@@ -40,6 +42,14 @@ _THREADS = 256   # bn::kThreads
 _UNROLL = 4      # bn::kUnroll
 _MAX_SLOTS = 256  # at most this many partial sums per channel (the merge is one thread per channel)
 _MAX_COLUMN_HW = 64  # larger planes use the planes layout
+
+# Launch-plan knobs (scripts/tune_bn.py times variants of them); change them with set_tuning.
+# blocks_per_sm: grid target of the planes layout (blocks of all channels per SM);
+# columns_blocks_per_sm: the same for the columns layout (row chunks per tile follow).
+TUNING = {"blocks_per_sm": 4, "columns_blocks_per_sm": 8}
+
+# Rows of the (len(STAT_ROWS), C) block that bn_stats_merge writes (bn::StatRow).
+STAT_ROWS = ("mean", "var", "invstd", "mean_lo", "running_mean", "running_var")
 
 
 def _expressions():
@@ -98,7 +108,8 @@ def _split(total, parts, align):
     return chunk, -(-total // chunk)
 
 
-def plan_layout(shape, dtype, aligned=True, num_sms=132):
+def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
+                columns_blocks_per_sm=None):
     """Layout, vector width and grid for the kernels on a tensor.
 
     Inputs:
@@ -106,7 +117,9 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132):
     - dtype: float16, float32 or float64
     - aligned: whether every pointer involved is 16-byte aligned
     - num_sms: streaming multiprocessors of the device; grids of few channels or tiles
-      get several blocks per channel, about 4 blocks per SM in all (one wave)
+      get several blocks per channel, about ``blocks_per_sm`` blocks per SM in all
+    - blocks_per_sm, columns_blocks_per_sm: that target for the planes and the columns
+      layout (default: TUNING's)
 
     Returns a LayoutPlan. A channel's N*H*W values must be fewer than 2**31.
     """
@@ -121,7 +134,9 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132):
         raise ValueError(f"batch norm kernels support N*H*W < 2**31 and C <= 65535, got shape "
                          f"{tuple(shape)} (N*H*W = {count})")
     vmax = 16 // np.dtype(dtype).itemsize
-    target = 4 * num_sms
+    blocks_per_sm = TUNING["blocks_per_sm"] if blocks_per_sm is None else blocks_per_sm
+    columns_blocks_per_sm = (TUNING["columns_blocks_per_sm"] if columns_blocks_per_sm is None
+                             else columns_blocks_per_sm)
 
     width = C * hw
     vec = vmax if aligned and width % vmax == 0 else 1
@@ -129,7 +144,8 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132):
     tiles = -(-width // (tx * vec))
     if C > 1 and hw <= min(_MAX_COLUMN_HW, tx * vec) and tiles <= 65535:
         ty = _THREADS // tx
-        parts = min(target // tiles, -(-N // (ty * _UNROLL)), _MAX_SLOTS // 2)
+        parts = min(columns_blocks_per_sm * num_sms // tiles, -(-N // (ty * _UNROLL)),
+                    _MAX_SLOTS // 2)
         chunk, S = _split(N, parts, ty)
         args = (np.uint32(hw), np.int32(tx.bit_length() - 1), np.uint32(N), np.uint32(chunk))
         return LayoutPlan("columns", vec, (S, tiles), 2 * S, args)
@@ -137,7 +153,7 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132):
     vec = vmax if aligned and hw % vmax == 0 else 1
     hwv = hw // vec
     mv = N * hwv
-    parts = min(target // C, -(-mv // (_THREADS * _UNROLL)), _MAX_SLOTS)
+    parts = min(blocks_per_sm * num_sms // C, -(-mv // (_THREADS * _UNROLL)), _MAX_SLOTS)
     chunk, S = _split(mv, parts, _THREADS)
     magic, shift = _divider(hwv)
     args = (np.uint32(hwv), np.uint32(magic), np.uint32(shift), np.uint32(mv), np.uint32(chunk))
@@ -145,6 +161,27 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132):
 
 
 # ------------------------------------------------------------------------ launching
+#
+# For tensors of a few MB the host time of a call matters as much as the kernels: all that
+# depends only on (shape, dtype, alignment, device, TUNING) -- plan, kernel handles, grids,
+# scalar arguments -- is computed once (_prepared); a call checks its arguments, allocates
+# its outputs and launches. No call synchronizes with the device.
+
+_BLOCK = (_THREADS,)
+
+
+def set_tuning(**knobs):
+    """Set launch-plan knobs of TUNING (positive ints), e.g. ``set_tuning(blocks_per_sm=8)``;
+    later launches use them."""
+    unknown = set(knobs) - set(TUNING)
+    if unknown:
+        raise ValueError(f"unknown tuning knobs {sorted(unknown)}; known: {sorted(TUNING)}")
+    for name, value in knobs.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"tuning knob {name} must be a positive int, got {value!r}")
+    TUNING.update({name: int(value) for name, value in knobs.items()})
+    _prepared.cache_clear()
+
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_id):
@@ -152,13 +189,57 @@ def _num_sms(device_id):
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
-def _kernel(name):
-    return get_kernel(SOURCE, name, NAME_EXPRESSIONS), name
+@functools.lru_cache(maxsize=None)
+def _function(expression, device_id):
+    """(RawKernel, expression) of one instantiation on the current device ``device_id``."""
+    return get_kernel(SOURCE, expression, NAME_EXPRESSIONS), expression
 
 
-def _run(name, grid, block, args):
-    kernel, name = _kernel(name)
-    launch(kernel, name, grid, block, args)
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything a launch on one (shape, dtype, alignment, device) needs but the arrays."""
+
+    plan: LayoutPlan
+    C: np.int32
+    slots: np.int32
+    hw: np.int64         # H*W: the merge's shift of channel c is x[c*hw]
+    count: np.float64    # values per channel
+    unbiased: float      # count/(count - 1), torch's running-variance factor (1 if count == 1)
+    merge_grid: tuple
+    part_size: int       # 2*C*slots partial sums
+    kernels: dict        # kind -> (RawKernel, expression)
+
+
+@functools.lru_cache(maxsize=512)
+def _prepared(shape, dtype, aligned, device_id):
+    N, C, H, W = shape
+    plan = plan_layout(shape, dtype, aligned, _num_sms(device_id))
+    ctype = _CTYPE[dtype]
+
+    def expr(kind, *extra):
+        return f"bn_{kind}_{plan.layout}<{', '.join([ctype, str(plan.vec), *extra])}>"
+    names = {"stats": expr("stats"), "merge": f"bn_stats_merge<{ctype}>", "apply": expr("apply"),
+             "reduce_train": expr("backward_reduce", "false"),
+             "reduce_test": expr("backward_reduce", "true"),
+             "backward_merge": f"bn_backward_merge<{_CTYPE[stats_dtype(dtype)]}>",
+             "dx": expr("backward_dx")}
+    count = N * H * W
+    return _Prepared(plan, np.int32(C), np.int32(plan.slots), np.int64(H * W), np.float64(count),
+                     count / (count - 1) if count > 1 else 1.0, (-(-C // _THREADS),),
+                     2 * C * plan.slots,
+                     {kind: _function(name, device_id) for kind, name in names.items()})
+
+
+def _prepare(x, dout=None):
+    """_Prepared for input x (and dout). Outputs come from CuPy's pool, 256-byte aligned:
+    only the inputs decide whether 16-byte vector loads are allowed."""
+    import cupy
+    aligned = x.data.ptr % 16 == 0 and (dout is None or dout.data.ptr % 16 == 0)
+    return _prepared(x.shape, x.dtype, aligned, cupy.cuda.runtime.getDevice())
+
+
+def _launch(kernel, grid, args):
+    launch(kernel[0], kernel[1], grid, _BLOCK, args)
 
 
 def _check_x(x, what):
@@ -169,27 +250,52 @@ def _check_x(x, what):
         raise ValueError(f"{what} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in _CTYPE:
         raise TypeError(f"{what} must be float16, float32 or float64, got {x.dtype}")
-    return cupy.ascontiguousarray(x)
+    return x if x.flags.c_contiguous else cupy.ascontiguousarray(x)
 
 
 def _channel_param(a, C, sd, what):
     """``a`` as a contiguous (C,) array of dtype ``sd`` (the original when it already is)."""
     import cupy
-    a = cupy.asarray(a)
+    if not isinstance(a, cupy.ndarray):
+        a = cupy.asarray(a)
     if a.shape != (C,):
         raise ValueError(f"{what} must have shape ({C},), got {tuple(a.shape)}")
-    return cupy.ascontiguousarray(a.astype(sd, copy=False))
+    if a.dtype != sd or not a.flags.c_contiguous:
+        a = cupy.ascontiguousarray(a, dtype=sd)
+    return a
 
 
-def _plan_for(x, *arrays):
+def _train_forward(x, gamma, beta, eps, running_mean=None, running_var=None, keep=1.0, take=0.0,
+                   unbiased=False, var_default=0.0):
+    """Three launches (stats, merge, apply); returns (y, stats), stats the (6, C) block of
+    STAT_ROWS. The running rows are keep*running + take*batch (var: unbiased if asked)."""
     import cupy
-    aligned = all(a.data.ptr % 16 == 0 for a in (x,) + arrays)
-    return plan_layout(x.shape, x.dtype, aligned, _num_sms(cupy.cuda.runtime.getDevice()))
-
-
-def _expr(kind, plan, x, *extra):
-    params = ", ".join([_CTYPE[x.dtype], str(plan.vec)] + list(extra))
-    return f"bn_{kind}_{plan.layout}<{params}>"
+    x = _check_x(x, "x")
+    C = x.shape[1]
+    sd = stats_dtype(x.dtype)
+    gamma = _channel_param(gamma, C, sd, "gamma")
+    beta = _channel_param(beta, C, sd, "beta")
+    p = _prepare(x)
+    part = cupy.ndarray((p.part_size,), sd)
+    given = 0
+    if running_mean is not None:
+        running_mean, given = _channel_param(running_mean, C, sd, "running_mean"), 1
+    if running_var is not None:
+        running_var, given = _channel_param(running_var, C, sd, "running_var"), given | 2
+    y = cupy.ndarray(x.shape, x.dtype)
+    stats = cupy.ndarray((len(STAT_ROWS), C), sd)
+    eps = np.float64(eps)
+    _launch(p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args)
+    _launch(p.kernels["merge"], p.merge_grid,
+            (x, part, p.C, p.slots, p.hw, p.count, eps,
+             part if running_mean is None else running_mean,   # not read unless given
+             part if running_var is None else running_var, np.int32(given), np.float64(keep),
+             np.float64(take), np.float64(p.unbiased if unbiased else 1.0),
+             np.float64(var_default), stats))
+    # train mode: run_mean/run_var are not read, invstd_out is not written
+    _launch(p.kernels["apply"], p.plan.grid,
+            (x, gamma, beta, stats, stats, stats, np.int32(1), eps, part, y, p.C) + p.plan.args)
+    return y, stats
 
 
 def bn_train_forward_gpu(x, gamma, beta, eps):
@@ -205,27 +311,67 @@ def bn_train_forward_gpu(x, gamma, beta, eps):
     - mean, var, invstd: arrays (C,) in the stats dtype; var is biased,
       invstd = 1/sqrt(var + eps)
     """
+    y, stats = _train_forward(x, gamma, beta, eps)
+    return y, stats[0], stats[1], stats[2]
+
+
+def bn_train_forward_update_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
+                                convention):
+    """bn_train_forward_gpu plus the running-statistics update, in the same three launches.
+
+    Inputs:
+    - x, gamma, beta, eps: as bn_train_forward_gpu
+    - running_mean, running_var: arrays (C,) or None (None: zeros; running_var under
+      'torch': ones); read, never written
+    - momentum: float in [0, 1]
+    - convention: 'cs231n' (running = m*running + (1-m)*batch, biased var) or 'torch'
+      (running = (1-m)*running + m*batch, var times count/(count - 1))
+
+    Returns a tuple of:
+    - y, mean, var, invstd: as bn_train_forward_gpu
+    - running_mean, running_var: new arrays (C,) in the stats dtype
+    """
+    if convention == "cs231n":
+        keep, take, unbiased, var_default = momentum, 1 - momentum, False, 0.0
+    elif convention == "torch":
+        keep, take, unbiased, var_default = 1 - momentum, momentum, True, 1.0
+    else:
+        raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
+    y, stats = _train_forward(x, gamma, beta, eps, running_mean, running_var, keep, take,
+                              unbiased, var_default)
+    mean, var, invstd, _, new_mean, new_var = stats
+    return y, mean, var, invstd, new_mean, new_var
+
+
+def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
+    """Test-mode batch norm forward with given statistics, in one launch.
+
+    Inputs:
+    - x: cupy array (N, C, H, W), float16/32/64
+    - gamma, beta: arrays (C,)
+    - mean, var: arrays (C,), the running statistics
+    - eps: float, added to var
+
+    Returns a tuple of:
+    - y: array (N, C, H, W), dtype of x, (x - mean)/sqrt(var + eps)*gamma + beta
+    - mean: the running mean as a contiguous (C,) array in the stats dtype (``mean``
+      itself when it already is one)
+    - invstd: new array (C,), 1/sqrt(var + eps) in the stats dtype
+    """
     import cupy
     x = _check_x(x, "x")
     C = x.shape[1]
     sd = stats_dtype(x.dtype)
-    gamma = _channel_param(gamma, C, sd, "gamma")
-    beta = _channel_param(beta, C, sd, "beta")
-    y = cupy.empty_like(x)
-    plan = _plan_for(x, y)
-    part = cupy.empty(2 * C * plan.slots, dtype=sd)
-    mean, var, invstd, mean_lo = (cupy.empty(C, dtype=sd) for _ in range(4))
-    count = x.size // C
-    hw = x.shape[2] * x.shape[3]  # the merge's shift is the channel's first value, x[c*hw]
-    block = (_THREADS,)
-    _run(_expr("stats", plan, x), plan.grid, block, (x, part, np.int32(C)) + plan.args)
-    _run(f"bn_stats_merge<{_CTYPE[x.dtype]}>", (-(-C // _THREADS),), block,
-         (x, part, np.int32(C), np.int32(plan.slots), np.int64(hw), np.float64(count),
-          np.float64(eps), mean, var, invstd, mean_lo))
-    _run(_expr("apply", plan, x), plan.grid, block,
-         (x, gamma, beta, mean, mean_lo, invstd, np.int32(1), np.float64(eps), y, np.int32(C))
-         + plan.args)
-    return y, mean, var, invstd
+    gamma, beta, mean, var = (_channel_param(a, C, sd, name) for a, name in
+                              ((gamma, "gamma"), (beta, "beta"), (mean, "mean"), (var, "var")))
+    p = _prepare(x)
+    y = cupy.ndarray(x.shape, x.dtype)
+    invstd = cupy.ndarray((C,), sd)
+    # test mode: `stats` (here mean) is not read
+    _launch(p.kernels["apply"], p.plan.grid,
+            (x, gamma, beta, mean, mean, var, np.int32(0), np.float64(eps), invstd, y, p.C)
+            + p.plan.args)
+    return y, mean, invstd
 
 
 def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
@@ -239,18 +385,7 @@ def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
 
     Returns y: array (N, C, H, W), dtype of x, (x - mean)/sqrt(var + eps)*gamma + beta.
     """
-    import cupy
-    x = _check_x(x, "x")
-    C = x.shape[1]
-    sd = stats_dtype(x.dtype)
-    gamma, beta, mean, var = (_channel_param(a, C, sd, name) for a, name in
-                              ((gamma, "gamma"), (beta, "beta"), (mean, "mean"), (var, "var")))
-    y = cupy.empty_like(x)
-    plan = _plan_for(x, y)
-    _run(_expr("apply", plan, x), plan.grid, (_THREADS,),
-         (x, gamma, beta, mean, mean, var, np.int32(0), np.float64(eps), y, np.int32(C))
-         + plan.args)
-    return y
+    return bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps)[0]
 
 
 def bn_backward_gpu(dout, x, gamma, mean, invstd, train):
@@ -278,18 +413,15 @@ def bn_backward_gpu(dout, x, gamma, mean, invstd, train):
     sd = stats_dtype(x.dtype)
     gamma, mean, invstd = (_channel_param(a, C, sd, name) for a, name in
                            ((gamma, "gamma"), (mean, "mean"), (invstd, "invstd")))
-    dx = cupy.empty_like(x)
-    plan = _plan_for(x, dout, dx)
-    part = cupy.empty(2 * C * plan.slots, dtype=sd)
-    dgamma, dbeta = cupy.empty(C, dtype=sd), cupy.empty(C, dtype=sd)
-    block = (_THREADS,)
-    write_dx = "false" if train else "true"
-    _run(_expr("backward_reduce", plan, x, write_dx), plan.grid, block,
-         (dout, x, gamma, mean, invstd, part, dx, np.int32(C)) + plan.args)
-    _run(f"bn_backward_merge<{_CTYPE[sd]}>", (-(-C // _THREADS),), block,
-         (part, np.int32(C), np.int32(plan.slots), invstd, dgamma, dbeta))
+    p = _prepare(x, dout)
+    dx = cupy.ndarray(x.shape, x.dtype)
+    part = cupy.ndarray((p.part_size,), sd)
+    dgamma, dbeta = cupy.ndarray((C,), sd), cupy.ndarray((C,), sd)
+    _launch(p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
+            (dout, x, gamma, mean, invstd, part, dx, p.C) + p.plan.args)
+    _launch(p.kernels["backward_merge"], p.merge_grid,
+            (part, p.C, p.slots, invstd, dgamma, dbeta))
     if train:
-        _run(_expr("backward_dx", plan, x), plan.grid, block,
-             (dout, x, gamma, mean, invstd, dgamma, dbeta, np.float64(x.size // C), dx,
-              np.int32(C)) + plan.args)
+        _launch(p.kernels["dx"], p.plan.grid,
+                (dout, x, gamma, mean, invstd, dgamma, dbeta, p.count, dx, p.C) + p.plan.args)
     return dx, dgamma, dbeta
