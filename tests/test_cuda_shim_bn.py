@@ -347,3 +347,139 @@ def test_backward_merge(lib, rng, shape, dtype):
     xhat = centered * invstd.reshape(1, C, 1, 1)
     assert rel(dbeta, d64.sum(axis=(0, 2, 3))) < TOL[A]
     assert rel(dgamma, (d64 * xhat).sum(axis=(0, 2, 3))) < TOL[A]
+
+
+# ------------------------------------------------------------------------ launchers' arguments
+
+def _prepared(shape, dtype):
+    """bn_kernels' launch preparation with name expressions for kernel handles."""
+    return bn_kernels.prepare(shape, np.dtype(dtype), True, 132, lambda e: (None, e))
+
+
+def _run_on_shim(lib, launches, skip):
+    """Run the launches (as bn_kernels builds them) on the shim, but the block reductions
+    ``skip`` (their partial sums are modelled by the caller); the shim checks every
+    argument against the kernel's C signature."""
+    ran = []
+    for (_, expression), grid, args in launches:
+        if expression.startswith(skip):
+            continue
+        lib.launch(expression, grid, THREADS, args)
+        ran.append(expression)
+    return ran
+
+
+@pytest.mark.parametrize("convention, given", [("cs231n", 3), ("torch", 3), ("torch", 0),
+                                               ("cs231n", 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:6])
+def test_train_forward_launches(lib, rng, shape, dtype, convention, given):
+    """bn_kernels._train_forward_launches, run on the shim after modelled stats partials:
+    y, batch statistics and the running-statistics update of either convention."""
+    x = _data(rng, shape, dtype, loc=1.5, scale=2.0)
+    C, A = shape[1], np.dtype(dtype)
+    M = x.size // C
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    rm, rv = _data(rng, C, A), (rng.random(C) + 0.5).astype(A)
+    m = 0.9 if convention == "cs231n" else 0.1
+    keep, take, unbiased, default = ((m, 1 - m, False, 0.0) if convention == "cs231n"
+                                     else (1 - m, m, True, 1.0))
+    p = _prepared(shape, dtype)
+    part = np.full(p.part_size, np.nan, A)
+    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, A)
+    y = np.full_like(x, np.nan)
+    launches = bn_kernels._train_forward_launches(
+        p, x, gamma, beta, 1e-5, rm if given & 1 else None, rv if given & 2 else None, given,
+        keep, take, unbiased, default, part, stats, y)
+    assert [k[1] for k, _, _ in launches] == [p.kernels[n][1] for n in ("stats", "merge", "apply")]
+    shifted = x.astype(np.float64) - x[0, :, 0, 0].astype(np.float64).reshape(1, C, 1, 1)
+    part[:] = _partials(shape, p.plan, shifted, shifted ** 2).ravel()
+    assert len(_run_on_shim(lib, launches, "bn_stats_" + p.plan.layout)) == 2
+    mean64, var64 = _stats(x)
+    ref, _, _, _ = _ref_forward(x, gamma, beta)
+    assert rel(y, ref) < 10 * TOL[A]
+    assert rel(stats[0], mean64) < TOL[A] and rel(stats[1], var64) < 10 * TOL[A]
+    rm0 = rm.astype(np.float64) if given & 1 else np.zeros(C)
+    rv0 = rv.astype(np.float64) if given & 2 else np.full(C, default)
+    factor = M / (M - 1) if unbiased else 1.0
+    assert rel(stats[4], keep * rm0 + take * mean64) < 10 * TOL[A]
+    assert rel(stats[5], keep * rv0 + take * var64 * factor) < 10 * TOL[A]
+
+
+def _ref_forward(x, gamma, beta, eps=1e-5):
+    mean64, var64 = _stats(x)
+    s = (1, -1, 1, 1)
+    invstd = 1 / np.sqrt(var64 + eps)
+    xhat = (x.astype(np.float64) - mean64.reshape(s)) * invstd.reshape(s)
+    return xhat * gamma.reshape(s) + beta.reshape(s), mean64, var64, invstd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_eval_forward_launches(lib, rng, shape, dtype):
+    """bn_kernels._eval_forward_launches on the shim: y and the invstd that backward needs."""
+    x = _data(rng, shape, dtype, loc=-1.0, scale=2.0)
+    C, A = shape[1], np.dtype(dtype)
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    mean, var = _data(rng, C, A), (rng.random(C) + 0.2).astype(A)
+    p = _prepared(shape, dtype)
+    y, invstd = np.full_like(x, np.nan), np.full(C, np.nan, A)
+    launches = bn_kernels._eval_forward_launches(p, x, gamma, beta, mean, var, 1e-5, invstd, y)
+    assert _run_on_shim(lib, launches, "none") == [p.kernels["apply"][1]]
+    inv64 = 1 / np.sqrt(var.astype(np.float64) + 1e-5)
+    s = (1, -1, 1, 1)
+    ref = (x.astype(np.float64) - mean.reshape(s)) * (inv64 * gamma).reshape(s) + beta.reshape(s)
+    assert rel(y, ref) < TOL[A]
+    assert rel(invstd, inv64) < TOL[A]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:6])
+def test_backward_launches(lib, rng, shape, dtype, train):
+    """bn_kernels._backward_launches on the shim after modelled reduce partials: dgamma,
+    dbeta and (train) dx."""
+    x = _data(rng, shape, dtype, loc=0.5, scale=2.0)
+    dout = _data(rng, shape, dtype)
+    C, A = shape[1], np.dtype(dtype)
+    M = x.size // C
+    gamma = _data(rng, C, A)
+    mean64, var64 = _stats(x)
+    mean, invstd = mean64.astype(A), (1 / np.sqrt(var64 + 1e-5)).astype(A)
+    p = _prepared(shape, dtype)
+    part = np.full(p.part_size, np.nan, A)
+    dx = np.full_like(x, np.nan)
+    dgamma, dbeta = np.full(C, np.nan, A), np.full(C, np.nan, A)
+    launches = bn_kernels._backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx,
+                                             dgamma, dbeta)
+    assert len(launches) == (3 if train else 2)
+    s = (1, -1, 1, 1)
+    d64 = dout.astype(np.float64)
+    centered = x.astype(np.float64) - mean.reshape(s)
+    part[:] = _partials(shape, p.plan, d64, d64 * centered).ravel()
+    _run_on_shim(lib, launches, "bn_backward_reduce_")
+    xhat = centered * invstd.reshape(s)
+    db, dg = d64.sum(axis=(0, 2, 3)), (d64 * xhat).sum(axis=(0, 2, 3))
+    assert rel(dbeta, db) < TOL[A] and rel(dgamma, dg) < TOL[A]
+    if train:
+        ref = (gamma * invstd).reshape(s) / M * (M * d64 - db.reshape(s) - xhat * dg.reshape(s))
+        scale = np.abs(d64 * (gamma * invstd).reshape(s)).max()
+        assert np.abs(dx - ref).max() / scale < 10 * TOL[A]
+
+
+def test_tuning_knobs():
+    plan = plan_layout((256, 2048, 7, 7), np.float16, num_sms=132, columns_blocks_per_sm=8)
+    assert plan.layout == "columns" and plan.grid == (2, 392)
+    plan = plan_layout((256, 64, 112, 112), np.float32, num_sms=132, blocks_per_sm=8)
+    assert 7 * 132 <= plan.grid[0] * plan.grid[1] <= 8 * 132
+    before = dict(bn_kernels.TUNING)
+    try:
+        bn_kernels.set_tuning(blocks_per_sm=2)
+        assert plan_layout((256, 64, 112, 112), np.float32, num_sms=132).grid[0] == 4
+        with pytest.raises(ValueError, match="unknown tuning knobs"):
+            bn_kernels.set_tuning(threads=128)
+        with pytest.raises(ValueError, match="positive int"):
+            bn_kernels.set_tuning(blocks_per_sm=0)
+    finally:
+        bn_kernels.set_tuning(**before)
+    assert bn_kernels.TUNING == before

@@ -207,14 +207,21 @@ class _Prepared:
     unbiased: float      # count/(count - 1), torch's running-variance factor (1 if count == 1)
     merge_grid: tuple
     part_size: int       # 2*C*slots partial sums
-    kernels: dict        # kind -> (RawKernel, expression)
+    kernels: dict        # kind -> (kernel handle, name expression)
 
 
 @functools.lru_cache(maxsize=512)
 def _prepared(shape, dtype, aligned, device_id):
+    return prepare(shape, dtype, aligned, _num_sms(device_id),
+                   lambda expression: _function(expression, device_id))
+
+
+def prepare(shape, dtype, aligned, num_sms, get_kernel):
+    """Plan, scalar arguments and kernels of launches on one tensor (see _Prepared);
+    ``get_kernel(expression)`` gives a kernel's handle (tests pass their own)."""
     N, C, H, W = shape
-    plan = plan_layout(shape, dtype, aligned, _num_sms(device_id))
-    ctype = _CTYPE[dtype]
+    plan = plan_layout(shape, dtype, aligned, num_sms)
+    ctype = _CTYPE[np.dtype(dtype)]
 
     def expr(kind, *extra):
         return f"bn_{kind}_{plan.layout}<{', '.join([ctype, str(plan.vec), *extra])}>"
@@ -227,7 +234,7 @@ def _prepared(shape, dtype, aligned, device_id):
     return _Prepared(plan, np.int32(C), np.int32(plan.slots), np.int64(H * W), np.float64(count),
                      count / (count - 1) if count > 1 else 1.0, (-(-C // _THREADS),),
                      2 * C * plan.slots,
-                     {kind: _function(name, device_id) for kind, name in names.items()})
+                     {kind: get_kernel(name) for kind, name in names.items()})
 
 
 def _prepare(x, dout=None):
@@ -238,8 +245,10 @@ def _prepare(x, dout=None):
     return _prepared(x.shape, x.dtype, aligned, cupy.cuda.runtime.getDevice())
 
 
-def _launch(kernel, grid, args):
-    launch(kernel[0], kernel[1], grid, _BLOCK, args)
+def _run(launches):
+    """Launch each (kernel, grid, args) of ``launches`` in order, 256-thread blocks."""
+    for kernel, grid, args in launches:
+        launch(kernel[0], kernel[1], grid, _BLOCK, args)
 
 
 def _check_x(x, what):
@@ -284,18 +293,25 @@ def _train_forward(x, gamma, beta, eps, running_mean=None, running_var=None, kee
         running_var, given = _channel_param(running_var, C, sd, "running_var"), given | 2
     y = cupy.ndarray(x.shape, x.dtype)
     stats = cupy.ndarray((len(STAT_ROWS), C), sd)
-    eps = np.float64(eps)
-    _launch(p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args)
-    _launch(p.kernels["merge"], p.merge_grid,
-            (x, part, p.C, p.slots, p.hw, p.count, eps,
-             part if running_mean is None else running_mean,   # not read unless given
-             part if running_var is None else running_var, np.int32(given), np.float64(keep),
-             np.float64(take), np.float64(p.unbiased if unbiased else 1.0),
-             np.float64(var_default), stats))
-    # train mode: run_mean/run_var are not read, invstd_out is not written
-    _launch(p.kernels["apply"], p.plan.grid,
-            (x, gamma, beta, stats, stats, stats, np.int32(1), eps, part, y, p.C) + p.plan.args)
+    _run(_train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, given, keep,
+                                 take, unbiased, var_default, part, stats, y))
     return y, stats
+
+
+def _train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, given, keep, take,
+                            unbiased, var_default, part, stats, y):
+    """The (kernel, grid, args) of a train forward; arrays checked and allocated."""
+    eps = np.float64(eps)
+    return ((p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args),
+            (p.kernels["merge"], p.merge_grid,
+             (x, part, p.C, p.slots, p.hw, p.count, eps,
+              part if running_mean is None else running_mean,   # not read unless given
+              part if running_var is None else running_var, np.int32(given), np.float64(keep),
+              np.float64(take), np.float64(p.unbiased if unbiased else 1.0),
+              np.float64(var_default), stats)),
+            # train mode: run_mean/run_var are not read, invstd_out is not written
+            (p.kernels["apply"], p.plan.grid,
+             (x, gamma, beta, stats, stats, stats, np.int32(1), eps, part, y, p.C) + p.plan.args))
 
 
 def bn_train_forward_gpu(x, gamma, beta, eps):
@@ -367,11 +383,15 @@ def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
     p = _prepare(x)
     y = cupy.ndarray(x.shape, x.dtype)
     invstd = cupy.ndarray((C,), sd)
-    # test mode: `stats` (here mean) is not read
-    _launch(p.kernels["apply"], p.plan.grid,
-            (x, gamma, beta, mean, mean, var, np.int32(0), np.float64(eps), invstd, y, p.C)
-            + p.plan.args)
+    _run(_eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y))
     return y, mean, invstd
+
+
+def _eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y):
+    """The (kernel, grid, args) of a test-mode forward; `stats` (here mean) is not read."""
+    return ((p.kernels["apply"], p.plan.grid,
+             (x, gamma, beta, mean, mean, var, np.int32(0), np.float64(eps), invstd, y, p.C)
+             + p.plan.args),)
 
 
 def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
@@ -417,11 +437,18 @@ def bn_backward_gpu(dout, x, gamma, mean, invstd, train):
     dx = cupy.ndarray(x.shape, x.dtype)
     part = cupy.ndarray((p.part_size,), sd)
     dgamma, dbeta = cupy.ndarray((C,), sd), cupy.ndarray((C,), sd)
-    _launch(p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
-            (dout, x, gamma, mean, invstd, part, dx, p.C) + p.plan.args)
-    _launch(p.kernels["backward_merge"], p.merge_grid,
-            (part, p.C, p.slots, invstd, dgamma, dbeta))
-    if train:
-        _launch(p.kernels["dx"], p.plan.grid,
-                (dout, x, gamma, mean, invstd, dgamma, dbeta, p.count, dx, p.C) + p.plan.args)
+    _run(_backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta))
     return dx, dgamma, dbeta
+
+
+def _backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta):
+    """The (kernel, grid, args) of a backward: 3 launches (train) or 2 (test)."""
+    launches = ((p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
+                 (dout, x, gamma, mean, invstd, part, dx, p.C) + p.plan.args),
+                (p.kernels["backward_merge"], p.merge_grid,
+                 (part, p.C, p.slots, invstd, dgamma, dbeta)))
+    if train:
+        launches += ((p.kernels["dx"], p.plan.grid,
+                      (dout, x, gamma, mean, invstd, dgamma, dbeta, p.count, dx, p.C)
+                      + p.plan.args),)
+    return launches
