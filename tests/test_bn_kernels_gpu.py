@@ -149,6 +149,68 @@ def test_eval_forward(rng, shape, dtype):
         assert bool((a == b).all())
 
 
+@pytest.mark.parametrize("convention", ["cs231n", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:8])
+def test_train_forward_update(rng, shape, dtype, convention):
+    """Running statistics updated in the merge kernel: new arrays, inputs unchanged."""
+    x, gamma, beta = make(rng, shape, dtype)
+    C, sd = shape[1], bn_kernels.stats_dtype(dtype)
+    M = x.size // C
+    rm, rv = rng.standard_normal(C).astype(sd), (rng.random(C) + 0.5).astype(sd)
+    X, G, B, RM, RV = to_gpu(x, gamma, beta, rm, rv)
+    copies = [a.copy() for a in (RM, RV)]
+    m = 0.9 if convention == "cs231n" else 0.1
+    y, mean, var, invstd, nrm, nrv = bn_kernels.bn_train_forward_update_gpu(
+        X, G, B, EPS, RM, RV, m, convention)
+    ry, rmean, rvar, _ = ref_forward(x, gamma, beta, EPS)
+    if convention == "cs231n":
+        em, ev = m * rm + (1 - m) * rmean, m * rv + (1 - m) * rvar
+    else:
+        em, ev = (1 - m) * rm + m * rmean, (1 - m) * rv + m * rvar * M / max(M - 1, 1)
+    assert rel(y, ry) < TOL[np.dtype(dtype)]
+    assert nrm.dtype == nrv.dtype == sd and nrm.shape == nrv.shape == (C,)
+    assert rel(nrm, em) < stats_tol(dtype) and rel(nrv, ev) < stats_tol(dtype)
+    for a, b in zip((RM, RV), copies):
+        assert bool((a == b).all()), "a running statistic was modified"
+    # absent running stats: zeros, and ones for torch's running_var
+    _, _, _, _, nrm, nrv = bn_kernels.bn_train_forward_update_gpu(X, G, B, EPS, None, None, m,
+                                                                  convention)
+    rv0 = 1.0 if convention == "torch" else 0.0
+    em = (1 - m) * rmean if convention == "cs231n" else m * rmean
+    ev = (m * rv0 + (1 - m) * rvar if convention == "cs231n"
+          else (1 - m) * rv0 + m * rvar * M / max(M - 1, 1))
+    assert rel(nrm, em) < stats_tol(dtype) and rel(nrv, ev) < stats_tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_eval_forward_stats(rng, shape, dtype):
+    """The eval kernel also returns invstd = 1/sqrt(var + eps), every channel written."""
+    x, gamma, beta = make(rng, shape, dtype)
+    C, sd = shape[1], bn_kernels.stats_dtype(dtype)
+    rm, rv = rng.standard_normal(C).astype(sd), (rng.random(C) + 0.5).astype(sd)
+    poison_pool(((C,), sd))
+    y, mean, invstd = bn_kernels.bn_eval_forward_stats_gpu(*to_gpu(x, gamma, beta, rm, rv), EPS)
+    assert invstd.dtype == sd and mean.dtype == sd
+    assert rel(invstd, 1 / np.sqrt(rv.astype(np.float64) + EPS)) < stats_tol(dtype)
+    assert rel(mean, rm) == 0
+
+
+@pytest.mark.parametrize("knobs", [{"blocks_per_sm": 1}, {"blocks_per_sm": 16},
+                                   {"columns_blocks_per_sm": 1}, {"columns_blocks_per_sm": 32}])
+def test_tuning_variants_agree(rng, knobs):
+    before = dict(bn_kernels.TUNING)
+    try:
+        bn_kernels.set_tuning(**knobs)
+        for shape in [(16, 64, 28, 28), (8, 96, 7, 7), (1024, 512, 1, 1)]:
+            x, gamma, beta = make(rng, shape, np.float32)
+            y, _, _, _ = bn_kernels.bn_train_forward_gpu(*to_gpu(x, gamma, beta), EPS)
+            assert rel(y, ref_forward(x, gamma, beta, EPS)[0]) < 1e-5
+    finally:
+        bn_kernels.set_tuning(**before)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
