@@ -51,7 +51,17 @@ GEOMETRIES = {
     "3x3s2p1d1x3": ((5, 13), dict(pool_height=3, pool_width=3, stride=2, pad=(1, 3),
                                   dilation=(1, 3), ceil_mode=True)),
     "17x16s1_uint16": ((20, 18), dict(pool_height=17, pool_width=16, stride=1)),
+    # stride-2 variants: partial last windows/blocks, odd widths
+    "2x2s2ceil": ((7, 10), dict(pool_height=2, pool_width=2, stride=2, ceil_mode=True)),
+    "3x3s2p1odd": ((9, 7), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
+    "2x2s2p1": ((6, 8), dict(pool_height=2, pool_width=2, stride=2, pad=1)),
 }
+
+# Every kernel variant's knobs (pool_kernels.VARIANT); launch knobs vary independently.
+FORWARD_VARIANTS = [dict(kernel=kernel, taps=taps, planes=planes)
+                    for kernel in ("generic", "pairs") for taps in (2, 3) for planes in pk.PLANES]
+BACKWARD_VARIANTS = [dict(kernel=kernel, planes=planes)
+                     for kernel in ("element", "blocks") for planes in pk.PLANES]
 
 DATA = ("random", "ties", "nan", "-inf")
 
@@ -118,9 +128,10 @@ def launches(geom, plane):
     yield (-(-plane // 33) + 1, planes + 2, 1), (33, 1, 1)
 
 
-def expression(kernel, dtype, geom, index):
+def expression(kernel, dtype, geom, index, params=()):
+    extra = "".join(f", {p}" for p in params)
     return (f"{kernel}<{pk.VALUE_TYPES[np.dtype(dtype)]}, "
-            f"{pk.OFFSET_TYPES[geom.offset_dtype]}, {index}>")
+            f"{pk.OFFSET_TYPES[geom.offset_dtype]}, {index}{extra}>")
 
 
 def scalars(geom, index):
@@ -128,20 +139,46 @@ def scalars(geom, index):
     return (pk.INDEX_TYPES[index](planes), *dims)
 
 
-def run_forward(lib, x, geom, index, grid, block):
+def run_forward(lib, x, geom, index, grid, block, plan=None):
+    plan = plan or pk.forward_plan(geom, {"forward": pk.DEFAULT_VARIANT["forward"]})
     out = np.full(geom.output_shape, 1234.5, x.dtype)
     offsets = np.full(geom.output_shape, np.iinfo(geom.offset_dtype).max, geom.offset_dtype)
-    lib.launch(expression("max_pool2d_forward", x.dtype, geom, index), grid, block,
+    lib.launch(expression(plan["kernel"], x.dtype, geom, index, plan["params"]), grid, block,
                (x, out, offsets) + scalars(geom, index))
     return out, offsets
 
 
-def run_backward(lib, dout, offsets, geom, index, grid, block):
+def run_backward(lib, dout, offsets, geom, index, grid, block, plan=None):
+    plan = plan or pk.backward_plan(geom, {"backward": pk.DEFAULT_VARIANT["backward"]})
     dx = np.full(geom.input_shape, 1234.5, dout.dtype)
-    kernel = "max_pool2d_backward" if geom.overlapping else "max_pool2d_backward_disjoint"
-    lib.launch(expression(kernel, dout.dtype, geom, index), grid, block,
+    lib.launch(expression(plan["kernel"], dout.dtype, geom, index, plan["params"]), grid, block,
                (dout, offsets, dx) + scalars(geom, index))
     return dx
+
+
+def variant_launches(geom, plan):
+    """The plan's own launch (one SM), a grid smaller than the work (7-thread blocks, so the
+    plane groups and positions wrap), and one larger than the work."""
+    planes = geom.N * geom.C
+    yield pk.launch_config(plan["plane"], planes, 1, 64, plan["blocks_per_sm"],
+                           plan["planes_per_step"])
+    yield (2, 1, 1), (7, 1, 1)
+    yield (-(-plan["plane"] // 33) + 1, planes + 2, 1), (33, 1, 1)
+
+
+def variant_plans(geom):
+    """{what: plan} of every distinct non-default forward and backward kernel for geom."""
+    plans = {}
+    defaults = (pk.forward_plan(geom, {"forward": pk.DEFAULT_VARIANT["forward"]}),
+                pk.backward_plan(geom, {"backward": pk.DEFAULT_VARIANT["backward"]}))
+    for pass_, variants, plan_of in (("forward", FORWARD_VARIANTS, pk.forward_plan),
+                                     ("backward", BACKWARD_VARIANTS, pk.backward_plan)):
+        for variant in variants:
+            plan = plan_of(geom, {pass_: variant})
+            if (plan["kernel"], plan["params"]) not in [(d["kernel"], d["params"])
+                                                        for d in defaults]:
+                plans[pass_, plan["kernel"], plan["params"]] = plan
+    return plans
 
 
 def assert_same_values(a, b, what):
@@ -175,6 +212,65 @@ def check_case(lib, geom, x, dout):
             assert np.array_equal(dx, ref_dx), f"dx differs: {where}"
     assert_same_values(x, x_copy, "x was modified")
     assert_same_values(dout, dout_copy, "dout was modified")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_variants_match_references(lib, name, dtype, rng):
+    """Every variant kernel that serves the geometry, on ties and NaN/-inf data, with both
+    index types and three launch grids, against the loop references."""
+    (H, W), pool_param = GEOMETRIES[name]
+    geom = pool_geometry((2, 3, H, W), pool_param)
+    plans = variant_plans(geom)
+    if geom.offset_dtype == np.uint8:
+        assert any(what[0] == "forward" for what in plans), "no forward variant ran"
+    for kind in ("ties", "nan"):
+        x = make_input(kind, geom.input_shape, dtype, rng)
+        dout = rng.standard_normal(geom.output_shape).astype(dtype)
+        ref_out, ref_offsets = reference_forward(x, geom)
+        ref_dx = reference_backward(dout, ref_offsets, geom)
+        for (pass_, kernel, params), plan in plans.items():
+            for index in pk.INDEX_TYPES:
+                for grid, block in variant_launches(geom, plan):
+                    where = (f"{kernel}{list(params)}, {geom.describe()}, {kind}, {index}, "
+                             f"grid {grid}, block {block}")
+                    if pass_ == "forward":
+                        out, offsets = run_forward(lib, x, geom, index, grid, block, plan)
+                        assert np.array_equal(offsets, ref_offsets), f"offsets differ: {where}"
+                        assert_same_values(out, ref_out, f"out: {where}")
+                    else:
+                        dx = run_backward(lib, dout, ref_offsets, geom, index, grid, block, plan)
+                        assert np.array_equal(dx, ref_dx), f"dx differs: {where}"
+
+
+def test_variant_plans_cover_the_benchmark_geometries():
+    """The stride-2 benchmark geometries get the vector kernels; others fall back."""
+    def plans(shape, **pool_param):
+        geom = pool_geometry(shape, pool_param)
+        fwd = pk.forward_plan(geom, {"forward": dict(kernel="pairs", taps=2, planes=4)})
+        bwd = pk.backward_plan(geom, {"backward": dict(kernel="blocks", planes=2)})
+        return (fwd["kernel"], fwd["params"]), (bwd["kernel"], bwd["params"], bwd["plane"])
+    assert plans((2, 3, 112, 112), pool_height=2, pool_width=2, stride=2) == (
+        ("max_pool2d_forward_pairs", (4,)), ("max_pool2d_backward_blocks", (2, 1, 2), 56 * 56))
+    assert plans((2, 3, 112, 112), pool_height=3, pool_width=3, stride=2, pad=1) == (
+        ("max_pool2d_forward", (3, 4)), ("max_pool2d_backward_blocks", (2, 2, 2), 56 * 56))
+    assert plans((2, 3, 11, 11), pool_height=2, pool_width=2, stride=2, pad=1) == (
+        ("max_pool2d_forward", (2, 4)), ("max_pool2d_backward_blocks", (2, 2, 2), 36))
+    assert plans((2, 3, 9, 9), pool_height=3, pool_width=3, stride=1, pad=1) == (
+        ("max_pool2d_forward", (3, 4)), ("max_pool2d_backward", (2,), 81))
+    assert plans((2, 3, 20, 18), pool_height=17, pool_width=16) == (   # uint16 offsets
+        ("max_pool2d_forward", ()), ("max_pool2d_backward_disjoint", (), 360))
+    for geom in (pool_geometry((1, 1, 9, 9), dict(pool_height=3, pool_width=3, stride=2)),):
+        for variant in FORWARD_VARIANTS:
+            plan = pk.forward_plan(geom, {"forward": variant})
+            assert pk.kernel_expression(plan["kernel"], np.float32, geom,
+                                        plan["params"]) in pk.NAME_EXPRESSIONS
+    with pytest.raises(ValueError, match="planes"):
+        pk.forward_plan(geom, {"forward": dict(planes=3)})
+    with pytest.raises(ValueError, match="unknown"):
+        pk.backward_plan(geom, {"backward": dict(taps=2)})
+    with pytest.raises(ValueError, match="kernel"):
+        pk.backward_plan(geom, {"backward": dict(kernel="pairs")})
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -246,8 +342,17 @@ def shim_launchers(lib, monkeypatch):
     pk._sm_count.cache_clear()
 
 
+LAUNCH_VARIANTS = [
+    None,
+    {"forward": dict(kernel="pairs", taps=2, planes=4, block=64, blocks_per_sm=None),
+     "backward": dict(kernel="blocks", planes=4, block=128, blocks_per_sm=1)},
+    {"forward": dict(taps=2, planes=2, blocks_per_sm=3), "backward": dict(planes=2, block=32)},
+]
+
+
+@pytest.mark.parametrize("variant", range(len(LAUNCH_VARIANTS)))
 @pytest.mark.parametrize("name", ["3x3s2p1", "2x2s2", "5x5s1p2", "2x2s3d2", "17x16s1_uint16"])
-def test_launchers_through_the_shim(shim_launchers, rng, name):
+def test_launchers_through_the_shim(shim_launchers, rng, name, variant):
     """Argument order and C types, kernel choice, strided inputs: the launchers end to end."""
     (H, W), pool_param = GEOMETRIES[name]
     x = make_input("ties", (3, 2, W, H), np.float32, rng).swapaxes(2, 3)  # not contiguous
@@ -255,10 +360,11 @@ def test_launchers_through_the_shim(shim_launchers, rng, name):
     dout = rng.standard_normal(geom.output_shape).astype(np.float32)[..., ::-1]
     assert not x.flags.c_contiguous and not dout.flags.c_contiguous
     x_copy, dout_copy = x.copy(), dout.copy()
-    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    variant = LAUNCH_VARIANTS[variant]
+    out, offsets = pk.max_pool_forward_gpu(x, geom, variant)
     ref_out, ref_offsets = _max_pool_forward_xp(x, geom)
     assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
-    dx = pk.max_pool_backward_gpu(dout, offsets, geom)
+    dx = pk.max_pool_backward_gpu(dout, offsets, geom, variant)
     assert np.array_equal(dx, _max_pool_backward_xp(dout, offsets, geom))
     assert np.array_equal(x, x_copy) and np.array_equal(dout, dout_copy)
 
@@ -301,18 +407,30 @@ def test_scalar_args_have_exact_c_types():
 def test_every_kernel_expression_is_instantiated():
     for dtype in pk.VALUE_TYPES:
         for geom in (fake_geometry(1, 1, 8, 8), fake_geometry(1, 1, 300, 300, k=20, s=20),
-                     fake_geometry(2**16, 2**8, 2**3, 2**4, k=300, s=300)):
+                     fake_geometry(2**16, 2**8, 2**3, 2**4, k=300, s=300),
+                     fake_geometry(2**16, 2**8, 2**3, 2**4, k=3, s=2, p=1)):
             for kernel in pk.KERNELS:
                 assert pk.kernel_expression(kernel, dtype, geom) in pk.NAME_EXPRESSIONS
+            for variant in FORWARD_VARIANTS + BACKWARD_VARIANTS:
+                pass_ = "forward" if "taps" in variant else "backward"
+                plan = (pk.forward_plan if "taps" in variant else pk.backward_plan)(
+                    geom, {pass_: variant})
+                expression = pk.kernel_expression(plan["kernel"], dtype, geom, plan["params"])
+                assert expression in pk.compile_group(expression)
     with pytest.raises(TypeError, match="int32"):
         pk.kernel_expression(pk.KERNELS[0], np.int32, fake_geometry(1, 1, 8, 8))
 
 
 @pytest.mark.parametrize("plane, planes, sm_count", [
     (3136, 32768, 132), (12544, 16384, 132), (1, 1, 132), (5, 10**6, 8), (2**31 - 1, 1, 132)])
-def test_launch_config(plane, planes, sm_count):
-    (gx, gy, gz), block = pk.launch_config(plane, planes, sm_count)
-    assert block[1:] == (1, 1) and gz == 1
-    assert gx * block[0] >= plane or gx * block[0] >= 2**30  # grid-stride covers the rest
-    assert gx * block[0] < 2**31
-    assert 1 <= gy <= min(planes, 65535)
+@pytest.mark.parametrize("block, blocks_per_sm, per_step", [
+    (256, 32, 1), (128, None, 1), (1024, 8, 4), (512, 1, 2)])
+def test_launch_config(plane, planes, sm_count, block, blocks_per_sm, per_step):
+    (gx, gy, gz), threads = pk.launch_config(plane, planes, sm_count, block, blocks_per_sm,
+                                             per_step)
+    assert threads == (block, 1, 1) and gz == 1
+    assert gx * block >= min(plane, 2**29)  # grid-stride covers the rest
+    assert gx * block < 2**31
+    assert 1 <= gy <= min(-(-planes // per_step), 65535)
+    if blocks_per_sm is None:
+        assert gy == min(-(-planes // per_step), 65535)

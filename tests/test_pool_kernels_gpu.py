@@ -160,7 +160,7 @@ def test_64bit_index_instantiations(cp, poisoned, rng, name, dtype):
     for kernel, arrays in (("max_pool2d_forward", (x, out64, offsets64)),
                            (backward, (dout, offsets, dx64))):
         expression = pk.kernel_expression(kernel, dtype, geom).replace(", int>", ", long long>")
-        function = cuda_compile.get_kernel(pk.SOURCE, expression, pk.NAME_EXPRESSIONS)
+        function = cuda_compile.get_kernel(pk.SOURCE, expression, pk.compile_group(expression))
         cuda_compile.launch(function, expression, grid, block, arrays + args)
     assert cp.array_equal(offsets64, offsets)
     assert_same_values(out64, out, "out, long long indices")
@@ -201,3 +201,31 @@ def test_launchers_check_arguments(cp):
         pk.max_pool_backward_gpu(out, offsets.astype(np.uint16), geom)
     with pytest.raises(ValueError, match="shape"):
         pk.max_pool_backward_gpu(out[:, :, :1], offsets, geom)
+
+
+# Every variant (pool_kernels.VARIANT knobs) must give the default kernels' bits.
+VARIANTS = [
+    {"forward": dict(kernel="pairs", taps=2, planes=planes, block=block, blocks_per_sm=bps),
+     "backward": dict(kernel="blocks", planes=planes, block=block, blocks_per_sm=bps)}
+    for planes, block, bps in ((1, 128, None), (2, 512, 8), (4, 256, 32))] + [
+    {"forward": dict(taps=taps, planes=planes), "backward": dict(planes=planes)}
+    for taps, planes in ((2, 2), (3, 4))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["3x3s2p1", "2x2s2", "3x3s1p1", "2x2s3ceil", "large3x3s2p1",
+                                  "large2x2s2"])
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_variants_match_default(cp, poisoned, rng, name, dtype, variant):
+    shape, pool_param = CASES[name]
+    x = cp.asarray(make_input("ties" if name.startswith("large") else "nan", shape, dtype, rng))
+    geom = pool_geometry(x.shape, pool_param)
+    dout = cp.asarray(rng.standard_normal(geom.output_shape).astype(dtype))
+    out, offsets = pk.max_pool_forward_gpu(x, geom, pk.DEFAULT_VARIANT)
+    dx = pk.max_pool_backward_gpu(dout, offsets, geom, pk.DEFAULT_VARIANT)
+    out_v, offsets_v = pk.max_pool_forward_gpu(x, geom, VARIANTS[variant])
+    dx_v = pk.max_pool_backward_gpu(dout, offsets, geom, VARIANTS[variant])
+    where = f"variant {VARIANTS[variant]}, {geom.describe()}, {np.dtype(dtype)}"
+    assert cp.array_equal(offsets_v, offsets), f"offsets: {where}"
+    assert_same_values(out_v, out, f"out: {where}")
+    assert_same_values(dx_v, dx, f"dx: {where}")

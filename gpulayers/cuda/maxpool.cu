@@ -9,6 +9,13 @@
 // both loops are grid-stride. A thread works out its windows once (the only integer divisions)
 // and reuses them for every plane it visits, so the per-element work is loads, compares, adds.
 // Idx (int or long long) holds element indices and must hold every tensor's size.
+//
+// Variants (pool_kernels.VARIANT picks one; the defaults are the first kernels' default
+// template arguments): Planes > 1 makes a thread handle Planes planes per loop step (planes nc,
+// nc + 1, ...; every load of the group is issued before any result is stored, for more loads in
+// flight); Taps is the forward fast path's unrolled window size; the *_pairs and *_blocks
+// kernels serve stride-2 geometries with 2-element vector loads/stores. Every variant gives the
+// same bits as the default kernels.
 #ifndef GPULAYERS_CPU_SHIM
 #include <cuda_fp16.h>
 #endif
@@ -32,6 +39,52 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// Two adjacent elements, loaded or stored as one aligned access (the pointer must be aligned
+// to 2 elements).
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+    T a, b;
+};
+
+template <typename T>
+__device__ __forceinline__ Pair<T> load_pair(const T* p)
+{
+    return *reinterpret_cast<const Pair<T>*>(p);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void store_pair(T* p, A a, A b)
+{
+    Pair<T> v;
+    store(&v.a, a);
+    store(&v.b, b);
+    *reinterpret_cast<Pair<T>*>(p) = v;
+}
+
+// Forward rule for tap k with value v (PyTorch's `v > best || isnan(v)`), branch-free; used
+// masks out slots that are not taps of the window.
+template <typename A>
+__device__ __forceinline__ void take_max(A v, int k, bool used, A& best, int& arg)
+{
+    const bool take = used & ((v > best) | isnan(v));
+    best = take ? v : best;
+    arg = take ? k : arg;
+}
+
+// Plane u of the group that starts at plane nc; past the last plane it names the last plane,
+// so the group's loads stay in bounds (results for such planes are not stored).
+template <typename Idx>
+__device__ __forceinline__ Idx group_plane(Idx nc, int u, Idx planes)
+{
+    return u == 0 ? nc : (nc < planes - u ? nc + u : planes - 1);
+}
+
+template <typename Idx>
+__device__ __forceinline__ bool in_group(Idx nc, int u, Idx planes)
+{
+    return u == 0 || nc < planes - u;
+}
 
 // Next index of a grid-stride loop over [.., n): i + step, or n once that reaches n.
 // Never forms a value past n, so a 32-bit Idx cannot overflow near 2**31.
@@ -66,11 +119,19 @@ __device__ __forceinline__ Cover cover(int pos, int kernel, int stride, int dila
     return c;
 }
 
-// One thread per output element (n, c, oh, ow): reads the in-range taps of its window in x, in
-// row-major order, and writes their maximum to out and its compact offset to offsets. PyTorch's
-// rule `v > best || isnan(v)`: the first maximum wins ties, the last NaN wins, and an all -inf
-// window keeps its first in-range tap.
-template <typename T, typename Off, typename Idx>
+
+// Plane loop of a kernel whose threads handle Planes planes per step: nc is the group's first
+// plane; the group start walks blockIdx.y * Planes, grid-stride.
+#define FOR_PLANE_GROUPS(nc)                                                                   \
+    for (Idx nc = (Idx)blockIdx.y * Planes; nc < planes;                                       \
+         nc = grid_next(nc, (Idx)gridDim.y * Planes, planes))
+
+// One thread per output element (n, c, oh, ow) of Planes planes: reads the in-range taps of its
+// window in x, in row-major order, and writes their maximum to out and its compact offset to
+// offsets. PyTorch's rule `v > best || isnan(v)`: the first maximum wins ties, the last NaN wins,
+// and an all -inf window keeps its first in-range tap. Windows with at most Taps x Taps in-range
+// taps take the unrolled path.
+template <typename T, typename Off, typename Idx, int Taps = kForwardTaps, int Planes = 1>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
                                    Off* __restrict__ offsets, Idx planes,
                                    int H, int W, int Ho, int Wo, int kh, int kw,
@@ -90,54 +151,109 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
         const Idx first = (Idx)(h0 + i0 * dh) * W + (w0 + j0 * dw);
         const Idx row_step = (Idx)dh * W;
         const int first_offset = i0 * kw + j0;
-        const bool small = ni <= kForwardTaps && nj <= kForwardTaps;
-        for (Idx nc = blockIdx.y; nc < planes; nc = grid_next(nc, (Idx)gridDim.y, planes)) {
-            const T* win = x + nc * in_plane + first;
-            A best;  // starts at the first in-range tap: the same result as starting at -inf
-            int arg = first_offset;
+        const bool small = ni <= Taps && nj <= Taps;
+        FOR_PLANE_GROUPS(nc) {
             if (small) {
-                // Load every slot first (unused ones re-read the window's last tap), so the loads
-                // are in flight together; then compare, branch-free, over the used slots only.
-                A v[kForwardTaps][kForwardTaps];
+                // Load every slot of every plane first (unused slots re-read the window's last
+                // tap), so the loads are in flight together; then compare, branch-free, over
+                // the used slots only.
+                A v[Planes][Taps][Taps];
 #pragma unroll
-                for (int a = 0; a < kForwardTaps; ++a) {
+                for (int u = 0; u < Planes; ++u) {
+                    const T* win = x + group_plane(nc, u, planes) * in_plane + first;
 #pragma unroll
-                    for (int b = 0; b < kForwardTaps; ++b) {
-                        v[a][b] = to_acc(win[imin(a, ni - 1) * row_step + imin(b, nj - 1) * dw]);
-                    }
-                }
-                best = v[0][0];
+                    for (int a = 0; a < Taps; ++a) {
 #pragma unroll
-                for (int a = 0; a < kForwardTaps; ++a) {
-#pragma unroll
-                    for (int b = 0; b < kForwardTaps; ++b) {
-                        const bool take = (a < ni) & (b < nj) & ((v[a][b] > best) | isnan(v[a][b]));
-                        best = take ? v[a][b] : best;
-                        arg = take ? first_offset + a * kw + b : arg;
-                    }
-                }
-            } else {
-                best = to_acc(win[0]);
-                for (int a = 0; a < ni; ++a) {
-                    for (int b = 0; b < nj; ++b) {
-                        const A v = to_acc(win[a * row_step + b * dw]);
-                        if (v > best || isnan(v)) {
-                            best = v;
-                            arg = first_offset + a * kw + b;
+                        for (int b = 0; b < Taps; ++b) {
+                            v[u][a][b] = to_acc(win[imin(a, ni - 1) * row_step +
+                                                    imin(b, nj - 1) * dw]);
                         }
                     }
                 }
+#pragma unroll
+                for (int u = 0; u < Planes; ++u) {
+                    A best = v[u][0][0];  // the first in-range tap: as good as starting at -inf
+                    int arg = first_offset;
+#pragma unroll
+                    for (int a = 0; a < Taps; ++a) {
+#pragma unroll
+                        for (int b = 0; b < Taps; ++b) {
+                            take_max(v[u][a][b], first_offset + a * kw + b, (a < ni) & (b < nj),
+                                     best, arg);
+                        }
+                    }
+                    if (in_group(nc, u, planes)) {
+                        store(out + (nc + u) * out_plane + p, best);
+                        offsets[(nc + u) * out_plane + p] = (Off)arg;
+                    }
+                }
+            } else {
+                for (int u = 0; u < Planes && in_group(nc, u, planes); ++u) {
+                    const T* win = x + (nc + u) * in_plane + first;
+                    A best = to_acc(win[0]);
+                    int arg = first_offset;
+                    for (int a = 0; a < ni; ++a) {
+                        for (int b = 0; b < nj; ++b) {
+                            const A v = to_acc(win[a * row_step + b * dw]);
+                            if (v > best || isnan(v)) {
+                                best = v;
+                                arg = first_offset + a * kw + b;
+                            }
+                        }
+                    }
+                    store(out + (nc + u) * out_plane + p, best);
+                    offsets[(nc + u) * out_plane + p] = (Off)arg;
+                }
             }
-            store(out + nc * out_plane + p, best);
-            offsets[nc * out_plane + p] = (Off)arg;
         }
     }
 }
 
-// One thread per input element (n, c, h, w) for overlapping windows: visits the windows that
-// cover it in ascending tap order, reads their offsets and dout, adds dout (in Acc<T>) where the
-// offset names (h, w), and writes the sum (0 when none) to dx. No atomics, fixed order.
-template <typename T, typename Off, typename Idx>
+// One thread per output element (n, c, oh, ow) of Planes planes, for 2x2 windows with stride 2,
+// no padding, no dilation, an even W and 2 * Ho <= H (every window inside x): reads its window
+// as two aligned pairs (rows 2 oh and 2 oh + 1) and writes out and offsets as the default kernel.
+template <typename T, typename Off, typename Idx, int Planes>
+__global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict__ out,
+                                         Off* __restrict__ offsets, Idx planes,
+                                         int H, int W, int Ho, int Wo, int kh, int kw,
+                                         int sh, int sw, int ph, int pw, int dh, int dw)
+{
+    typedef typename Acc<T>::type A;
+    const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
+    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < out_plane;
+         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, out_plane)) {
+        const int oh = (int)(p / Wo), ow = (int)(p - (Idx)oh * Wo);
+        const Idx first = (Idx)(2 * oh) * W + 2 * ow;
+        FOR_PLANE_GROUPS(nc) {
+            Pair<T> r[Planes][2];
+#pragma unroll
+            for (int u = 0; u < Planes; ++u) {
+                const T* win = x + group_plane(nc, u, planes) * in_plane + first;
+                r[u][0] = load_pair(win);
+                r[u][1] = load_pair(win + W);
+            }
+#pragma unroll
+            for (int u = 0; u < Planes; ++u) {
+                A best = to_acc(r[u][0].a);
+                int arg = 0;
+                take_max(to_acc(r[u][0].a), 0, true, best, arg);
+                take_max(to_acc(r[u][0].b), 1, true, best, arg);
+                take_max(to_acc(r[u][1].a), 2, true, best, arg);
+                take_max(to_acc(r[u][1].b), 3, true, best, arg);
+                if (in_group(nc, u, planes)) {
+                    store(out + (nc + u) * out_plane + p, best);
+                    offsets[(nc + u) * out_plane + p] = (Off)arg;
+                }
+            }
+        }
+    }
+}
+
+// One thread per input element (n, c, h, w) of Planes planes, for overlapping windows: visits
+// the windows that cover it in ascending tap order, reads their offsets and dout, adds dout (in
+// Acc<T>) where the offset names (h, w), and writes the sum (0 when none) to dx. No atomics,
+// fixed order.
+template <typename T, typename Off, typename Idx, int Planes = 1>
 __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __restrict__ offsets,
                                     T* __restrict__ dx, Idx planes,
                                     int H, int W, int Ho, int Wo, int kh, int kw,
@@ -155,44 +271,68 @@ __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __res
         const Idx q_row = (Idx)rows.win_step * Wo;
         const int k0 = rows.tap * kw + cols.tap, k_row = rows.tap_step * kw;
         const bool small = rows.n <= kBackwardWindows && cols.n <= kBackwardWindows;
-        for (Idx nc = blockIdx.y; nc < planes; nc = grid_next(nc, (Idx)gridDim.y, planes)) {
-            const Off* off = offsets + nc * out_plane;
-            const T* g = dout + nc * out_plane;
-            A acc = 0;
+        FOR_PLANE_GROUPS(nc) {
             if (small) {
-                // All slots load; unused ones read window 0 and expect kNoOffset, so they never
-                // add. The loads are in flight together and the adds keep ascending tap order.
+                // All slots of all planes load; unused slots read window 0 and expect
+                // kNoOffset, so they never add. The loads are in flight together and the adds
+                // keep ascending tap order.
+                A d[Planes][kBackwardWindows][kBackwardWindows];
+                unsigned o[Planes][kBackwardWindows][kBackwardWindows];
 #pragma unroll
-                for (int a = 0; a < kBackwardWindows; ++a) {
+                for (int u = 0; u < Planes; ++u) {
+                    const Idx base = group_plane(nc, u, planes) * out_plane;
 #pragma unroll
-                    for (int b = 0; b < kBackwardWindows; ++b) {
-                        const bool used = a < rows.n && b < cols.n;
-                        const Idx q = used ? q0 - a * q_row - b * cols.win_step : 0;
-                        const unsigned k = used ? k0 + a * k_row + b * cols.tap_step : kNoOffset;
-                        const A d = to_acc(g[q]);
-                        if ((unsigned)off[q] == k) acc += d;
-                    }
-                }
-            } else {
-                for (int a = 0; a < rows.n; ++a) {
-                    for (int b = 0; b < cols.n; ++b) {
-                        const Idx q = q0 - a * q_row - b * cols.win_step;
-                        const A d = to_acc(g[q]);
-                        if ((unsigned)off[q] == (unsigned)(k0 + a * k_row + b * cols.tap_step)) {
-                            acc += d;
+                    for (int a = 0; a < kBackwardWindows; ++a) {
+#pragma unroll
+                        for (int b = 0; b < kBackwardWindows; ++b) {
+                            const bool used = a < rows.n && b < cols.n;
+                            const Idx q = used ? q0 - a * q_row - b * cols.win_step : 0;
+                            d[u][a][b] = to_acc(dout[base + q]);
+                            o[u][a][b] = (unsigned)offsets[base + q];
                         }
                     }
                 }
+#pragma unroll
+                for (int u = 0; u < Planes; ++u) {
+                    A acc = 0;
+#pragma unroll
+                    for (int a = 0; a < kBackwardWindows; ++a) {
+#pragma unroll
+                        for (int b = 0; b < kBackwardWindows; ++b) {
+                            const bool used = a < rows.n && b < cols.n;
+                            const unsigned k = used ? k0 + a * k_row + b * cols.tap_step
+                                                    : kNoOffset;
+                            if (o[u][a][b] == k) acc += d[u][a][b];
+                        }
+                    }
+                    if (in_group(nc, u, planes)) store(dx + (nc + u) * in_plane + p, acc);
+                }
+            } else {
+                for (int u = 0; u < Planes && in_group(nc, u, planes); ++u) {
+                    const Off* off = offsets + (nc + u) * out_plane;
+                    const T* g = dout + (nc + u) * out_plane;
+                    A acc = 0;
+                    for (int a = 0; a < rows.n; ++a) {
+                        for (int b = 0; b < cols.n; ++b) {
+                            const Idx q = q0 - a * q_row - b * cols.win_step;
+                            const A d = to_acc(g[q]);
+                            if ((unsigned)off[q] ==
+                                (unsigned)(k0 + a * k_row + b * cols.tap_step)) {
+                                acc += d;
+                            }
+                        }
+                    }
+                    store(dx + (nc + u) * in_plane + p, acc);
+                }
             }
-            store(dx + nc * in_plane + p, acc);
         }
     }
 }
 
-// One thread per input element (n, c, h, w) when windows cannot overlap: at most one window
-// covers it; writes that window's dout to dx if its stored offset names (h, w), else 0.
-// Reads one offset and one dout per covered element.
-template <typename T, typename Off, typename Idx>
+// One thread per input element (n, c, h, w) of Planes planes when windows cannot overlap: at
+// most one window covers it; writes that window's dout to dx if its stored offset names (h, w),
+// else 0. Reads one offset and one dout per covered element.
+template <typename T, typename Off, typename Idx, int Planes = 1>
 __global__ void max_pool2d_backward_disjoint(const T* __restrict__ dout,
                                              const Off* __restrict__ offsets,
                                              T* __restrict__ dx, Idx planes,
@@ -210,10 +350,129 @@ __global__ void max_pool2d_backward_disjoint(const T* __restrict__ dout,
         const bool covered = rows.n > 0 && cols.n > 0;
         const Idx q = covered ? (Idx)rows.win * Wo + cols.win : 0;
         const unsigned k = covered ? (unsigned)(rows.tap * kw + cols.tap) : kNoOffset;
-        for (Idx nc = blockIdx.y; nc < planes; nc = grid_next(nc, (Idx)gridDim.y, planes)) {
-            const A d = to_acc(dout[nc * out_plane + q]);
-            const bool hit = (unsigned)offsets[nc * out_plane + q] == k;
-            store(dx + nc * in_plane + p, hit ? d : A(0));
+        FOR_PLANE_GROUPS(nc) {
+            A d[Planes];
+            bool hit[Planes];
+#pragma unroll
+            for (int u = 0; u < Planes; ++u) {
+                const Idx base = group_plane(nc, u, planes) * out_plane;
+                d[u] = to_acc(dout[base + q]);
+                hit[u] = (unsigned)offsets[base + q] == k;
+            }
+#pragma unroll
+            for (int u = 0; u < Planes; ++u) {
+                if (in_group(nc, u, planes)) {
+                    store(dx + (nc + u) * in_plane + p, hit[u] ? d[u] : A(0));
+                }
+            }
         }
     }
 }
+
+// Windows along one axis that cover the S input positions [S*b, S*b + S) (stride S): slot a
+// holds window win[a] (descending, so ascending taps) and, per position i, the window's tap
+// there or -1 (no tap there, window out of range, or position past the input). The launcher
+// checks that at most NW windows cover such a block.
+template <int S, int NW>
+struct BlockCover {
+    int win[NW];
+    int tap[S][NW];
+};
+
+template <int S, int NW>
+__device__ __forceinline__ BlockCover<S, NW> block_cover(int b, int size, int kernel, int pad,
+                                                         int dilation, int n_out)
+{
+    BlockCover<S, NW> c;
+    const int last = b + (pad + S - 1) / S;  // window of the block's last position
+#pragma unroll
+    for (int a = 0; a < NW; ++a) {
+        const int win = last - a;
+        const bool valid = win >= 0 && win < n_out;
+        c.win[a] = valid ? win : 0;
+#pragma unroll
+        for (int i = 0; i < S; ++i) {
+            const int r = S * b + i + pad - win * S;  // position inside window win
+            const bool hit = valid && S * b + i < size && r >= 0 && r % dilation == 0 &&
+                             r / dilation < kernel;
+            c.tap[i][a] = hit ? r / dilation : -1;
+        }
+    }
+    return c;
+}
+
+// One thread per S x S block of input elements (h in [S*bh, S*bh + S), w in [S*bw, S*bw + S))
+// of Planes planes, for stride S on both axes when at most NW windows per axis cover a block:
+// reads those NW x NW windows' dout and offsets once, and writes the block of dx, each element
+// the sum (in Acc<T>, ascending tap order) of the dout whose offset names it. Rows go out as
+// aligned pairs when S == 2 and W is even.
+template <typename T, typename Off, typename Idx, int S, int NW, int Planes>
+__global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
+                                           const Off* __restrict__ offsets,
+                                           T* __restrict__ dx, Idx planes,
+                                           int H, int W, int Ho, int Wo, int kh, int kw,
+                                           int sh, int sw, int ph, int pw, int dh, int dw)
+{
+    typedef typename Acc<T>::type A;
+    const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
+    const int Bh = (H + S - 1) / S, Bw = (W + S - 1) / S;
+    const Idx blocks = (Idx)Bh * Bw;
+    const bool pairs = S == 2 && W % 2 == 0;
+    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < blocks;
+         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, blocks)) {
+        const int bh = (int)(p / Bw), bw = (int)(p - (Idx)bh * Bw);
+        const BlockCover<S, NW> rows = block_cover<S, NW>(bh, H, kh, ph, dh, Ho);
+        const BlockCover<S, NW> cols = block_cover<S, NW>(bw, W, kw, pw, dw, Wo);
+        const Idx corner = (Idx)(S * bh) * W + S * bw;
+        FOR_PLANE_GROUPS(nc) {
+            A d[Planes][NW][NW];
+            unsigned o[Planes][NW][NW];
+#pragma unroll
+            for (int u = 0; u < Planes; ++u) {
+                const Idx base = group_plane(nc, u, planes) * out_plane;
+#pragma unroll
+                for (int a = 0; a < NW; ++a) {
+#pragma unroll
+                    for (int c = 0; c < NW; ++c) {
+                        const Idx q = base + (Idx)rows.win[a] * Wo + cols.win[c];
+                        d[u][a][c] = to_acc(dout[q]);
+                        o[u][a][c] = (unsigned)offsets[q];
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < Planes; ++u) {
+                if (!in_group(nc, u, planes)) break;
+                T* block = dx + (nc + u) * in_plane + corner;
+#pragma unroll
+                for (int i = 0; i < S; ++i) {
+                    if (S * bh + i >= H) break;
+                    A acc[S];
+#pragma unroll
+                    for (int j = 0; j < S; ++j) {
+                        acc[j] = 0;
+#pragma unroll
+                        for (int a = 0; a < NW; ++a) {
+#pragma unroll
+                            for (int c = 0; c < NW; ++c) {
+                                const bool used = rows.tap[i][a] >= 0 && cols.tap[j][c] >= 0;
+                                const unsigned k = used ? rows.tap[i][a] * kw + cols.tap[j][c]
+                                                        : kNoOffset;
+                                if (o[u][a][c] == k) acc[j] += d[u][a][c];
+                            }
+                        }
+                    }
+                    if (pairs) {
+                        store_pair(block + (Idx)i * W, acc[0], acc[S - 1]);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < S; ++j) {
+                            if (S * bw + j < W) store(block + (Idx)i * W + j, acc[j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+#undef FOR_PLANE_GROUPS

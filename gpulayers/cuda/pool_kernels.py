@@ -1,10 +1,25 @@
 """Launchers for the max-pooling CUDA kernels in ``maxpool.cu``.
 
 Importable without CuPy or a GPU: CuPy is imported by the launchers.
-Each kernel is a template ``<T, Off, Idx>``: value type (``__half``, ``float``,
-``double``), offset type (``geom.offset_dtype``) and index type (``int``, or
-``long long`` when a tensor has 2**31 elements or more, see :func:`index_type`).
-:data:`NAME_EXPRESSIONS` lists every instantiation; one compile serves them all.
+Each kernel is a template ``<T, Off, Idx, ...>``: value type (``__half``, ``float``,
+``double``), offset type (``geom.offset_dtype``), index type (``int``, or
+``long long`` when a tensor has 2**31 elements or more, see :func:`index_type`),
+then the variant's compile-time knobs. :data:`NAME_EXPRESSIONS` lists every
+instantiation; one compile serves them all.
+
+Expressions compile in groups of one value and index type (:func:`compile_group`), so a
+program that pools one dtype compiles only its kernels.
+
+Variants: :data:`VARIANT` (or a launcher's ``variant=`` argument, merged over it) picks the
+kernel and launch shape of each pass; every variant gives the same bits. Forward keys:
+``kernel`` ('generic'; 'pairs': 2x2 stride-2 unpadded windows on an even W, read as aligned
+pairs), ``taps`` (3; 2 unrolls 2x2 taps when the window is at most 2x2), ``planes`` (1, 2 or 4
+planes per thread and loop step), ``block`` (threads per block), ``blocks_per_sm`` (resident
+blocks per multiprocessor the grid aims at; None: one y block per plane group). Backward keys:
+``kernel`` ('element': one thread per dx element; 'blocks': one thread per 2x2 block of dx, for
+stride 2 when at most 2 windows per axis cover a block), ``planes``, ``block``,
+``blocks_per_sm``. A variant that does not fit the geometry falls back to the default kernel
+with the same launch knobs (see :func:`forward_plan`, :func:`backward_plan`).
 """
 from __future__ import annotations
 
@@ -16,7 +31,8 @@ from ..shapes import check_floating
 from . import compile as cuda_compile
 
 __all__ = ["max_pool_forward_gpu", "max_pool_backward_gpu", "index_type", "kernel_expression",
-           "launch_config", "scalar_args", "SOURCE", "NAME_EXPRESSIONS"]
+           "launch_config", "scalar_args", "forward_plan", "backward_plan", "VARIANT",
+           "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group"]
 
 SOURCE = "maxpool.cu"
 
@@ -27,16 +43,40 @@ OFFSET_TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsig
                 np.dtype(np.uint32): "unsigned int"}
 INDEX_TYPES = {"int": np.int32, "long long": np.int64}
 
+# Variant kernels: (kernel, extra template arguments), instantiated for uint8 offsets only
+# (the windows they serve have at most 9 taps).
+PLANES = (1, 2, 4)
+VARIANT_KERNELS = (
+    [("max_pool2d_forward", (taps, planes)) for taps in (2, 3) for planes in PLANES
+     if (taps, planes) != (3, 1)]
+    + [("max_pool2d_forward_pairs", (planes,)) for planes in PLANES]
+    + [(kernel, (planes,)) for kernel in KERNELS[1:] for planes in PLANES if planes > 1]
+    + [("max_pool2d_backward_blocks", (2, nw, planes)) for nw in (1, 2) for planes in PLANES])
+
 NAME_EXPRESSIONS = tuple(f"{kernel}<{value}, {offset}, {index}>"
                          for kernel in KERNELS
                          for value in VALUE_TYPES.values()
                          for offset in OFFSET_TYPES.values()
-                         for index in INDEX_TYPES)
+                         for index in INDEX_TYPES) + tuple(
+    f"{kernel}<{value}, unsigned char, {index}, {', '.join(map(str, params))}>"
+    for kernel, params in VARIANT_KERNELS
+    for value in VALUE_TYPES.values()
+    for index in INDEX_TYPES)
 
 _BLOCK = 256
-_MAX_GRID_X = 2**22          # keeps blockDim.x * gridDim.x below 2**31
+_MAX_THREADS_X = 2**30       # blockDim.x * gridDim.x at most this, below 2**31
 _MAX_GRID_Y = 65535
 _BLOCKS_PER_SM = 32          # a few waves of resident blocks; each thread then visits many planes
+
+DEFAULT_VARIANT = {
+    "forward": {"kernel": "generic", "taps": 3, "planes": 1, "block": _BLOCK,
+                "blocks_per_sm": _BLOCKS_PER_SM},
+    "backward": {"kernel": "element", "planes": 1, "block": _BLOCK,
+                 "blocks_per_sm": _BLOCKS_PER_SM},
+}
+# The variant the launchers use; replace entries (e.g. VARIANT["forward"]["planes"] = 2) or pass
+# variant={"forward": {...}} to a launcher. Measured choices belong in DEFAULT_VARIANT.
+VARIANT = {key: dict(value) for key, value in DEFAULT_VARIANT.items()}
 
 
 def index_type(geom):
@@ -46,14 +86,93 @@ def index_type(geom):
     return "long long" if largest >= 2**31 else "int"
 
 
-def kernel_expression(kernel, dtype, geom):
-    """Name expression of ``kernel`` (one of KERNELS) for values of ``dtype`` and geometry geom,
-    e.g. ``'max_pool2d_forward<float, unsigned char, int>'``."""
+def kernel_expression(kernel, dtype, geom, params=()):
+    """Name expression of ``kernel`` for values of ``dtype`` and geometry geom, with the extra
+    template arguments ``params`` of a variant, e.g.
+    ``'max_pool2d_forward<float, unsigned char, int>'``,
+    ``'max_pool2d_backward_blocks<float, unsigned char, int, 2, 2, 4>'``."""
     dtype = np.dtype(dtype)
     if dtype not in VALUE_TYPES:
         raise TypeError(f"max-pool kernels take float16, float32 or float64, got {dtype}")
+    extra = "".join(f", {p}" for p in params)
     return (f"{kernel}<{VALUE_TYPES[dtype]}, {OFFSET_TYPES[geom.offset_dtype]}, "
-            f"{index_type(geom)}>")
+            f"{index_type(geom)}{extra}>")
+
+
+def _options(pass_, variant):
+    """Knobs of pass_ ('forward' or 'backward'): VARIANT's, updated by variant[pass_]."""
+    options = dict(VARIANT[pass_])
+    extra = (variant or {}).get(pass_, {})
+    unknown = set(extra) - set(DEFAULT_VARIANT[pass_])
+    if unknown:
+        raise ValueError(f"unknown {pass_} variant keys {sorted(unknown)}; "
+                         f"known: {sorted(DEFAULT_VARIANT[pass_])}")
+    options.update(extra)
+    if options["planes"] not in PLANES:
+        raise ValueError(f"planes must be one of {PLANES}, got {options['planes']!r}")
+    if not (isinstance(options["block"], int) and 32 <= options["block"] <= 1024
+            and options["block"] % 32 == 0):
+        raise ValueError(f"block must be a multiple of 32 in [32, 1024], "
+                         f"got {options['block']!r}")
+    return options
+
+
+def _plan(kernel, params, plane, planes, options):
+    return {"kernel": kernel, "params": tuple(params), "plane": plane,
+            "planes_per_step": planes, "block": options["block"],
+            "blocks_per_sm": options["blocks_per_sm"]}
+
+
+def forward_plan(geom, variant=None):
+    """What the forward launcher runs for geom under VARIANT updated by ``variant``: a dict
+    with kernel, params (extra template arguments), plane (positions per plane),
+    planes_per_step, block and blocks_per_sm. Variants need uint8 offsets; 'pairs' needs
+    2x2 stride-2 unpadded undilated windows, an even W and 2 * Ho <= H; taps 2 needs a window
+    of at most 2x2; otherwise the default kernel (with the launch knobs) runs."""
+    options = _options("forward", variant)
+    plane = geom.Ho * geom.Wo
+    if options["kernel"] not in ("generic", "pairs"):
+        raise ValueError(f"forward kernel must be 'generic' or 'pairs', "
+                         f"got {options['kernel']!r}")
+    if geom.offset_dtype != np.uint8:
+        return _plan("max_pool2d_forward", (), plane, 1, options)
+    planes = options["planes"]
+    if (options["kernel"] == "pairs" and (geom.kh, geom.kw, geom.sh, geom.sw) == (2, 2, 2, 2)
+            and (geom.ph, geom.pw, geom.dh, geom.dw) == (0, 0, 1, 1) and geom.W % 2 == 0
+            and 2 * geom.Ho <= geom.H and 2 * geom.Wo <= geom.W):
+        return _plan("max_pool2d_forward_pairs", (planes,), plane, planes, options)
+    if options["taps"] not in (2, 3):
+        raise ValueError(f"taps must be 2 or 3, got {options['taps']!r}")
+    taps = 2 if options["taps"] == 2 and geom.kh <= 2 and geom.kw <= 2 else 3
+    params = () if (taps, planes) == (3, 1) else (taps, planes)
+    return _plan("max_pool2d_forward", params, plane, planes, options)
+
+
+def _block_windows(kernel, stride, pad, dilation):
+    """Windows along one axis that cover a stride-aligned block of `stride` input positions."""
+    return (pad + stride - 1) // stride + (-(pad - (kernel - 1) * dilation) // stride) + 1
+
+
+def backward_plan(geom, variant=None):
+    """What the backward launcher runs for geom (see :func:`forward_plan`). 'blocks' needs
+    uint8 offsets, stride 2 on both axes and at most 2 windows per axis covering a 2x2 block
+    (e.g. 3x3 stride 2 with any padding, 2x2 stride 2); otherwise the 'element' kernels run:
+    max_pool2d_backward for overlapping windows, max_pool2d_backward_disjoint otherwise."""
+    options = _options("backward", variant)
+    if options["kernel"] not in ("element", "blocks"):
+        raise ValueError(f"backward kernel must be 'element' or 'blocks', "
+                         f"got {options['kernel']!r}")
+    element = "max_pool2d_backward" if geom.overlapping else "max_pool2d_backward_disjoint"
+    if geom.offset_dtype != np.uint8:
+        return _plan(element, (), geom.H * geom.W, 1, options)
+    planes = options["planes"]
+    if options["kernel"] == "blocks" and geom.sh == geom.sw == 2:
+        nw = max(_block_windows(geom.kh, 2, geom.ph, geom.dh),
+                 _block_windows(geom.kw, 2, geom.pw, geom.dw))
+        if nw <= 2:
+            blocks = -(-geom.H // 2) * -(-geom.W // 2)
+            return _plan("max_pool2d_backward_blocks", (2, nw, planes), blocks, planes, options)
+    return _plan(element, (planes,) if planes > 1 else (), geom.H * geom.W, planes, options)
 
 
 def scalar_args(geom):
@@ -67,12 +186,17 @@ def scalar_args(geom):
     return (planes,) + tuple(np.int32(d) for d in dims)
 
 
-def launch_config(plane, planes, sm_count):
-    """(grid, block) for ``planes`` planes of ``plane`` positions each: x walks a plane,
-    y the planes, about _BLOCKS_PER_SM blocks per multiprocessor in all."""
-    gx = min(-(-plane // _BLOCK), _MAX_GRID_X)
-    gy = min(planes, _MAX_GRID_Y, max(1, -(-sm_count * _BLOCKS_PER_SM // gx)))
-    return (gx, gy, 1), (_BLOCK, 1, 1)
+def launch_config(plane, planes, sm_count, block=_BLOCK, blocks_per_sm=_BLOCKS_PER_SM,
+                  planes_per_step=1):
+    """(grid, block) for ``planes`` planes of ``plane`` positions each, a thread taking
+    ``planes_per_step`` planes per loop step: x walks a plane, y the plane groups, about
+    ``blocks_per_sm`` blocks per multiprocessor in all (None: one y block per group)."""
+    gx = min(-(-plane // block), _MAX_THREADS_X // block)
+    groups = -(-planes // planes_per_step)
+    gy = min(groups, _MAX_GRID_Y)
+    if blocks_per_sm is not None:
+        gy = min(gy, max(1, -(-sm_count * blocks_per_sm // gx)))
+    return (gx, gy, 1), (block, 1, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,14 +205,28 @@ def _sm_count(device_id):
     return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
 
-def _launch(kernel, dtype, geom, plane, arrays):
+@functools.lru_cache(maxsize=None)
+def compile_group(expression):
+    """The name expressions compiled in one module with ``expression``: every one in
+    NAME_EXPRESSIONS with the same value type and index type."""
+    def key(e):
+        args = [a.strip() for a in e[e.index("<") + 1:-1].split(",")]
+        return args[0], args[2]
+    group = tuple(e for e in NAME_EXPRESSIONS if key(e) == key(expression))
+    if expression not in group:
+        raise ValueError(f"{expression!r} is not in NAME_EXPRESSIONS")
+    return group
+
+
+def _launch(plan, dtype, geom, arrays):
     planes = geom.N * geom.C
     if planes == 0:
         return
     import cupy
-    expression = kernel_expression(kernel, dtype, geom)
-    function = cuda_compile.get_kernel(SOURCE, expression, NAME_EXPRESSIONS)
-    grid, block = launch_config(plane, planes, _sm_count(cupy.cuda.runtime.getDevice()))
+    expression = kernel_expression(plan["kernel"], dtype, geom, plan["params"])
+    function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression))
+    grid, block = launch_config(plan["plane"], planes, _sm_count(cupy.cuda.runtime.getDevice()),
+                                plan["block"], plan["blocks_per_sm"], plan["planes_per_step"])
     cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalar_args(geom))
 
 
@@ -98,12 +236,13 @@ def _check_cupy(a, name):
         raise TypeError(f"{name} must be a cupy.ndarray, got {type(a).__name__}")
 
 
-def max_pool_forward_gpu(x, geom):
+def max_pool_forward_gpu(x, geom, variant=None):
     """Max pooling with the CUDA kernel.
 
     Inputs:
     - x: cupy array (N, C, H, W), float16/32/64, any strides (not modified)
     - geom: PoolGeometry of x
+    - variant: optional {"forward": {knob: value}} over VARIANT (see the module docstring)
 
     Returns a tuple of:
     - out: cupy array (N, C, Ho, Wo), dtype of x
@@ -118,11 +257,11 @@ def max_pool_forward_gpu(x, geom):
     x = cupy.ascontiguousarray(x)
     out = cupy.empty(geom.output_shape, dtype=x.dtype)
     offsets = cupy.empty(geom.output_shape, dtype=geom.offset_dtype)
-    _launch("max_pool2d_forward", x.dtype, geom, geom.Ho * geom.Wo, (x, out, offsets))
+    _launch(forward_plan(geom, variant), x.dtype, geom, (x, out, offsets))
     return out, offsets
 
 
-def max_pool_backward_gpu(dout, offsets, geom):
+def max_pool_backward_gpu(dout, offsets, geom, variant=None):
     """Backward pass of max pooling with the CUDA kernels: deterministic (fixed summation
     order, no atomics) and every element of dx written by the kernel.
 
@@ -130,6 +269,7 @@ def max_pool_backward_gpu(dout, offsets, geom):
     - dout: cupy array (N, C, Ho, Wo), float16/32/64, any strides (not modified)
     - offsets: cupy array (N, C, Ho, Wo) of geom.offset_dtype, from the forward pass
     - geom: PoolGeometry
+    - variant: optional {"backward": {knob: value}} over VARIANT (see the module docstring)
 
     Returns:
     - dx: cupy array (N, C, H, W), dtype of dout
@@ -148,6 +288,5 @@ def max_pool_backward_gpu(dout, offsets, geom):
     dout = cupy.ascontiguousarray(dout)
     offsets = cupy.ascontiguousarray(offsets)
     dx = cupy.empty(geom.input_shape, dtype=dout.dtype)
-    kernel = "max_pool2d_backward" if geom.overlapping else "max_pool2d_backward_disjoint"
-    _launch(kernel, dout.dtype, geom, geom.H * geom.W, (dout, offsets, dx))
+    _launch(backward_plan(geom, variant), dout.dtype, geom, (dout, offsets, dx))
     return dx
