@@ -5,7 +5,6 @@ Errors are normwise, max|a - b| / max|b|: at most 1e-10 for float64, 1e-5 for
 float32, 1e-2 for float16. Outputs are poisoned (the memory pool hands back
 NaN-filled blocks) so that an unwritten element fails.
 """
-import time
 
 import numpy as np
 import pytest
@@ -298,92 +297,3 @@ def test_matches_numpy_path_of_gpulayers(rng, shape, dtype):
         assert rel(y, out) < tol
         assert rel(kdx, dx, dx_scale(dout, gamma, backend.to_numpy(invstd))) < tol
         assert rel(kdg, dgamma) < 2 * tol and rel(kdb, dbeta) < 2 * tol
-
-
-# ------------------------------------------------------------------------ bandwidth
-
-PERF_SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7), (32, 64, 56, 56)]
-
-
-def _time(fn, repeat=20):
-    cp = cupy()
-    fn()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    for _ in range(repeat):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop) / 1e3 / repeat
-
-
-def _device_name():
-    cp = cupy()
-    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
-    return name.decode() if isinstance(name, bytes) else str(name)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("shape", PERF_SHAPES)
-def test_bandwidth_targets(shape, dtype):
-    """Fractions of device-to-device copy bandwidth (asserted on H100/H200 only):
-    train forward >= 0.60, train backward >= 0.55, eval forward >= 0.85, and train
-    forward/backward no slower than torch's (cuDNN) batch norm when torch is there."""
-    cp = cupy()
-    x = cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
-    dout = cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
-    C = shape[1]
-    g, b = cp.ones(C, np.float32), cp.zeros(C, np.float32)
-    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(x, g, b, EPS)
-    dst = cp.empty_like(x)
-    t_copy = _time(lambda: dst.data.copy_from_device_async(x.data, x.nbytes))
-    copy_bw = 2 * x.nbytes / t_copy
-    t_fwd = _time(lambda: bn_kernels.bn_train_forward_gpu(x, g, b, EPS))
-    t_eval = _time(lambda: bn_kernels.bn_eval_forward_gpu(x, g, b, mean, var, EPS))
-    t_bwd = _time(lambda: bn_kernels.bn_backward_gpu(dout, x, g, mean, invstd, True))
-    frac = {"fwd": 2 * x.nbytes / t_fwd / copy_bw, "eval": 2 * x.nbytes / t_eval / copy_bw,
-            "bwd": 3 * x.nbytes / t_bwd / copy_bw}
-    print(f"\n{_device_name()} {shape} {np.dtype(dtype).name}: copy {copy_bw / 1e9:.0f} GB/s, "
-          f"train fwd {t_fwd * 1e6:.1f} us ({frac['fwd']:.2f}), eval {t_eval * 1e6:.1f} us "
-          f"({frac['eval']:.2f}), train bwd {t_bwd * 1e6:.1f} us ({frac['bwd']:.2f})")
-    torch_times = _torch_times(x, dout)
-    if torch_times:
-        print(f"  torch (cuDNN): fwd {torch_times[0] * 1e6:.1f} us, bwd {torch_times[1] * 1e6:.1f} us")
-    if not any(k in _device_name() for k in ("H100", "H200")):
-        return
-    assert frac["fwd"] >= 0.60 and frac["bwd"] >= 0.55 and frac["eval"] >= 0.85, frac
-    if torch_times:
-        assert t_fwd <= torch_times[0] and t_bwd <= torch_times[1]
-
-
-def _torch_times(x, dout):
-    """(train forward, backward) seconds of torch.nn.functional.batch_norm, or None."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    tx = torch.as_tensor(x, device="cuda").requires_grad_(True)
-    td = torch.as_tensor(dout, device="cuda")
-    C = x.shape[1]
-    w = torch.ones(C, device="cuda", dtype=torch.float32 if x.dtype != np.float64 else torch.float64,
-                   requires_grad=True)
-    bias = torch.zeros_like(w, requires_grad=True)
-    rm, rv = torch.zeros_like(w), torch.ones_like(w)
-
-    def fwd():
-        return torch.nn.functional.batch_norm(tx, rm, rv, w, bias, training=True, eps=EPS)
-
-    def timed(fn, repeat=20):
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / repeat
-
-    t_fwd = timed(fwd)
-    t_both = timed(lambda: torch.autograd.grad(fwd(), (tx, w, bias), td))
-    return t_fwd, max(t_both - t_fwd, 1e-9)
