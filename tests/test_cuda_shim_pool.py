@@ -7,6 +7,7 @@ kernels do). Every case also runs with 64-bit indices and under launch grids
 smaller and larger than the work, with a block size that is no multiple of
 the plane. Outputs are poisoned first, so an element the kernels skip fails.
 """
+import json
 import sys
 import types
 from importlib import resources
@@ -434,3 +435,97 @@ def test_launch_config(plane, planes, sm_count, block, blocks_per_sm, per_step):
     assert 1 <= gy <= min(-(-planes // per_step), 65535)
     if blocks_per_sm is None:
         assert gy == min(-(-planes // per_step), 65535)
+
+
+# ---------------------------------------------------------------- scripts/tune_pool.py, no GPU
+
+class _ShimArray(np.ndarray):
+    """NumPy array with the bits of cupy.ndarray.data that tune_pool uses."""
+
+    @property
+    def data(self):
+        flat = self.reshape(-1).view(np.uint8)
+
+        class Pointer:
+            def memset_async(self, value, nbytes):
+                flat[:nbytes] = value
+
+            def copy_from_device_async(self, src, nbytes):
+                flat[:nbytes] = src.array.reshape(-1).view(np.uint8)[:nbytes]
+        pointer = Pointer()
+        pointer.array = self
+        return pointer
+
+
+def _fake_cupy(lib):
+    """A cupy stand-in on NumPy whose kernels are the shim build: enough for tune_pool."""
+    import time
+
+    def wrap(a):
+        return np.ascontiguousarray(a).view(_ShimArray)
+
+    class Event:
+        def record(self):
+            self.t = time.perf_counter()
+
+    rng = np.random.default_rng(0)
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, getDevice=lambda: 0,
+        getDeviceProperties=lambda i: {"multiProcessorCount": 2, "name": b"cpu shim"})
+    cuda = types.SimpleNamespace(
+        runtime=runtime, Event=Event, get_elapsed_time=lambda a, b: 1e3 * (b.t - a.t),
+        Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
+    random = types.SimpleNamespace(
+        randint=lambda low, high, size, dtype: wrap(rng.integers(low, high, size, dtype)),
+        standard_normal=lambda size, dtype: wrap(rng.standard_normal(size).astype(dtype)))
+    return types.SimpleNamespace(
+        ndarray=np.ndarray, empty=lambda shape, dtype=np.float64: wrap(np.empty(shape, dtype)),
+        empty_like=lambda a: wrap(np.empty_like(a)), ascontiguousarray=wrap,
+        array_equal=np.array_equal, uint8=np.uint8, uint16=np.uint16, uint32=np.uint32,
+        uint64=np.uint64, int32=np.int32, float32=np.float32, cuda=cuda, random=random,
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+
+
+def test_tune_pool_script_through_the_shim(lib, monkeypatch, tmp_path, capsys):
+    """scripts/tune_pool.py end to end on tiny cases: every variant verified and timed, a broken
+    variant reported, the JSON written."""
+    import importlib.util
+    path = Path(__file__).parents[1] / "scripts" / "tune_pool.py"
+    spec = importlib.util.spec_from_file_location("tune_pool", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    monkeypatch.setattr(tune, "CASES", {
+        name: (pass_, (2, 3) + ((12, 10) if "3x3" in name else (8, 6)), dtype, pool_param)
+        for name, (pass_, shape, dtype, pool_param) in tune.CASES.items()
+        if "float16" not in dtype or cuda_shim.has_half()})
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lib))
+    monkeypatch.setattr(tune, "copy_bandwidth", lambda cp, timer: 1e9)
+
+    def get_kernel(source, expression, group):
+        assert expression in group
+        if "pairs" in expression and "float" in expression:
+            raise RuntimeError("broken on purpose")
+        return lambda grid, block, args: lib.launch(expression, grid, block, args)
+    monkeypatch.setattr(pk.cuda_compile, "get_kernel", get_kernel)
+    monkeypatch.setattr(pk.cuda_compile, "launch",
+                        lambda function, name, grid, block, args: function(grid, block, args))
+    pk._sm_count.cache_clear()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    try:
+        rc = tune.main(["--reps", "2", "--warmup", "1", "--blocks", "32,64", "--no-torch",
+                        "--cases", ",".join(tune.CASES)])
+    finally:
+        pk._sm_count.cache_clear()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = json.loads((tmp_path / "tune_pool.json").read_text())
+    assert [c["case"] for c in doc["cases"]] == list(tune.CASES)
+    for case in doc["cases"]:
+        statuses = {r["label"]: r["status"] for r in case["rows"]}
+        broken = {k for k, v in statuses.items() if v.startswith("ERROR")}
+        assert broken == ({k for k in statuses if k.startswith("pairs")}
+                          if case["case"].startswith("fwd-2x2-f32") else set()), statuses
+        assert all(v == "ok" for k, v in statuses.items() if k not in broken), statuses
+        assert case["best"] and case["default_ms"] > 0
+        assert len([r for r in case["rows"] if "ms" in r]) >= 8
+    assert "winners" in out and "one forward default" in out
