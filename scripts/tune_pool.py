@@ -222,8 +222,8 @@ def same_bits(cp, a, b):
 def torch_time(torch, pass_, x, dout, pool_param, reps, warmup):
     """Median ms of PyTorch's max_pool2d forward (with indices) or its backward kernel."""
     import torch.nn.functional as F
-    k = (pool_param["pool_height"], pool_param["pool_width"])
-    s, p = pool_param.get("stride", 1), pool_param.get("pad", 0)
+    k = [pool_param["pool_height"], pool_param["pool_width"]]
+    s, p = [pool_param.get("stride", 1)] * 2, [pool_param.get("pad", 0)] * 2
     xt = torch.from_dlpack(x)
     out, idx = F.max_pool2d(xt, k, s, p, return_indices=True)
     if pass_ == "forward":
@@ -233,8 +233,8 @@ def torch_time(torch, pass_, x, dout, pool_param, reps, warmup):
         gt = torch.from_dlpack(dout)
 
         def fn():
-            return torch.ops.aten.max_pool2d_with_indices_backward(gt, xt, k, s, p, 1, False,
-                                                                   idx)
+            return torch.ops.aten.max_pool2d_with_indices_backward(gt, xt, k, s, p, [1, 1],
+                                                                   False, idx)
     for _ in range(warmup):
         fn()
     pairs = []
