@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import numpy
 
@@ -115,14 +116,21 @@ def use_backend(name):
         set_backend(previous)
 
 
+def _cupy_ndarray():
+    """``cupy.ndarray`` when CuPy has been imported (by anyone) and is usable, else None.
+
+    Never imports CuPy itself: an array of a module nobody imported cannot exist.
+    """
+    if "cupy" not in sys.modules:
+        return None
+    cp = _cupy()
+    return None if cp is None else cp.ndarray
+
+
 def is_cupy_array(a):
-    cp = _cupy() if "cupy" in _loaded_modules() else None
-    return cp is not None and isinstance(a, cp.ndarray)
-
-
-def _loaded_modules():
-    import sys
-    return sys.modules
+    """True when ``a`` is a cupy.ndarray."""
+    nd = _cupy_ndarray()
+    return nd is not None and isinstance(a, nd)
 
 
 def get_array_module(*arrays):
@@ -130,18 +138,18 @@ def get_array_module(*arrays):
 
     Raises TypeError when NumPy and CuPy arrays are mixed.
     """
+    nd = _cupy_ndarray()
+    if nd is None:  # the common CPU case: no CuPy at all
+        return numpy
     kinds = {}
     for a in arrays:
-        if a is None:
-            continue
-        kinds.setdefault("cupy" if is_cupy_array(a) else "numpy", type(a).__name__)
+        if a is not None:
+            kinds.setdefault("cupy" if isinstance(a, nd) else "numpy", type(a).__name__)
     if len(kinds) > 1:
         raise TypeError("arrays of different backends in one call: a numpy "
                         f"{kinds['numpy']} and a cupy {kinds['cupy']}; move them to one "
                         "backend with gpulayers.asarray or gpulayers.to_numpy")
-    if "cupy" in kinds:
-        return _cupy()
-    return numpy
+    return _cupy() if "cupy" in kinds else numpy
 
 
 def backend_module(name=None):

@@ -31,7 +31,7 @@ channel gives zeros, and large means do not cancel.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,12 +50,12 @@ _CONVENTIONS = {"cs231n": 0.9, "torch": 0.1}
 _BN_KEYS = {"mode", "eps", "momentum", "running_mean", "running_var", "convention", "comm"}
 
 
-@dataclass(frozen=True)
-class BatchNormCache:
-    """What BN backward needs.
+class BatchNormCache(NamedTuple):
+    """What BN backward needs (a named tuple: immutable and cheap to make).
 
     xhat is the normalized input (one full-size array, in the stats dtype) for
-    the xp path; the CUDA path keeps ``x`` itself instead and recomputes it.
+    the general xp path; the CUDA and NumPy fast paths keep ``x`` itself
+    instead and recompute it.
     gamma, mean and invstd are (C,) arrays in the stats dtype; count is the
     number of values per channel (over all ranks with a communicator).
     """
@@ -84,7 +84,7 @@ def _bcast(v, ndim):
 
 
 def _parse(x, gamma, beta, bn_param, ndim, what):
-    """Check every input of a BN forward; return (mode, eps, momentum, convention, comm)."""
+    """Check every input of a BN forward; return (xp, mode, eps, momentum, convention, comm)."""
     for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
@@ -127,8 +127,8 @@ def _parse(x, gamma, beta, bn_param, ndim, what):
         if r is not None and tuple(getattr(r, "shape", ())) != (C,):
             raise ValueError(f"bn_param[{key!r}] must have shape ({C},) for x of shape {shape}, "
                              f"got {tuple(getattr(r, 'shape', ()))}")
-    get_array_module(x, gamma, beta, bn_param.get("running_mean"), bn_param.get("running_var"))
-    return mode, float(eps), float(momentum), convention, bn_param.get("comm")
+    xp = get_array_module(x, gamma, beta, bn_param.get("running_mean"), bn_param.get("running_var"))
+    return xp, mode, float(eps), float(momentum), convention, bn_param.get("comm")
 
 
 # --------------------------------------------------------------- communicator helpers
@@ -213,8 +213,7 @@ def _use_kernels(xp, comm):
 
 
 def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
-    mode, eps, momentum, convention, comm = _parse(x, gamma, beta, bn_param, ndim, what)
-    xp = get_array_module(x, gamma, beta)
+    xp, mode, eps, momentum, convention, comm = _parse(x, gamma, beta, bn_param, ndim, what)
     if kernels and _use_kernels(xp, comm):
         # CUDA path: statistics, running-stat update and normalization in three kernel
         # launches (train) or one (test, which also returns invstd); no CuPy op in between

@@ -169,6 +169,14 @@ _POOL_KEYS = {"pool_height", "pool_width", "stride", "pad", "dilation", "ceil_mo
               "count_include_pad"}
 
 
+def _hashable(value):
+    """A cache key for one pool_param value that keeps its types (so 2.0 or True
+    never reuse the result checked for 2 or 1)."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_hashable(v) for v in value)
+    return (type(value).__name__, value)
+
+
 def pool_geometry(x_shape, pool_param, op="max"):
     """Check ``x_shape`` and ``pool_param`` and return a :class:`PoolGeometry`.
 
@@ -182,6 +190,33 @@ def pool_geometry(x_shape, pool_param, op="max"):
     Raises ValueError naming the input size, the parameters and the computed
     output size when the combination is not valid.
     """
+    if isinstance(pool_param, dict):
+        try:
+            key = tuple(sorted((k, _hashable(v)) for k, v in pool_param.items()))
+            hash(key)
+        except TypeError:  # an unhashable value: check it the slow way, which raises
+            key = None
+        if key is not None:
+            return _cached_geometry(tuple(int(s) for s in x_shape), key, pool_param, op)
+    return _pool_geometry(x_shape, pool_param, op)
+
+
+def _cached_geometry(x_shape, key, pool_param, op):
+    """pool_geometry through a cache keyed on (shape, typed parameters, op): a layer
+    called again on one shape is checked once."""
+    geom = _GEOMETRIES.get((x_shape, key, op))
+    if geom is None:
+        geom = _pool_geometry(x_shape, pool_param, op)
+        if len(_GEOMETRIES) >= 1024:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[(x_shape, key, op)] = geom
+    return geom
+
+
+_GEOMETRIES = {}
+
+
+def _pool_geometry(x_shape, pool_param, op):
     shape = tuple(int(s) for s in x_shape)
     if not isinstance(pool_param, dict):
         raise TypeError(f"pool_param must be a dict, got {type(pool_param).__name__}")

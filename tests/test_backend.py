@@ -63,17 +63,13 @@ def test_get_array_module_and_conversions(xp):
     assert isinstance(G.to_numpy(a), np.ndarray)
 
 
-def test_mixing_backends_raises_type_error():
+def test_mixing_backends_raises_type_error(monkeypatch):
     if "cupy" not in G.available_backends():
         class FakeCupy:  # stands in for a cupy.ndarray
             shape, dtype = (3,), np.float64
-        orig = backend.is_cupy_array
-        backend.is_cupy_array = lambda a: isinstance(a, FakeCupy)
-        try:
-            with pytest.raises(TypeError, match="numpy ndarray and a cupy FakeCupy"):
-                backend.get_array_module(np.ones(3), FakeCupy())
-        finally:
-            backend.is_cupy_array = orig
+        monkeypatch.setattr(backend, "_cupy_ndarray", lambda: FakeCupy)
+        with pytest.raises(TypeError, match="numpy ndarray and a cupy FakeCupy"):
+            backend.get_array_module(np.ones(3), FakeCupy())
     else:
         import cupy
         with pytest.raises(TypeError, match="different backends"):
