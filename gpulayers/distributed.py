@@ -285,7 +285,10 @@ class NCCLComm(_FlaggedComm):
                 raise ValueError("NCCLComm needs an NcclCommunicator or (nranks, unique_id, rank), "
                                  f"got a tuple of {len(comm)} items")
             nranks, unique_id, rank = comm
-            comm = nccl.NcclCommunicator(int(nranks), tuple(unique_id), int(rank))
+            if isinstance(unique_id, list):  # e.g. after a JSON round trip
+                unique_id = tuple(unique_id)
+            # passed on as nccl.get_unique_id() made it: bytes on CuPy 14, a tuple before
+            comm = nccl.NcclCommunicator(int(nranks), unique_id, int(rank))
         elif not isinstance(comm, nccl.NcclCommunicator):
             raise TypeError("NCCLComm needs an NcclCommunicator or (nranks, unique_id, rank), "
                             f"got {type(comm).__name__}")
