@@ -421,8 +421,10 @@ def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
         gamma = beta = None
     else:
         out_shape = shape
-        gamma = (1.0 + 0.1 * _random(xp, (C,), np.float32, rng)).astype(dtype)
-        beta = (0.1 * _random(xp, (C,), np.float32, rng)).astype(dtype)
+        # float32 scale and shift for float16 input, as mixed precision keeps them (and as
+        # the PyTorch peer gets them below)
+        gamma = (1.0 + 0.1 * _random(xp, (C,), np.float32, rng)).astype(pdtype)
+        beta = (0.1 * _random(xp, (C,), np.float32, rng)).astype(pdtype)
     dout = _random(xp, out_shape, dtype, rng) if is_bwd else None
 
     def bn_param():

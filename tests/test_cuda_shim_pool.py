@@ -339,8 +339,10 @@ def shim_launchers(lib, monkeypatch):
                         lambda kernel, name, grid, block, args: lib.launch(kernel, grid, block,
                                                                            args))
     pk._sm_count.cache_clear()
+    pk._prepared.cache_clear()
     yield
     pk._sm_count.cache_clear()
+    pk._prepared.cache_clear()
 
 
 LAUNCH_VARIANTS = [
@@ -510,12 +512,14 @@ def test_tune_pool_script_through_the_shim(lib, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pk.cuda_compile, "launch",
                         lambda function, name, grid, block, args: function(grid, block, args))
     pk._sm_count.cache_clear()
+    pk._prepared.cache_clear()
     monkeypatch.setenv("OUT", str(tmp_path))
     try:
         rc = tune.main(["--reps", "2", "--warmup", "1", "--blocks", "32,64", "--no-torch",
                         "--cases", ",".join(tune.CASES)])
     finally:
         pk._sm_count.cache_clear()
+        pk._prepared.cache_clear()
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = json.loads((tmp_path / "tune_pool.json").read_text())

@@ -222,16 +222,32 @@ def compile_group(expression):
     return group
 
 
-def _launch(plan, dtype, geom, arrays):
-    planes = geom.N * geom.C
-    if planes == 0:
-        return
-    import cupy
+def _frozen(knobs):
+    return tuple(sorted(knobs.items())) if knobs else ()
+
+
+@functools.lru_cache(maxsize=256)
+def _prepared(pass_, geom, dtype, current, extra, device_id):
+    """(function, expression, grid, block, scalar args) of pass_ for geom and dtype under the
+    variant knobs ``current`` (VARIANT[pass_]) updated by ``extra``, both frozen: what a launch
+    needs beyond its arrays, worked out once per geometry instead of on every call."""
+    plan_of = forward_plan if pass_ == "forward" else backward_plan
+    plan = plan_of(geom, {pass_: dict(extra)})
     expression = kernel_expression(plan["kernel"], dtype, geom, plan["params"])
     function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression))
-    grid, block = launch_config(plan["plane"], planes, _sm_count(cupy.cuda.runtime.getDevice()),
+    grid, block = launch_config(plan["plane"], geom.N * geom.C, _sm_count(device_id),
                                 plan["block"], plan["blocks_per_sm"], plan["planes_per_step"])
-    cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalar_args(geom))
+    return function, expression, grid, block, scalar_args(geom)
+
+
+def _launch(pass_, variant, dtype, geom, arrays):
+    if geom.N * geom.C == 0:
+        return
+    import cupy
+    function, expression, grid, block, scalars = _prepared(
+        pass_, geom, dtype, _frozen(VARIANT[pass_]), _frozen((variant or {}).get(pass_)),
+        cupy.cuda.runtime.getDevice())
+    cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalars)
 
 
 def _check_cupy(a, name):
@@ -261,7 +277,7 @@ def max_pool_forward_gpu(x, geom, variant=None):
     x = cupy.ascontiguousarray(x)
     out = cupy.empty(geom.output_shape, dtype=x.dtype)
     offsets = cupy.empty(geom.output_shape, dtype=geom.offset_dtype)
-    _launch(forward_plan(geom, variant), x.dtype, geom, (x, out, offsets))
+    _launch("forward", variant, x.dtype, geom, (x, out, offsets))
     return out, offsets
 
 
@@ -292,5 +308,5 @@ def max_pool_backward_gpu(dout, offsets, geom, variant=None):
     dout = cupy.ascontiguousarray(dout)
     offsets = cupy.ascontiguousarray(offsets)
     dx = cupy.empty(geom.input_shape, dtype=dout.dtype)
-    _launch(backward_plan(geom, variant), dout.dtype, geom, (dout, offsets, dx))
+    _launch("backward", variant, dout.dtype, geom, (dout, offsets, dx))
     return dx
