@@ -72,6 +72,7 @@ class BatchNormCache(NamedTuple):
     comm: object = None
     gamma_dtype: np.dtype = None
     beta_dtype: np.dtype = None
+    stats: object = None  # CUDA train path: the (6, C) block of bn_kernels.STAT_ROWS
 
 
 def _stats_dtype(dtype):
@@ -225,19 +226,21 @@ def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
             if total <= 1:
                 raise ValueError(f"{what} in train mode needs more than one value per channel, "
                                  f"got x of shape {tuple(x.shape)}")
-            y, mean, _, invstd, bn_param["running_mean"], bn_param["running_var"] = \
-                bn_kernels.bn_train_forward_update_gpu(x4, gamma, beta, eps, rm, rv, momentum,
-                                                       convention)
+            y, stats = bn_kernels.bn_train_forward_block_gpu(x4, gamma, beta, eps, rm, rv,
+                                                             momentum, convention)
+            bn_param["running_mean"], bn_param["running_var"] = stats[4], stats[5]
+            mean = invstd = None  # rows 0 and 2 of stats: views made by the backward pass
         else:
             if rm is None or rv is None:
                 raise ValueError(f"{what} in test mode needs bn_param['running_mean'] and "
                                  "['running_var'] (run a train step first or set them)")
             y, mean, invstd = bn_kernels.bn_eval_forward_stats_gpu(x4, gamma, beta, rm, rv, eps)
+            stats = None
         sd = _stats_dtype(x.dtype)
         cache = BatchNormCache((0,) if ndim == 2 else (0, 2, 3), mode == "train",
                                np.dtype(x.dtype), gamma if gamma.dtype == sd else gamma.astype(sd),
                                invstd, total, x=x, mean=mean, gamma_dtype=np.dtype(gamma.dtype),
-                               beta_dtype=np.dtype(beta.dtype))
+                               beta_dtype=np.dtype(beta.dtype), stats=stats)
         return (y if ndim == 4 else y.reshape(x.shape)), cache
     axes = (0,) if ndim == 2 else (0, 2, 3)
     C = x.shape[1]
@@ -304,7 +307,7 @@ def _backward(dout, cache, ndim, what):
         raise ValueError(f"{what}: dout has shape {tuple(dout.shape)} but the forward input "
                          f"had shape {tuple(ref.shape)}")
     xp = get_array_module(dout, ref)
-    sd = cache.invstd.dtype
+    sd = cache.gamma.dtype
     if cache.xhat is None and xp is np:  # NumPy fast path
         dx, dgamma, dbeta = numpy_fast.bn_backward(dout, cache.x, cache.gamma, cache.mean,
                                                    cache.invstd, cache.count, cache.train, sd)
@@ -312,8 +315,10 @@ def _backward(dout, cache, ndim, what):
         from .cuda import bn_kernels
         x4 = cache.x if ndim == 4 else cache.x.reshape(cache.x.shape + (1, 1))
         d4 = dout if ndim == 4 else dout.reshape(x4.shape)
-        dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, cache.mean,
-                                                        cache.invstd, cache.train)
+        mean, invstd = ((cache.mean, cache.invstd) if cache.stats is None
+                        else (cache.stats[0], cache.stats[2]))
+        dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, mean, invstd,
+                                                        cache.train)
         if ndim != 4:
             dx = dx.reshape(dout.shape)
     else:

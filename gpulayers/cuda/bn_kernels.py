@@ -30,7 +30,8 @@ from .compile import get_kernel, launch
 
 __all__ = [
     "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout", "TUNING", "set_tuning",
-    "STAT_ROWS", "bn_train_forward_gpu", "bn_train_forward_update_gpu", "bn_eval_forward_gpu",
+    "STAT_ROWS", "bn_train_forward_gpu", "bn_train_forward_update_gpu",
+    "bn_train_forward_block_gpu", "bn_eval_forward_gpu",
     "bn_eval_forward_stats_gpu", "bn_backward_gpu",
 ]
 
@@ -334,9 +335,10 @@ def bn_train_forward_gpu(x, gamma, beta, eps):
     return y, stats[0], stats[1], stats[2]
 
 
-def bn_train_forward_update_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
-                                convention):
-    """bn_train_forward_gpu plus the running-statistics update, in the same three launches.
+def bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
+                               convention):
+    """bn_train_forward_gpu plus the running-statistics update, in the same three launches,
+    with the per-channel results left in one block (no row views made: cheaper on the host).
 
     Inputs:
     - x, gamma, beta, eps: as bn_train_forward_gpu
@@ -347,8 +349,9 @@ def bn_train_forward_update_gpu(x, gamma, beta, eps, running_mean, running_var, 
       (running = (1-m)*running + m*batch, var times count/(count - 1))
 
     Returns a tuple of:
-    - y, mean, var, invstd: as bn_train_forward_gpu
-    - running_mean, running_var: new arrays (C,) in the stats dtype
+    - y: array (N, C, H, W), dtype of x
+    - stats: array (6, C) in the stats dtype, rows STAT_ROWS: mean, var (biased), invstd,
+      mean_lo, new running_mean, new running_var
     """
     if convention == "cs231n":
         keep, take, unbiased, var_default = momentum, 1 - momentum, False, 0.0
@@ -356,8 +359,20 @@ def bn_train_forward_update_gpu(x, gamma, beta, eps, running_mean, running_var, 
         keep, take, unbiased, var_default = 1 - momentum, momentum, True, 1.0
     else:
         raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
-    y, stats = _train_forward(x, gamma, beta, eps, running_mean, running_var, keep, take,
-                              unbiased, var_default)
+    return _train_forward(x, gamma, beta, eps, running_mean, running_var, keep, take,
+                          unbiased, var_default)
+
+
+def bn_train_forward_update_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
+                                convention):
+    """bn_train_forward_block_gpu with the rows of its stats block returned separately.
+
+    Returns a tuple of:
+    - y, mean, var, invstd: as bn_train_forward_gpu
+    - running_mean, running_var: new arrays (C,) in the stats dtype
+    """
+    y, stats = bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var,
+                                          momentum, convention)
     mean, var, invstd, _, new_mean, new_var = stats
     return y, mean, var, invstd, new_mean, new_var
 
