@@ -372,6 +372,7 @@ def plot_sweep(results, base, path):
             t0 = min(r[3] for r in rows if r[2] / 1e6 == mb[-1])
             ax.loglog(mb, t0 * mb / mb[-1], ":", color="gray", label="linear")
         ax.set_title(op, fontsize=9)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # decades only: no overlapping labels
         ax.set_xlabel("compulsory MB")
         ax.set_ylabel("median ms")
         ax.legend(fontsize=7)
