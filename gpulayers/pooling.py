@@ -102,6 +102,14 @@ def _check_dout(dout, geom, dtype=None):
                          f"{geom.output_shape}: {geom.describe()}")
 
 
+def _backward_inputs(dout, cache, cls):
+    """Check a backward call's cache (a ``cls``) and dout; return (geom, xp)."""
+    _check_cache(cache, cls)
+    _check_dout(dout, cache.geom)
+    arrays = (dout, cache.offsets) if cls is MaxPoolCache else (dout,)
+    return cache.geom, get_array_module(*arrays)
+
+
 def _check_cache(cache, cls):
     if not isinstance(cache, cls):
         raise TypeError(f"cache must be the {cls.__name__} returned by the forward pass, "
@@ -230,10 +238,8 @@ def max_pool_backward_general(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    _check_cache(cache, MaxPoolCache)
-    _check_dout(dout, cache.geom)
-    get_array_module(dout, cache.offsets)
-    return _max_pool_backward_xp(dout, cache.offsets, cache.geom)
+    geom, _ = _backward_inputs(dout, cache, MaxPoolCache)
+    return _max_pool_backward_xp(dout, cache.offsets, geom)
 
 
 # ------------------------------------------------------------------------ naive path
@@ -289,10 +295,7 @@ def max_pool_backward_naive(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    _check_cache(cache, MaxPoolCache)
-    geom = cache.geom
-    _check_dout(dout, geom)
-    xp = get_array_module(dout, cache.offsets)
+    geom, xp = _backward_inputs(dout, cache, MaxPoolCache)
     acc = _acc_dtype(dout.dtype)
     dx = xp.zeros(geom.input_shape, dtype=acc)
     n_idx = xp.arange(geom.N)[:, None]
@@ -352,11 +355,8 @@ def max_pool_backward_reshape(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    _check_cache(cache, MaxPoolCache)
-    geom = cache.geom
-    _check_dout(dout, geom)
+    geom, xp = _backward_inputs(dout, cache, MaxPoolCache)
     _check_tiles(geom)
-    xp = get_array_module(dout, cache.offsets)
     K = geom.window_size
     hit = cache.offsets[..., None] == xp.arange(K, dtype=cache.offsets.dtype)
     dwin = xp.where(hit, dout[..., None], xp.zeros((), dtype=dout.dtype))
@@ -404,10 +404,7 @@ def max_pool_backward_fast(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    _check_cache(cache, MaxPoolCache)
-    geom = cache.geom
-    _check_dout(dout, geom)
-    xp = get_array_module(dout, cache.offsets)
+    geom, xp = _backward_inputs(dout, cache, MaxPoolCache)
     if _use_kernels(xp):
         from .cuda import pool_kernels
         return pool_kernels.max_pool_backward_gpu(dout, cache.offsets, geom)
@@ -522,10 +519,7 @@ def avg_pool_backward(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    _check_cache(cache, AvgPoolCache)
-    geom = cache.geom
-    _check_dout(dout, geom)
-    xp = get_array_module(dout)
+    geom, xp = _backward_inputs(dout, cache, AvgPoolCache)
     acc = _acc_dtype(dout.dtype)
     share = dout.astype(acc) / xp.asarray(cache.divisor, dtype=acc)
     hp, wp = geom.padded_shape
