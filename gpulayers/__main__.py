@@ -10,35 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
 
-from . import backend, batchnorm, pooling
+from . import backend, batchnorm, benchmarking, pooling
 
 SIZES = {"small": 2, "medium": 8, "large": 32}
 POOL = dict(pool_height=3, pool_width=3, stride=2, pad=1)  # ResNet's stem pooling
 UNPOOL_POOL = dict(pool_height=2, pool_width=2, stride=2)
 
 
-def _sync(xp):
-    if xp is not np:
-        xp.cuda.Device().synchronize()
-
-
 def _time(fn, xp, reps):
-    """Median wall time of fn() in ms, after one warm-up call (synchronized on GPU)."""
-    fn()
-    _sync(xp)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(xp)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median time of fn() in ms (CUDA events on CuPy), after a warm-up call."""
+    clock = benchmarking.CPUClock() if xp is np else benchmarking.CupyClock()
+    (entry,) = benchmarking.round_robin([benchmarking.Timed("main", fn, clock)], reps, warmup=1)
+    if entry.error:
+        raise RuntimeError(entry.error)
+    return benchmarking.median(entry.samples)
 
 
 def _ref_bn(x, gamma, beta, eps=1e-5):
