@@ -6,8 +6,7 @@
     PYTHONPATH=. python scripts/tune_pool.py --cases fwd-3x3-f32,bwd-3x3-f32 --reps 50
 
 Variants are gpulayers.cuda.pool_kernels knobs (see its docstring): for each pass, every
-kernel variant (forward: generic with 3 or 2 unrolled taps, 'pairs', the stride-2 kernels 's2',
-'s2rows', 's2cols', 's2block' (1x1, 2x1, 1x2, 2x2 outputs per thread); backward: 'element',
+kernel variant (forward: generic with 3 or 2 unrolled taps, 'pairs'; backward: 'element',
 'blocks'; each with 1, 2 or 4 planes per loop step) crossed with the launch knobs (block
 size, blocks per SM). Variants that resolve to the same kernel and launch for a case are
 timed once. Every variant runs first into outputs poisoned with 0xA5 bytes, which must then
@@ -56,9 +55,7 @@ CASES = {
 }
 KERNEL_VARIANTS = {
     "forward": [dict(kernel=k, taps=t, planes=p)
-                for k, t in (("generic", 3), ("generic", 2), ("pairs", 2), ("s2", 3),
-                             ("s2rows", 3), ("s2cols", 3), ("s2block", 3))
-                for p in (1, 2, 4)],
+                for k, t in (("generic", 3), ("generic", 2), ("pairs", 2)) for p in (1, 2, 4)],
     "backward": [dict(kernel=k, planes=p) for k in ("element", "blocks") for p in (1, 2, 4)],
 }
 BLOCKS = (128, 256, 512)

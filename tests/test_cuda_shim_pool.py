@@ -56,24 +56,11 @@ GEOMETRIES = {
     "2x2s2ceil": ((7, 10), dict(pool_height=2, pool_width=2, stride=2, ceil_mode=True)),
     "3x3s2p1odd": ((9, 7), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
     "2x2s2p1": ((6, 8), dict(pool_height=2, pool_width=2, stride=2, pad=1)),
-    # the s2 kernels: W a multiple of 4 (vectors of 4), odd H and Ho, the last window starting
-    # at column W (pad 1, ceil_mode), unpadded 3x3, mixed window shapes and paddings
-    "3x3s2p1w12": ((9, 12), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
-    "3x3s2p1ceil": ((9, 12), dict(pool_height=3, pool_width=3, stride=2, pad=1, ceil_mode=True)),
-    "3x3s2ceilw8": ((11, 8), dict(pool_height=3, pool_width=3, stride=2, ceil_mode=True)),
-    "3x2s2p1x0ceil": ((10, 12), dict(pool_height=3, pool_width=2, stride=2, pad=(1, 0),
-                                     ceil_mode=True)),
-    "2x3s2p0x1": ((7, 6), dict(pool_height=2, pool_width=3, stride=2, pad=(0, 1))),
-    "2x2s2p1ceil": ((5, 4), dict(pool_height=2, pool_width=2, stride=2, pad=1, ceil_mode=True)),
-    "1x1s2w4": ((5, 4), dict(pool_height=1, pool_width=1, stride=2)),
-    "3x3s2p1tiny": ((2, 2), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
 }
 
 # Every kernel variant's knobs (pool_kernels.VARIANT); launch knobs vary independently.
 FORWARD_VARIANTS = [dict(kernel=kernel, taps=taps, planes=planes)
-                    for kernel in ("generic", "pairs") for taps in (2, 3) for planes in pk.PLANES
-                    ] + [dict(kernel=kernel, taps=3, planes=planes)
-                         for kernel in pk.STRIDE2_KERNELS for planes in pk.PLANES]
+                    for kernel in ("generic", "pairs") for taps in (2, 3) for planes in pk.PLANES]
 BACKWARD_VARIANTS = [dict(kernel=kernel, planes=planes)
                      for kernel in ("element", "blocks") for planes in pk.PLANES]
 
@@ -231,14 +218,14 @@ def check_case(lib, geom, x, dout):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", GEOMETRIES)
 def test_variants_match_references(lib, name, dtype, rng):
-    """Every variant kernel that serves the geometry, on ties, NaN/-inf and mostly -inf data, with both
+    """Every variant kernel that serves the geometry, on ties and NaN/-inf data, with both
     index types and three launch grids, against the loop references."""
     (H, W), pool_param = GEOMETRIES[name]
     geom = pool_geometry((2, 3, H, W), pool_param)
     plans = variant_plans(geom)
     if geom.offset_dtype == np.uint8:
         assert any(what[0] == "forward" for what in plans), "no forward variant ran"
-    for kind in ("ties", "nan", "-inf"):
+    for kind in ("ties", "nan"):
         x = make_input(kind, geom.input_shape, dtype, rng)
         dout = rng.standard_normal(geom.output_shape).astype(dtype)
         ref_out, ref_offsets = reference_forward(x, geom)
@@ -274,27 +261,7 @@ def test_variant_plans_cover_the_benchmark_geometries():
         ("max_pool2d_forward", (3, 4)), ("max_pool2d_backward", (2,), 81))
     assert plans((2, 3, 20, 18), pool_height=17, pool_width=16) == (   # uint16 offsets
         ("max_pool2d_forward", ()), ("max_pool2d_backward_disjoint", (), 360))
-    def s2(shape, kernel="s2block", **pool_param):
-        plan = pk.forward_plan(pool_geometry(shape, pool_param),
-                               {"forward": dict(kernel=kernel, planes=2)})
-        return plan["kernel"], plan["params"], plan["plane"]
-    stem = dict(pool_height=3, pool_width=3, stride=2, pad=1)
-    assert s2((2, 3, 112, 112), **stem) == ("max_pool2d_forward_s2", (2, 2, 2), 28 * 28)
-    assert s2((2, 3, 112, 112), "s2", **stem) == ("max_pool2d_forward_s2", (1, 1, 2), 56 * 56)
-    assert s2((2, 3, 112, 112), "s2rows", **stem) == ("max_pool2d_forward_s2", (2, 1, 2), 1568)
-    assert s2((2, 3, 112, 112), "s2cols", **stem) == ("max_pool2d_forward_s2", (1, 2, 2), 1568)
-    assert s2((2, 3, 9, 110), **stem) == ("max_pool2d_forward_s2", (2, 1, 2), 3 * 55)  # W % 4
-    assert s2((2, 3, 8, 8), pool_height=2, pool_width=2, stride=2, pad=1, ceil_mode=True) == (
-        "max_pool2d_forward_s2", (2, 2, 2), 9)
-    for shape, pool_param in (((2, 3, 9, 9), stem),                                   # odd W
-                              ((2, 3, 12, 12), dict(stem, stride=1)),
-                              ((2, 3, 12, 12), dict(stem, dilation=2)),
-                              ((2, 3, 12, 12), dict(stem, pool_height=4, pool_width=4)),
-                              ((2, 3, 12, 12), dict(pool_height=5, pool_width=5, stride=2,
-                                                    pad=2))):
-        assert s2(shape, **pool_param)[:2] == ("max_pool2d_forward", (3, 2)), pool_param
-    for geom in (pool_geometry((1, 1, 9, 9), dict(pool_height=3, pool_width=3, stride=2)),
-                 pool_geometry((1, 1, 8, 12), dict(pool_height=3, pool_width=3, stride=2))):
+    for geom in (pool_geometry((1, 1, 9, 9), dict(pool_height=3, pool_width=3, stride=2)),):
         for variant in FORWARD_VARIANTS:
             plan = pk.forward_plan(geom, {"forward": variant})
             assert pk.kernel_expression(plan["kernel"], np.float32, geom,

@@ -14,9 +14,8 @@
 // template arguments): Planes > 1 makes a thread handle Planes planes per loop step (planes nc,
 // nc + 1, ...; every load of the group is issued before any result is stored, for more loads in
 // flight); Taps is the forward fast path's unrolled window size; the *_pairs and *_blocks
-// kernels serve stride-2 geometries with 2-element vector loads/stores, the *_s2 kernel stride-2
-// windows of up to 3x3 taps with R x C outputs per thread. Every variant gives the same bits as
-// the default kernels.
+// kernels serve stride-2 geometries with 2-element vector loads/stores. Every variant gives the
+// same bits as the default kernels.
 #ifndef GPULAYERS_CPU_SHIM
 #include <cuda_fp16.h>
 #endif
@@ -38,16 +37,6 @@ __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(unsigned char* p, int v) { *p = (unsigned char)v; }
-
-// -inf in A: what a tap outside x reads in the *_s2 kernel (never taken).
-#ifdef GPULAYERS_CPU_SHIM
-#define GPULAYERS_INFINITY HUGE_VAL
-#else
-#define GPULAYERS_INFINITY __longlong_as_double(0x7ff0000000000000LL)
-#endif
-template <typename A>
-__device__ __forceinline__ A minus_infinity() { return (A)-GPULAYERS_INFINITY; }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
@@ -62,18 +51,6 @@ template <typename T>
 __device__ __forceinline__ Pair<T> load_pair(const T* p)
 {
     return *reinterpret_cast<const Pair<T>*>(p);
-}
-
-// N adjacent elements, loaded as one aligned access (the pointer must be aligned to N elements).
-template <typename T, int N>
-struct alignas(N * sizeof(T)) Vec {
-    T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p)
-{
-    return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
 template <typename T, typename A>
@@ -266,120 +243,6 @@ __global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict_
                 if (in_group(nc, u, planes)) {
                     store(out + (nc + u) * out_plane + p, best);
                     offsets[(nc + u) * out_plane + p] = (Off)arg;
-                }
-            }
-        }
-    }
-}
-
-// Offset i * kw + j of the tap that the *_s2 kernel tracks as i * 3 + j.
-__device__ __forceinline__ int tap_offset(int k3, int kw)
-{
-    return kw == 3 ? k3 : k3 / 3 * kw + k3 % 3;
-}
-
-// One thread per R x C block of outputs (oh in [R*bh, R*bh + R), ow in [C*bw, C*bw + C)) of
-// Planes planes, for stride 2, no dilation, windows of at most 3x3 taps, padding at most 1 and
-// W a multiple of 2C: reads each of the 2R + 1 input rows the block's windows span as one
-// aligned vector (the 2C columns from 2*ow0) and one scalar (column 2*ow0 - 1 when pw = 1, else
-// 2*ow0 + 2C); a load outside x reads a clamped address and counts as -inf, which never wins.
-// Compares each window's taps in row-major order (best starts at -inf with the offset of the
-// first in-range tap: PyTorch's rule) and writes out and offsets as the default kernel.
-template <typename T, typename Off, typename Idx, int R, int C, int Planes>
-__global__ void max_pool2d_forward_s2(const T* __restrict__ x, T* __restrict__ out,
-                                      Off* __restrict__ offsets, Idx planes,
-                                      int H, int W, int Ho, int Wo, int kh, int kw,
-                                      int sh, int sw, int ph, int pw, int dh, int dw)
-{
-    typedef typename Acc<T>::type A;
-    const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
-    const int Bw = (Wo + C - 1) / C;
-    const Idx blocks = (Idx)((Ho + R - 1) / R) * Bw;
-    const A never = minus_infinity<A>();
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < blocks;
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, blocks)) {
-        const int bh = (int)(p / Bw), bw = (int)(p - (Idx)bh * Bw);
-        const int oh0 = R * bh, ow0 = C * bw;
-        const int h0 = 2 * oh0 - ph;                    // input row of row slot 0
-        const int vcol = 2 * ow0;                       // first column of the vector
-        const int scol = pw ? vcol - 1 : vcol + 2 * C;  // column of the scalar
-        const bool vec_in = vcol < W, scalar_in = scol >= 0 && scol < W;
-        // Clamped columns: every load stays inside x, so all of them can be in flight at once.
-        const int vc = imin(vcol, W - 2 * C), sc = imin(scol < 0 ? 0 : scol, W - 1);
-        const Idx q0 = (Idx)oh0 * Wo + ow0;  // in-plane index of output (oh0, ow0)
-        FOR_PLANE_GROUPS(nc) {
-            A best[Planes][R][C];
-            int arg[Planes][R][C];  // tap i * 3 + j; tap_offset on store
-#pragma unroll
-            for (int u = 0; u < Planes; ++u) {
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-#pragma unroll
-                    for (int c = 0; c < C; ++c) {
-                        best[u][r][c] = never;
-                        arg[u][r][c] = (h0 + 2 * r < 0 ? 3 : 0) + (vcol - pw + 2 * c < 0);
-                    }
-                }
-            }
-            // Row slot t (input row h0 + t) holds tap row i = t - 2r of output row r; column
-            // slot q (input column 2*ow0 - pw + q) tap column j = q - 2c of output column c.
-#pragma unroll
-            for (int t = 0; t <= 2 * R; ++t) {
-                const bool row_in = h0 + t >= 0 && h0 + t < H;
-                const int hr = imin(h0 + t < 0 ? 0 : h0 + t, H - 1);
-                A v[Planes][2 * C + 1];
-#pragma unroll
-                for (int u = 0; u < Planes; ++u) {
-                    const T* row = x + group_plane(nc, u, planes) * in_plane + (Idx)hr * W;
-                    const Vec<T, 2 * C> vec = load_vec<2 * C>(row + vc);
-                    const A s = row_in & scalar_in ? to_acc(row[sc]) : never;
-                    A a[2 * C];
-#pragma unroll
-                    for (int e = 0; e < 2 * C; ++e) {
-                        a[e] = row_in & vec_in ? to_acc(vec.v[e]) : never;
-                    }
-#pragma unroll
-                    for (int q = 0; q <= 2 * C; ++q) {  // the scalar first (pw = 1) or last
-                        v[u][q] = pw ? (q == 0 ? s : a[q == 0 ? 0 : q - 1])
-                                     : (q == 2 * C ? s : a[q == 2 * C ? 0 : q]);
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < Planes; ++u) {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int i = t - 2 * r;
-                        if (i < 0 || i > 2) continue;
-#pragma unroll
-                        for (int c = 0; c < C; ++c) {
-#pragma unroll
-                            for (int j = 0; j < 3; ++j) {
-                                take_max(v[u][2 * c + j], i * 3 + j, (i < kh) & (j < kw),
-                                         best[u][r][c], arg[u][r][c]);
-                            }
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < Planes; ++u) {
-                if (!in_group(nc, u, planes)) break;
-                const Idx q = (nc + u) * out_plane + q0;
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    if (oh0 + r >= Ho) break;
-                    if (C == 2 && Wo % 2 == 0) {  // aligned pairs: q0 and out_plane are even
-                        store_pair(out + q + (Idx)r * Wo, best[u][r][0], best[u][r][C - 1]);
-                        store_pair(offsets + q + (Idx)r * Wo, tap_offset(arg[u][r][0], kw),
-                                   tap_offset(arg[u][r][C - 1], kw));
-                    } else {
-#pragma unroll
-                        for (int c = 0; c < C; ++c) {
-                            if (ow0 + c >= Wo) break;
-                            store(out + q + (Idx)r * Wo + c, best[u][r][c]);
-                            offsets[q + (Idx)r * Wo + c] = (Off)tap_offset(arg[u][r][c], kw);
-                        }
-                    }
                 }
             }
         }

@@ -13,10 +13,7 @@ program that pools one dtype compiles only its kernels.
 Variants: :data:`VARIANT` (or a launcher's ``variant=`` argument, merged over it) picks the
 kernel and launch shape of each pass; every variant gives the same bits. Forward keys:
 ``kernel`` ('generic'; 'pairs': 2x2 stride-2 unpadded windows on an even W, read as aligned
-pairs; 's2', 's2rows', 's2cols', 's2block': stride-2 undilated windows of at most 3x3 taps with
-padding at most 1 on an even W, 1x1, 2x1, 1x2 or 2x2 outputs (rows x columns) per thread, each
-input row read as one aligned vector of 2 or 4 (2 columns of outputs, W a multiple of 4; else 1
-column) elements plus one scalar, see :data:`STRIDE2_KERNELS`), ``taps`` (3; 2 unrolls 2x2 taps when the window is at most 2x2), ``planes`` (1, 2 or 4
+pairs), ``taps`` (3; 2 unrolls 2x2 taps when the window is at most 2x2), ``planes`` (1, 2 or 4
 planes per thread and loop step), ``block`` (threads per block), ``blocks_per_sm`` (resident
 blocks per multiprocessor the grid aims at; None: one y block per plane group). Backward keys:
 ``kernel`` ('element': one thread per dx element; 'blocks': one thread per 2x2 block of dx, for
@@ -35,7 +32,7 @@ from . import compile as cuda_compile
 
 __all__ = ["max_pool_forward_gpu", "max_pool_backward_gpu", "index_type", "kernel_expression",
            "launch_config", "scalar_args", "forward_plan", "backward_plan", "VARIANT",
-           "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group", "STRIDE2_KERNELS"]
+           "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group"]
 
 SOURCE = "maxpool.cu"
 
@@ -53,8 +50,6 @@ VARIANT_KERNELS = (
     [("max_pool2d_forward", (taps, planes)) for taps in (2, 3) for planes in PLANES
      if (taps, planes) != (3, 1)]
     + [("max_pool2d_forward_pairs", (planes,)) for planes in PLANES]
-    + [("max_pool2d_forward_s2", (rows, cols, planes)) for rows in (1, 2) for cols in (1, 2)
-       for planes in PLANES]
     + [(kernel, (planes,)) for kernel in KERNELS[1:] for planes in PLANES if planes > 1]
     + [("max_pool2d_backward_blocks", (2, nw, planes)) for nw in (1, 2) for planes in PLANES])
 
@@ -67,10 +62,6 @@ NAME_EXPRESSIONS = tuple(f"{kernel}<{value}, {offset}, {index}>"
     for kernel, params in VARIANT_KERNELS
     for value in VALUE_TYPES.values()
     for index in INDEX_TYPES)
-
-# Forward kernel names of max_pool2d_forward_s2: (output rows, output columns) per thread.
-STRIDE2_KERNELS = {"s2": (1, 1), "s2rows": (2, 1), "s2cols": (1, 2), "s2block": (2, 2)}
-FORWARD_KERNELS = ("generic", "pairs") + tuple(STRIDE2_KERNELS)
 
 _BLOCK = 256
 _MAX_THREADS_X = 2**30       # blockDim.x * gridDim.x at most this, below 2**31
@@ -140,28 +131,20 @@ def forward_plan(geom, variant=None):
     """What the forward launcher runs for geom under VARIANT updated by ``variant``: a dict
     with kernel, params (extra template arguments), plane (positions per plane),
     planes_per_step, block and blocks_per_sm. Variants need uint8 offsets; 'pairs' needs
-    2x2 stride-2 unpadded undilated windows, an even W and 2 * Ho <= H; the 's2' kernels need
-    stride 2, dilation 1, windows of at most 3x3, padding at most 1 and an even W (2 output
-    columns per thread need a W that is a multiple of 4, else they take 1); taps 2 needs a
-    window of at most 2x2; otherwise the default kernel (with the launch knobs) runs."""
+    2x2 stride-2 unpadded undilated windows, an even W and 2 * Ho <= H; taps 2 needs a window
+    of at most 2x2; otherwise the default kernel (with the launch knobs) runs."""
     options = _options("forward", variant)
     plane = geom.Ho * geom.Wo
-    kernel = options["kernel"]
-    if kernel not in FORWARD_KERNELS:
-        raise ValueError(f"forward kernel must be one of {FORWARD_KERNELS}, got {kernel!r}")
+    if options["kernel"] not in ("generic", "pairs"):
+        raise ValueError(f"forward kernel must be 'generic' or 'pairs', "
+                         f"got {options['kernel']!r}")
     if geom.offset_dtype != np.uint8:
         return _plan("max_pool2d_forward", (), plane, 1, options)
     planes = options["planes"]
-    if (kernel == "pairs" and (geom.kh, geom.kw, geom.sh, geom.sw) == (2, 2, 2, 2)
+    if (options["kernel"] == "pairs" and (geom.kh, geom.kw, geom.sh, geom.sw) == (2, 2, 2, 2)
             and (geom.ph, geom.pw, geom.dh, geom.dw) == (0, 0, 1, 1) and geom.W % 2 == 0
             and 2 * geom.Ho <= geom.H and 2 * geom.Wo <= geom.W):
         return _plan("max_pool2d_forward_pairs", (planes,), plane, planes, options)
-    if (kernel in STRIDE2_KERNELS and geom.sh == geom.sw == 2 and geom.dh == geom.dw == 1
-            and max(geom.kh, geom.kw) <= 3 and max(geom.ph, geom.pw) <= 1 and geom.W % 2 == 0):
-        rows, cols = STRIDE2_KERNELS[kernel]
-        cols = cols if geom.W % (2 * cols) == 0 else 1
-        blocks = -(-geom.Ho // rows) * -(-geom.Wo // cols)
-        return _plan("max_pool2d_forward_s2", (rows, cols, planes), blocks, planes, options)
     if options["taps"] not in (2, 3):
         raise ValueError(f"taps must be 2 or 3, got {options['taps']!r}")
     taps = 2 if options["taps"] == 2 and geom.kh <= 2 and geom.kw <= 2 else 3
