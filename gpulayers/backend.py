@@ -19,7 +19,7 @@ import numpy
 __all__ = [
     "available_backends", "backend_info", "get_backend", "set_backend", "use_backend",
     "get_array_module", "asarray", "to_numpy", "cupy_unusable_reason", "is_cupy_array",
-    "BACKENDS",
+    "backend_module", "BACKENDS",
 ]
 
 BACKENDS = ("numpy", "cupy")
