@@ -32,6 +32,7 @@ E[x^2] - E[x]^2 cancellation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -222,41 +223,83 @@ def max_pool_forward(x, geom, general):
     return out.reshape(geom.output_shape), off.reshape(geom.output_shape)
 
 
+def _windows_share(k, s, d):
+    """True when two windows ``s`` apart (some multiple) can hold one element
+    along an axis: a shift ``m*s`` (m >= 1) equals a tap distance ``t*d``, t < k."""
+    return (k - 1) * d >= math.lcm(s, d)
+
+
 def max_pool_backward(dout, offsets, geom, general=None):
     """dx of max pooling from the compact offsets, by blocks (any geometry).
 
-    Each output element's flat target in its dx plane is ``base[oh, ow] +
-    lut[offset]``; ``np.add.at`` then adds every window's gradient at its
-    argmax only (a NaN in dout reaches only its argmax, as in PyTorch),
-    in output order, one cache-sized block of planes at a time (float32
-    accumulation for float16).
+    Window ``(oh, ow)`` sends its gradient to the flat target ``base[oh, ow] +
+    lut[offset]`` of its dx plane, with ``lut[t] = t*dw + (t // kw)*(dh*W - kw*dw)``
+    computed in small integers (cheaper than a gather from ``lut``).
+
+    - Windows that can share no element (stride >= dilated window along an
+      axis, as in 2x2/2): every target is unique, one fancy assignment of
+      ``dout + 0`` (the +0 turns -0.0 into +0.0, as the general path's zero
+      start does).
+    - Otherwise ``np.add.at`` over the windows in *descending* output order.
+      Two windows with a common element see it at taps that grow as the window
+      index falls (a later row/column sees it at a smaller ``i``/``j``), so the
+      descending order adds each element's contributions in ascending tap order
+      ``i*kw + j`` from zero, exactly like the general path
+      (``pooling._max_pool_backward_xp``): the results are equal bit for bit,
+      NaN/inf in dout included. float16 sums in float32, as there.
     """
     N, C, H, W = geom.input_shape
+    kh, kw, sh, sw, dh, dw = geom.kh, geom.kw, geom.sh, geom.sw, geom.dh, geom.dw
     Ho, Wo = geom.Ho, geom.Wo
-    NC = N * C
-    dr = np.ascontiguousarray(dout).reshape(NC, Ho * Wo)
-    fr = np.ascontiguousarray(offsets).reshape(NC, Ho * Wo)
-    k = np.arange(geom.window_size, dtype=np.intp)
-    lut = (k // geom.kw) * geom.dh * W + (k % geom.kw) * geom.dw
-    oh = np.arange(Ho, dtype=np.intp)[:, None] * geom.sh - geom.ph
-    ow = np.arange(Wo, dtype=np.intp)[None, :] * geom.sw - geom.pw
+    NC, P, Q = N * C, H * W, Ho * Wo
+    dr = np.ascontiguousarray(dout).reshape(NC, Q)
+    fr = np.ascontiguousarray(offsets).reshape(NC, Q)
+    odt = fr.dtype
+    acc = np.dtype(np.float32) if dout.dtype == np.float16 else dout.dtype
+    oh = np.arange(Ho, dtype=np.intp)[:, None] * sh - geom.ph
+    ow = np.arange(Wo, dtype=np.intp)[None, :] * sw - geom.pw
     base = (oh * W + ow).reshape(-1)
-    dx = np.empty((NC, H * W), dout.dtype)
-    acc = np.float32 if dout.dtype == np.float16 else dout.dtype
-    per_plane = Ho * Wo * np.dtype(np.intp).itemsize + H * W * 4
+    step = dh * W - kw * dw                        # lut[t] = t*dw + (t // kw) * step
+    small = (kh - 1) * abs(step) + (geom.window_size - 1) * dw < 2 ** 15
+    vdt = np.dtype(np.int16 if small else np.int32)
+    overlap = _windows_share(kh, sh, dh) or _windows_share(kw, sw, dw)
+    direct = acc == dout.dtype or not overlap
+    per_plane = Q * (8 + 2 * vdt.itemsize + odt.itemsize + dout.dtype.itemsize) + P * (
+        0 if direct else acc.itemsize)
+    per_block = max(1, min(NC, BLOCK_BYTES // per_plane))
+    bb = (base[None, :] + (np.arange(per_block, dtype=np.intp) * P)[:, None]).reshape(-1)
+    dx = np.empty((NC, P), dout.dtype)
+    zero = dout.dtype.type(0)
 
     def work(s, e, scr):
         n = e - s
-        idx = scr.get("idx", Ho * Wo, np.intp)[:n * Ho * Wo].reshape(n, Ho * Wo)
-        np.take(lut, fr[s:e], out=idx, mode="clip")  # offsets < window_size
-        idx += base
-        idx += (np.arange(n, dtype=np.intp) * (H * W))[:, None]
-        direct = acc == dout.dtype
-        sums = dx[s:e] if direct else scr.get("acc", H * W, acc)[:n * H * W]
+        L = n * Q
+        f = fr[s:e].reshape(-1)
+        q = scr.get("q", Q, odt)[:L]
+        v = scr.get("v", Q, vdt)[:L]
+        np.floor_divide(f, odt.type(kw), out=q)
+        np.multiply(q, vdt.type(step), out=v, dtype=vdt, casting="unsafe")
+        if dw == 1:
+            np.add(v, f, out=v, dtype=vdt, casting="unsafe")
+        else:
+            w = scr.get("w", Q, vdt)[:L]
+            np.multiply(f, vdt.type(dw), out=w, dtype=vdt, casting="unsafe")
+            v += w
+        idx = scr.get("idx", Q, np.intp)[:L]
+        np.add(bb[:L], v, out=idx)
+        d = dr[s:e].reshape(-1)
+        if not overlap:
+            vals = scr.get("vals", Q, dout.dtype)[:L]
+            np.add(d, zero, out=vals)
+            out = dx[s:e].reshape(-1)
+            out.fill(0)
+            out[idx] = vals
+            return
+        sums = dx[s:e].reshape(-1) if direct else scr.get("acc", P, acc)[:n * P]
         sums.fill(0)
-        np.add.at(sums.reshape(-1), idx.reshape(-1), dr[s:e].reshape(-1))
+        np.add.at(sums, idx[::-1], d[::-1])
         if not direct:
-            np.copyto(dx[s:e], sums.reshape(n, H * W), casting="unsafe")
+            np.copyto(dx[s:e], sums.reshape(n, P), casting="unsafe")
 
     _run_blocks(NC, per_plane, work)
     return dx.reshape(geom.input_shape)
