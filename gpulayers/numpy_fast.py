@@ -313,13 +313,42 @@ def _rows(v, N):
     return np.tile(v, N)[:, None]
 
 
+_vecdot = getattr(np, "vecdot", None)   # NumPy >= 2.0
+
+
+def _row_dots(a, b):
+    """(n, P), (n, P) -> (n,): per-row dot products in the arrays' dtype (one read pass)."""
+    if _vecdot is not None:
+        return _vecdot(a, b)
+    return np.einsum("ij,ij->i", a, b)
+
+
+#: a plane's sum of squared deviations is taken as sum(x^2) - sum(x)^2 / P only when
+#: its mean^2 <= this * its variance (the cancellation then costs at most ~this * eps);
+#: otherwise every plane is recomputed centred on its own mean
+_RAW_MOMENTS_MAX = 16.0
+
+#: (x - mean) * a + b is computed as x * a + (b - mean * a) (one ufunc pass fewer) only
+#: when every channel's |mean| / std is at most this (the extra rounding is ~this * eps,
+#: relative to the output's scale)
+_FOLD_MAX = 8.0
+
+
 def bn_train_forward(x, gamma, beta, eps, sd):
     """Spatial BN train forward of a NumPy x (N, C, H, W).
 
-    Per plane: shift by the channel's pivot (its first sample, so a constant
-    channel gives exact zeros), sum, then the sum of squared deviations from
-    the plane mean -- both on the block in cache. Planes merge per channel by
-    Chan's formula. ``gamma``, ``beta`` are (C,) in the stats dtype ``sd``.
+    Statistics per plane, merged per channel by Chan's formula:
+
+    - x in the stats dtype: one read pass, sum(x) (pairwise) and sum(x^2)
+      (a row dot product), M2 = sum(x^2) - sum(x)^2 / P in float64 -- kept only
+      when no plane's mean^2 exceeds ``_RAW_MOMENTS_MAX`` times its variance
+      (so a constant plane, where the difference would be rounding noise,
+      always goes on to the exact pass below);
+    - otherwise: shift by the channel's pivot (its first sample, so a constant
+      channel gives exact zeros), sum, then the sum of squared deviations from
+      the plane mean -- both on the block in cache.
+
+    ``gamma``, ``beta`` are (C,) in the stats dtype ``sd``.
 
     Returns (out, mean, var, invstd), out in x's dtype; or None when some
     channel's |mean| / std exceeds ``_MEAN_OVER_STD_MAX`` (the caller then
@@ -330,23 +359,39 @@ def bn_train_forward(x, gamma, beta, eps, sd):
     P = H * W
     NC = N * C
     xr = x.reshape(NC, P)
-    pivot = x[0, :, 0, 0].astype(sd)
-    piv_rows = _rows(pivot, N)
-    sum_p = np.empty(NC, sd)
-    m2_p = np.empty(NC, sd)
+    mean_p = None
+    if x.dtype == sd:
+        s1 = np.empty(NC, sd)
+        s2 = np.empty(NC, sd)
 
-    def stats(s, e, scr):
-        n = e - s
-        t = scr.get("t", P, sd)[:n * P].reshape(n, P)
-        np.subtract(xr[s:e], piv_rows[s:e], out=t, dtype=sd)
-        sums = np.add.reduce(t, axis=1)
-        sum_p[s:e] = sums
-        t -= (sums / P)[:, None]
-        np.square(t, out=t)
-        np.add.reduce(t, axis=1, out=m2_p[s:e])
+        def moments(s, e, scr):
+            np.add.reduce(xr[s:e], axis=1, out=s1[s:e])
+            s2[s:e] = _row_dots(xr[s:e], xr[s:e])
 
-    _run_blocks(NC, P * (x.dtype.itemsize + np.dtype(sd).itemsize), stats)
-    mean_p = (sum_p / P).reshape(N, C)              # shifted plane means
+        _run_blocks(NC, P * x.dtype.itemsize, moments)
+        S1 = s1.astype(np.float64)
+        m2_raw = s2 - S1 * S1 / P
+        with np.errstate(invalid="ignore"):
+            if np.all(S1 * S1 / P <= _RAW_MOMENTS_MAX * m2_raw):
+                pivot, mean_p, m2_p = 0.0, (S1 / P).reshape(N, C), m2_raw
+    if mean_p is None:
+        pivot = x[0, :, 0, 0].astype(sd)
+        piv_rows = _rows(pivot, N)
+        sum_p = np.empty(NC, sd)
+        m2_p = np.empty(NC, sd)
+
+        def stats(s, e, scr):
+            n = e - s
+            t = scr.get("t", P, sd)[:n * P].reshape(n, P)
+            np.subtract(xr[s:e], piv_rows[s:e], out=t, dtype=sd)
+            sums = np.add.reduce(t, axis=1)
+            sum_p[s:e] = sums
+            t -= (sums / P)[:, None]
+            np.square(t, out=t)
+            np.add.reduce(t, axis=1, out=m2_p[s:e])
+
+        _run_blocks(NC, P * (x.dtype.itemsize + np.dtype(sd).itemsize), stats)
+        mean_p = (sum_p / P).reshape(N, C)              # shifted plane means
     shift_mean = mean_p.mean(axis=0)
     m2 = m2_p.reshape(N, C).sum(axis=0) + P * np.square(mean_p - shift_mean).sum(axis=0)
     var = (m2 / (N * P)).astype(sd)
@@ -354,7 +399,7 @@ def bn_train_forward(x, gamma, beta, eps, sd):
     invstd = (1 / np.sqrt(var + eps)).astype(sd)
     if np.any(np.abs(mean) * invstd > _MEAN_OVER_STD_MAX):
         return None
-    out = _affine(x, mean, gamma * invstd, beta, sd)
+    out = _affine(x, mean, gamma * invstd, beta, sd, invstd)
     return out, mean, var, invstd
 
 
@@ -363,20 +408,35 @@ def bn_train_forward(x, gamma, beta, eps, sd):
 _MEAN_OVER_STD_MAX = 64.0
 
 
-def _affine(x, mean, scale, shift, sd):
-    """(x - mean) * scale + shift per channel, by blocks; dtype of x."""
+def _foldable(mean, invstd):
+    """True when every channel's |mean| / std is at most ``_FOLD_MAX`` (False on NaN)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.all(np.abs(mean.astype(np.float64)) * invstd <= _FOLD_MAX))
+
+
+def _affine(x, mean, scale, shift, sd, invstd):
+    """(x - mean) * scale + shift per channel, by blocks; dtype of x.
+
+    As x * scale + (shift - mean * scale) (two ufunc passes instead of three)
+    when ``_foldable(mean, invstd)``."""
     N, C, H, W = x.shape
     P, NC = H * W, N * C
     xr = np.ascontiguousarray(x).reshape(NC, P)
     out = np.empty((NC, P), x.dtype)
+    fold = _foldable(mean, invstd)
+    if fold:
+        shift = shift.astype(np.float64) - mean.astype(np.float64) * scale.astype(np.float64)
     m, a, b = _rows(mean, N), _rows(scale.astype(sd), N), _rows(shift.astype(sd), N)
     direct = np.dtype(sd) == x.dtype
 
     def work(s, e, scr):
         n = e - s
         t = out[s:e] if direct else scr.get("t", P, sd)[:n * P].reshape(n, P)
-        np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
-        t *= a[s:e]
+        if fold:
+            np.multiply(xr[s:e], a[s:e], out=t, dtype=sd)
+        else:
+            np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
+            t *= a[s:e]
         t += b[s:e]
         if not direct:
             np.copyto(out[s:e], t, casting="unsafe")
@@ -387,15 +447,17 @@ def _affine(x, mean, scale, shift, sd):
 
 def bn_eval_forward(x, gamma, beta, mean, invstd, sd):
     """Spatial BN test-mode forward: (x - mean) * gamma * invstd + beta."""
-    return _affine(x, mean, gamma * invstd, beta, sd)
+    return _affine(x, mean, gamma * invstd, beta, sd, invstd)
 
 
 def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
     """Spatial BN backward from x itself (no normalized copy in the cache).
 
-    Per plane, on blocks in cache: sum(dout) and sum(dout * (x - mean));
-    merged per channel. Then dx = scale * dout + (x - mean) * k2 + k3 (train)
-    or scale * dout (test), with scale = gamma * invstd.
+    Per plane, on blocks in cache: sum(dout) and sum(dout * (x - mean)), the
+    latter as sum(dout * x) - mean * sum(dout) (one row dot product, no centred
+    copy) when ``_foldable`` and all dtypes agree; merged per channel. Then dx = scale * dout + (x - mean) * k2
+    + k3 (train; as scale * dout + x * k2 + (k3 - mean * k2) when
+    ``_foldable``) or scale * dout (test), with scale = gamma * invstd.
 
     Returns (dx in dout's dtype, dgamma, dbeta in ``sd``).
     """
@@ -407,9 +469,15 @@ def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
     db_p = np.empty(NC, sd)
     dg_p = np.empty(NC, sd)
     item = x.dtype.itemsize + dout.dtype.itemsize + np.dtype(sd).itemsize
+    fold = _foldable(mean, invstd)
+    raw = fold and x.dtype == dout.dtype == np.dtype(sd)
 
     def sums(s, e, scr):
         n = e - s
+        if raw:  # sum(dout * x), corrected by mean * sum(dout) below: no centred copy
+            dg_p[s:e] = _row_dots(xr[s:e], dr[s:e])
+            np.add.reduce(dr[s:e], axis=1, out=db_p[s:e])
+            return
         t = scr.get("t", P, sd)[:n * P].reshape(n, P)
         np.add.reduce(dr[s:e], axis=1, dtype=sd, out=db_p[s:e])
         np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
@@ -417,13 +485,19 @@ def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
         np.add.reduce(t, axis=1, out=dg_p[s:e])
 
     _run_blocks(NC, P * item, sums)
+    if raw:
+        dg_p = (dg_p.reshape(N, C) - mean.astype(np.float64) * db_p.reshape(N, C)).astype(sd)
     dbeta = db_p.reshape(N, C).sum(axis=0)
     dgamma = dg_p.reshape(N, C).sum(axis=0) * invstd
     scale = gamma * invstd
     a = _rows(scale, N)
+    fold = fold and train
     if train:
-        k2 = _rows(-scale * invstd * dgamma / count, N)
-        k3 = _rows(-scale * dbeta / count, N)
+        k2c = -scale * invstd * dgamma / count
+        k3c = -scale * dbeta / count
+        if fold:
+            k3c = k3c.astype(np.float64) - mean.astype(np.float64) * k2c.astype(np.float64)
+        k2, k3 = _rows(k2c.astype(sd), N), _rows(k3c.astype(sd), N)
     dx = np.empty((NC, P), dout.dtype)
     direct = np.dtype(sd) == dout.dtype
 
@@ -433,8 +507,11 @@ def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
         np.multiply(dr[s:e], a[s:e], out=o, dtype=sd)
         if train:
             t = scr.get("t", P, sd)[:n * P].reshape(n, P)
-            np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
-            t *= k2[s:e]
+            if fold:
+                np.multiply(xr[s:e], k2[s:e], out=t, dtype=sd)
+            else:
+                np.subtract(xr[s:e], m[s:e], out=t, dtype=sd)
+                t *= k2[s:e]
             o += t
             o += k3[s:e]
         if not direct:
