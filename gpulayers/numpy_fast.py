@@ -7,8 +7,9 @@ three:
 - **blocks**: the N*C planes are processed a few at a time, so every
   intermediate fits in the core's L2 cache; only the input is read from
   memory and only the results are written back;
-- **threads**: blocks go to a pool of ``GPULAYERS_NUM_THREADS`` threads
-  (default: every core); NumPy releases the GIL inside its loops;
+- **threads**: the calling thread and a pool take blocks from one queue,
+  ``GPULAYERS_NUM_THREADS`` threads in all (default: every core); NumPy
+  releases the GIL inside its loops;
 - **contiguous steps**: max pooling first splits each block's columns by
   ``col % stride`` (one strided copy), after which every window tap is a
   *flat shift* of a contiguous array: ``np.maximum``/``np.greater`` run
@@ -35,7 +36,7 @@ import dataclasses
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -89,7 +90,12 @@ class _Scratch:
 
 
 def _run_blocks(n_items, bytes_per_item, work):
-    """Call ``work(start, stop, scratch)`` over blocks of items, in threads."""
+    """Call ``work(start, stop, scratch)`` over blocks of items, in threads.
+
+    The calling thread and ``num_threads() - 1`` pool threads take the next
+    block from a shared queue until none is left, so a thread slowed down by
+    another process on its core (e.g. an OpenMP pool spinning after its last
+    parallel region) simply does fewer blocks."""
     per_block = max(1, min(n_items, BLOCK_BYTES // max(1, bytes_per_item)))
     blocks = [(s, min(s + per_block, n_items)) for s in range(0, n_items, per_block)]
     n_threads = min(num_threads(), len(blocks))
@@ -98,21 +104,30 @@ def _run_blocks(n_items, bytes_per_item, work):
         for s, e in blocks:
             work(s, e, scratch)
         return
+    queue = iter(blocks)
+    lock = threading.Lock()
+    failed = []
 
-    def group(part):
+    def drain():
         scratch = _Scratch(per_block)
-        for s, e in part:
-            work(s, e, scratch)
+        while not failed:
+            with lock:
+                block = next(queue, None)
+            if block is None:
+                return
+            try:
+                work(block[0], block[1], scratch)
+            except BaseException:
+                failed.append(True)
+                raise
 
-    k, r = divmod(len(blocks), n_threads)
-    parts, i = [], 0
-    for t in range(n_threads):
-        j = i + k + (1 if t < r else 0)
-        parts.append(blocks[i:j])
-        i = j
-    futures = [_executor(n_threads).submit(group, p) for p in parts]
+    futures = [_executor(n_threads - 1).submit(drain) for _ in range(n_threads - 1)]
+    try:
+        drain()
+    finally:
+        wait(futures)
     for f in futures:
-        f.result()
+        f.result()  # a pool thread's error
 
 
 def _span(pad, phase, stride, n_grid, size):
