@@ -27,8 +27,12 @@ three:
 
 Batch norm keeps ``x`` itself in the cache instead of a normalized copy and
 computes per-plane (mean, M2) pairs in cache-sized blocks, merged per channel
-with Chan's formula: one pass over memory for the statistics, no
-E[x^2] - E[x]^2 cancellation.
+with Chan's formula: one pass over memory for the statistics. M2 comes from
+sum(x^2) - sum(x)^2 / P (two fused reductions, a row dot product) only where
+no plane's mean^2 exceeds 16 times its variance, so the cancellation stays
+within ~16 eps; elsewhere (and for constant planes) from the exact
+pivot-shifted, mean-centred pass. The affine steps drop the centring
+(x * a + (b - mean * a)) only where every channel's |mean| / std <= 8.
 """
 from __future__ import annotations
 
