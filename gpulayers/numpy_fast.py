@@ -27,11 +27,9 @@ three:
 
 Batch norm keeps ``x`` itself in the cache instead of a normalized copy and
 computes per-plane (mean, M2) pairs in cache-sized blocks, merged per channel
-with Chan's formula: one pass over memory for the statistics. M2 comes from
-sum(x^2) - sum(x)^2 / P (two fused reductions, a row dot product) only where
-no plane's mean^2 exceeds 16 times its variance, so the cancellation stays
-within ~16 eps; elsewhere (and for constant planes) from the exact
-pivot-shifted, mean-centred pass. The affine steps drop the centring
+with Chan's formula: one pass over memory for the statistics, each plane
+centred exactly (pivot-shifted, then mean-centred; M2 as a row dot product),
+never E[x^2] - E[x]^2. The affine steps drop the centring
 (x * a + (b - mean * a)) only where every channel's |mean| / std <= 8.
 """
 from __future__ import annotations
@@ -342,11 +340,6 @@ def _row_dots(a, b):
     return np.einsum("ij,ij->i", a, b)
 
 
-#: a plane's sum of squared deviations is taken as sum(x^2) - sum(x)^2 / P only when
-#: its mean^2 <= this * its variance (the cancellation then costs at most ~this * eps);
-#: otherwise every plane is recomputed centred on its own mean
-_RAW_MOMENTS_MAX = 16.0
-
 #: (x - mean) * a + b is computed as x * a + (b - mean * a) (one ufunc pass fewer) only
 #: when every channel's |mean| / std is at most this (the extra rounding is ~this * eps,
 #: relative to the output's scale)
@@ -356,16 +349,11 @@ _FOLD_MAX = 8.0
 def bn_train_forward(x, gamma, beta, eps, sd):
     """Spatial BN train forward of a NumPy x (N, C, H, W).
 
-    Statistics per plane, merged per channel by Chan's formula:
-
-    - x in the stats dtype: one read pass, sum(x) (pairwise) and sum(x^2)
-      (a row dot product), M2 = sum(x^2) - sum(x)^2 / P in float64 -- kept only
-      when no plane's mean^2 exceeds ``_RAW_MOMENTS_MAX`` times its variance
-      (so a constant plane, where the difference would be rounding noise,
-      always goes on to the exact pass below);
-    - otherwise: shift by the channel's pivot (its first sample, so a constant
-      channel gives exact zeros), sum, then the sum of squared deviations from
-      the plane mean -- both on the block in cache.
+    Statistics per plane by an exact two-pass method on the block in cache
+    (never E[x^2] - E[x]^2): shift by the channel's pivot (its first sample,
+    so a constant channel gives exact zeros), sum, subtract the plane mean,
+    then the sum of squared deviations as a row dot product (one pass). The
+    planes merge per channel by Chan's formula in float64. Memory is read once.
 
     ``gamma``, ``beta`` are (C,) in the stats dtype ``sd``.
 
@@ -378,39 +366,22 @@ def bn_train_forward(x, gamma, beta, eps, sd):
     P = H * W
     NC = N * C
     xr = x.reshape(NC, P)
-    mean_p = None
-    if x.dtype == sd:
-        s1 = np.empty(NC, sd)
-        s2 = np.empty(NC, sd)
+    pivot = x[0, :, 0, 0].astype(sd)
+    piv_rows = _rows(pivot, N)
+    sum_p = np.empty(NC, sd)
+    m2_p = np.empty(NC, sd)
 
-        def moments(s, e, scr):
-            np.add.reduce(xr[s:e], axis=1, out=s1[s:e])
-            s2[s:e] = _row_dots(xr[s:e], xr[s:e])
+    def stats(s, e, scr):
+        n = e - s
+        t = scr.get("t", P, sd)[:n * P].reshape(n, P)
+        np.subtract(xr[s:e], piv_rows[s:e], out=t, dtype=sd)
+        sums = np.add.reduce(t, axis=1)
+        sum_p[s:e] = sums
+        t -= (sums / P)[:, None]
+        m2_p[s:e] = _row_dots(t, t)
 
-        _run_blocks(NC, P * x.dtype.itemsize, moments)
-        S1 = s1.astype(np.float64)
-        m2_raw = s2 - S1 * S1 / P
-        with np.errstate(invalid="ignore"):
-            if np.all(S1 * S1 / P <= _RAW_MOMENTS_MAX * m2_raw):
-                pivot, mean_p, m2_p = 0.0, (S1 / P).reshape(N, C), m2_raw
-    if mean_p is None:
-        pivot = x[0, :, 0, 0].astype(sd)
-        piv_rows = _rows(pivot, N)
-        sum_p = np.empty(NC, sd)
-        m2_p = np.empty(NC, sd)
-
-        def stats(s, e, scr):
-            n = e - s
-            t = scr.get("t", P, sd)[:n * P].reshape(n, P)
-            np.subtract(xr[s:e], piv_rows[s:e], out=t, dtype=sd)
-            sums = np.add.reduce(t, axis=1)
-            sum_p[s:e] = sums
-            t -= (sums / P)[:, None]
-            np.square(t, out=t)
-            np.add.reduce(t, axis=1, out=m2_p[s:e])
-
-        _run_blocks(NC, P * (x.dtype.itemsize + np.dtype(sd).itemsize), stats)
-        mean_p = (sum_p / P).reshape(N, C)              # shifted plane means
+    _run_blocks(NC, P * (x.dtype.itemsize + np.dtype(sd).itemsize), stats)
+    mean_p = (sum_p / P).astype(np.float64).reshape(N, C)   # shifted plane means
     shift_mean = mean_p.mean(axis=0)
     m2 = m2_p.reshape(N, C).sum(axis=0) + P * np.square(mean_p - shift_mean).sum(axis=0)
     var = (m2 / (N * P)).astype(sd)
