@@ -39,3 +39,17 @@ def xp(request):
 def rng(request):
     """A random generator per test: fresh data on every run, replayable from the seed."""
     return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def make_input(kind, shape, dtype, rng):
+    """Pooling test data of one kind: 'random', 'ties' (small integers), 'nan' (NaN and
+    -inf sprinkled in) or '-inf' (mostly -inf), in ``dtype``."""
+    x = rng.standard_normal(shape)
+    if kind == "ties":
+        x = rng.integers(-2, 3, size=shape).astype(np.float64)
+    elif kind == "nan":
+        x[rng.random(shape) < 0.2] = np.nan
+        x[rng.random(shape) < 0.2] = -np.inf
+    elif kind == "-inf":
+        x[rng.random(shape) < 0.7] = -np.inf
+    return x.astype(dtype)

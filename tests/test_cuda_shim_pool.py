@@ -22,6 +22,7 @@ from gpulayers.shapes import PoolGeometry, pool_geometry
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/cuda_shim is a helper package here
 import cuda_shim  # noqa: E402
+from conftest import make_input  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_shim.compiler() is None,
                                 reason="no C++ compiler (g++ or $CXX) for the CUDA host shim")
@@ -73,18 +74,6 @@ def lib():
     expressions = [e for e in pk.NAME_EXPRESSIONS if "__half" not in e or cuda_shim.has_half()]
     with resources.as_file(resources.files("gpulayers.cuda") / pk.SOURCE) as path:
         return cuda_shim.build(path, expressions)
-
-
-def make_input(kind, shape, dtype, rng):
-    x = rng.standard_normal(shape)
-    if kind == "ties":
-        x = rng.integers(-2, 3, size=shape).astype(np.float64)
-    elif kind == "nan":
-        x[rng.random(shape) < 0.2] = np.nan
-        x[rng.random(shape) < 0.2] = -np.inf
-    elif kind == "-inf":
-        x[rng.random(shape) < 0.7] = -np.inf
-    return x.astype(dtype)
 
 
 def reference_forward(x, geom):

@@ -15,6 +15,8 @@ from gpulayers.pooling import (_max_pool_backward_xp, _max_pool_forward_xp, max_
                                max_pool_forward)
 from gpulayers.shapes import pool_geometry
 
+from conftest import make_input
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif("cupy" not in backend.available_backends(),
@@ -68,18 +70,6 @@ def poisoned(cp, monkeypatch):
         return a
 
     monkeypatch.setattr(cp, "empty", empty)
-
-
-def make_input(kind, shape, dtype, rng):
-    x = rng.standard_normal(shape)
-    if kind == "ties":
-        x = rng.integers(-2, 3, size=shape).astype(np.float64)
-    elif kind == "nan":
-        x[rng.random(shape) < 0.2] = np.nan
-        x[rng.random(shape) < 0.2] = -np.inf
-    elif kind == "-inf":
-        x[rng.random(shape) < 0.7] = -np.inf
-    return x.astype(dtype)
 
 
 def on_device(cp, a, layout):

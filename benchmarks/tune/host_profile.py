@@ -12,16 +12,6 @@ import numpy as np
 import gpulayers as G
 
 
-def per_call_us(fn, n=300):
-    fn()
-    cupy.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    cupy.cuda.Device().synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
-
-
 def host_us(fn, n=300):
     """Host time per call with the GPU kept busy elsewhere: launches only."""
     fn()
