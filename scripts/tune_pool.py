@@ -34,25 +34,13 @@ import traceback
 
 import numpy as np
 
-# name: (pass, shape, dtype, pool_param)
-CASES = {
-    "fwd-3x3-f32": ("forward", (256, 64, 112, 112), "float32",
-                    dict(pool_height=3, pool_width=3, stride=2, pad=1)),
-    "bwd-3x3-f32": ("backward", (256, 64, 112, 112), "float32",
-                    dict(pool_height=3, pool_width=3, stride=2, pad=1)),
-    "fwd-2x2-f32": ("forward", (128, 128, 112, 112), "float32",
-                    dict(pool_height=2, pool_width=2, stride=2)),
-    "bwd-2x2-f32": ("backward", (128, 128, 112, 112), "float32",
-                    dict(pool_height=2, pool_width=2, stride=2)),
-    "fwd-3x3-f16": ("forward", (256, 64, 112, 112), "float16",
-                    dict(pool_height=3, pool_width=3, stride=2, pad=1)),
-    "bwd-3x3-f16": ("backward", (256, 64, 112, 112), "float16",
-                    dict(pool_height=3, pool_width=3, stride=2, pad=1)),
-    "fwd-2x2-f16": ("forward", (128, 128, 112, 112), "float16",
-                    dict(pool_height=2, pool_width=2, stride=2)),
-    "bwd-2x2-f16": ("backward", (128, 128, 112, 112), "float16",
-                    dict(pool_height=2, pool_width=2, stride=2)),
-}
+# name: (pass, shape, dtype, pool_param); e.g. "fwd-3x3-f32"
+_GEOMETRIES = {"3x3": ((256, 64, 112, 112), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
+               "2x2": ((128, 128, 112, 112), dict(pool_height=2, pool_width=2, stride=2))}
+CASES = {f"{short}-{geo}-f{dtype[-2:]}": (pass_, shape, dtype, dict(pool_param))
+         for dtype in ("float32", "float16")
+         for geo, (shape, pool_param) in _GEOMETRIES.items()
+         for short, pass_ in (("fwd", "forward"), ("bwd", "backward"))}
 KERNEL_VARIANTS = {
     "forward": [dict(kernel=k, taps=t, planes=p)
                 for k, t in (("generic", 3), ("generic", 2), ("pairs", 2)) for p in (1, 2, 4)],
