@@ -2,16 +2,28 @@
 
 Nothing here imports CuPy at module import time: the first call does.
 Kernels are C++ templates instantiated through ``RawModule(name_expressions=...)``;
-a module is compiled on first use and cached per (source, device), and CuPy's
-own disk cache (``CUPY_CACHE_DIR``) keeps the binaries across processes.
+a module is compiled on first use and kept per (source, expressions, device), and CuPy's
+own disk cache (``CUPY_CACHE_DIR``) keeps the binaries across processes. A module that
+failed to compile is not compiled again: the failure is kept and raised again on every
+later request, as the same :class:`KernelLaunchError`.
+
+Launches run on the device of their arrays (:func:`device_of`, checked by the
+launchers) and on that device's current stream, with no host synchronisation. A
+kernel that faults does so asynchronously, and CUDA reports it at some later call;
+with launch checks on (:func:`set_launch_checks`, or ``GPULAYERS_CHECK_LAUNCHES=1``
+in the environment at import) every launch is followed by a stream synchronisation,
+so a fault is raised at once as a KernelLaunchError naming the kernel. That is for
+debugging: it costs a round trip per launch.
 """
 from __future__ import annotations
 
 import functools
+import os
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["source", "get_kernel", "launch", "KernelLaunchError", "OPTIONS", "cuda_include_dir"]
+__all__ = ["source", "get_kernel", "launch", "device_of", "KernelLaunchError", "OPTIONS",
+           "cuda_include_dir", "set_launch_checks", "launch_checks"]
 
 # Options used for every compile; the NVRTC check in the tests uses the same.
 OPTIONS = ("-std=c++17",)
@@ -19,6 +31,22 @@ OPTIONS = ("-std=c++17",)
 
 class KernelLaunchError(RuntimeError):
     """A CUDA kernel failed to compile or launch; the message names the kernel."""
+
+
+_CHECK_LAUNCHES = os.environ.get("GPULAYERS_CHECK_LAUNCHES", "0") not in ("", "0")
+
+
+def set_launch_checks(on):
+    """Synchronise after every launch and raise a fault at once, naming the kernel (True),
+    or launch asynchronously (False, the default). Returns the previous setting."""
+    global _CHECK_LAUNCHES
+    previous, _CHECK_LAUNCHES = _CHECK_LAUNCHES, bool(on)
+    return previous
+
+
+def launch_checks():
+    """Whether every launch is followed by a synchronisation (see set_launch_checks)."""
+    return _CHECK_LAUNCHES
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,8 +73,27 @@ def cuda_include_dir():
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _module(name, name_expressions, device_id):
+def device_of(*arrays):
+    """The id of the one CUDA device that holds every CuPy array of ``arrays`` (other
+    entries, None and NumPy arrays, are ignored); the current device when there is none.
+
+    Raises ValueError naming the arrays' positions, shapes and devices when they sit on
+    different devices.
+    """
+    import cupy
+    seen = {}
+    for i, a in enumerate(arrays):
+        if isinstance(a, cupy.ndarray):
+            seen.setdefault(a.device.id, (i, tuple(a.shape)))
+    if len(seen) > 1:
+        where = ", ".join(f"argument {i} of shape {shape} on device {d}"
+                          for d, (i, shape) in sorted(seen.items()))
+        raise ValueError(f"arrays on different CUDA devices in one call: {where}; "
+                         "move them to one device first")
+    return next(iter(seen)) if seen else cupy.cuda.runtime.getDevice()
+
+
+def _compile(name, name_expressions, device_id):
     import cupy
     with cupy.cuda.Device(device_id):
         try:
@@ -63,23 +110,75 @@ def _module(name, name_expressions, device_id):
     return mod
 
 
-def get_kernel(name, expression, all_expressions):
-    """The ``cupy.RawKernel`` for template instantiation ``expression`` of
-    source ``name``; ``all_expressions`` (a tuple) lists every instantiation the
-    module is compiled with, so one compile serves all of them."""
-    import cupy
-    device_id = cupy.cuda.runtime.getDevice()
+_MODULES = {}   # (source, expressions, device) -> compiled RawModule
+_FAILED = {}    # (source, expressions, device) -> KernelLaunchError of the failed compile
+
+
+def _module(name, name_expressions, device_id):
+    key = (name, name_expressions, device_id)
+    mod = _MODULES.get(key)
+    if mod is not None:
+        return mod
+    failed = _FAILED.get(key)
+    if failed is not None:
+        raise failed
     try:
-        mod = _module(name, tuple(all_expressions), device_id)
-        return mod.get_function(expression)
+        mod = _compile(name, name_expressions, device_id)
     except Exception as exc:  # compile errors come as CuPy's CompileException
-        raise KernelLaunchError(f"could not compile kernel {expression} from {name}: {exc}") from exc
+        error = KernelLaunchError(f"could not compile {name} for device {device_id} "
+                                  f"({len(name_expressions)} kernels, e.g. "
+                                  f"{name_expressions[0]}): {exc}")
+        error.__cause__ = exc
+        _FAILED[key] = error
+        raise error from exc
+    _MODULES[key] = mod
+    return mod
 
 
-def launch(kernel, name, grid, block, args):
-    """Launch ``kernel`` and turn a launch failure into KernelLaunchError naming it."""
+def get_kernel(name, expression, all_expressions, device_id=None):
+    """The ``cupy.RawKernel`` for template instantiation ``expression`` of
+    source ``name`` on device ``device_id`` (default: the current device);
+    ``all_expressions`` (a tuple) lists every instantiation the module is
+    compiled with, so one compile serves all of them.
+
+    Raises KernelLaunchError naming the source when compiling failed, now or on an
+    earlier call (a failed compile is not retried), or naming the kernel when the
+    module has no such instantiation.
+    """
+    if device_id is None:
+        import cupy
+        device_id = cupy.cuda.runtime.getDevice()
+    mod = _module(name, tuple(all_expressions), device_id)
     try:
-        kernel(grid, block, args)
+        return mod.get_function(expression)
     except Exception as exc:
-        raise KernelLaunchError(f"CUDA kernel {name} failed to launch "
+        raise KernelLaunchError(f"kernel {expression} of {name} is not available on device "
+                                f"{device_id}: {exc}") from exc
+
+
+def launch(kernel, name, grid, block, args, device_id=None):
+    """Launch ``kernel`` on the current stream of device ``device_id`` (default: the
+    current device) and turn a launch failure into KernelLaunchError naming it.
+
+    With launch checks on (see set_launch_checks) the stream is synchronised after the
+    launch, so an asynchronous fault of this kernel is raised here, naming it.
+    """
+    import cupy
+    switch = device_id is not None and device_id != cupy.cuda.runtime.getDevice()
+    try:
+        if switch:
+            with cupy.cuda.Device(device_id):
+                _launch(kernel, grid, block, args)
+        else:
+            _launch(kernel, grid, block, args)
+    except Exception as exc:
+        where = "" if device_id is None else f" on device {device_id}"
+        raise KernelLaunchError(f"CUDA kernel {name} failed{where} "
                                 f"(grid={grid}, block={block}): {exc}") from exc
+
+
+def _launch(kernel, grid, block, args):
+    kernel(grid, block, args)
+    if _CHECK_LAUNCHES:
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
