@@ -5,7 +5,9 @@ against the host shim ``cuda_shim.h`` (next to this file; its header comment
 lists what is emulated) and exports the requested template instantiations
 through ``extern "C"`` entry points. :meth:`Library.launch` then runs one the
 way ``cuLaunchKernel`` would: every thread of ``grid x block`` in turn, with
-arguments passed by address. Kernels must not use ``__shared__`` or
+arguments passed by address; a fault the kernel reports (``cuda_shim::fault``, e.g. a
+misaligned vector access seen by ``cuda_shim::check_aligned``) is raised as
+:class:`KernelFault`. Kernels must not use ``__shared__`` or
 ``__syncthreads`` (grid-stride elementwise, gather and reduction-by-loop
 kernels are fine). The .cu file guards its CUDA-only includes with
 ``#ifndef GPULAYERS_CPU_SHIM``.
@@ -38,10 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["build", "compiler", "has_half", "Library", "SHIM_HEADER"]
+__all__ = ["build", "compiler", "has_half", "Library", "KernelFault", "SHIM_HEADER"]
 
 SHIM_HEADER = Path(__file__).with_name("cuda_shim.h")
 _FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off")
+
+
+class KernelFault(RuntimeError):
+    """A kernel run through the shim did what faults on a GPU (e.g. a misaligned vector
+    load); the message names the kernel and the fault."""
 
 
 def compiler():
@@ -140,6 +147,14 @@ class Library:
             pointers[i] = ctypes.addressof(cell) if kind == "p" else cell.ctypes.data
         getattr(self._dll, f"shim_kernel_{self._index[expression]}")(
             _dims(grid), _dims(block), pointers)
+        fault = self._fault()
+        if fault:
+            raise KernelFault(f"{expression}: {fault}")
+
+    def _fault(self):
+        getter = self._dll.cuda_shim_fault
+        getter.restype = ctypes.c_char_p
+        return getter().decode()
 
 
 def _dims(value):

@@ -13,14 +13,22 @@
 //       #ifndef GPULAYERS_CPU_SHIM
 //       #include <cuda_fp16.h>
 //       #endif
-// - CUDA_SHIM_EXPORT(name, kernel<...>): extern "C" entry points for ctypes (see __init__.py).
+// - CUDA_SHIM_EXPORT(name, kernel<...>): extern "C" entry points for ctypes (see __init__.py);
+// - faults: cuda_shim::fault(message) records the first fault of a launch (what a GPU would
+//   report as an error, e.g. cudaErrorMisalignedAddress), and Library.launch raises it as
+//   cuda_shim.KernelFault. cuda_shim::check_aligned(p, bytes) records a fault when p is not
+//   a multiple of bytes: a .cu calls it, under #ifdef GPULAYERS_CPU_SHIM, in every helper that
+//   makes a vector (multi-element) load or store, so CI catches a misaligned vector access.
 #pragma once
 
 #define GPULAYERS_CPU_SHIM 1
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -66,6 +74,30 @@ inline __half __float2half_rn(float) { std::abort(); }
 
 namespace cuda_shim {
 
+// First fault of the current launch ("" when none); guarded, so threads may report at once.
+inline std::mutex fault_mutex;
+inline char fault_message[512] = "";
+
+inline void fault(const char* message)
+{
+    std::lock_guard<std::mutex> lock(fault_mutex);
+    if (fault_message[0] == 0) std::snprintf(fault_message, sizeof fault_message, "%s", message);
+}
+
+// Records a misaligned-address fault unless p is a multiple of `bytes`.
+inline void check_aligned(const void* p, std::size_t bytes, const char* what = "vector access")
+{
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    if (bytes > 1 && address % bytes != 0) {
+        char message[256];
+        std::snprintf(message, sizeof message,
+                      "misaligned address: %s of %zu bytes at 0x%llx (address %% %zu = %llu)",
+                      what, bytes, static_cast<unsigned long long>(address), bytes,
+                      static_cast<unsigned long long>(address % bytes));
+        fault(message);
+    }
+}
+
 // Calls kernel with the arguments that args[i] point to, like cuLaunchKernel's kernelParams.
 template <typename... Args, std::size_t... I>
 void call(void (*kernel)(Args...), void** args, std::index_sequence<I...>)
@@ -77,6 +109,7 @@ void call(void (*kernel)(Args...), void** args, std::index_sequence<I...>)
 template <typename... Args>
 void launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block, void** args)
 {
+    fault_message[0] = 0;
     gridDim = {grid[0], grid[1], grid[2]};
     blockDim = {block[0], block[1], block[2]};
     for (unsigned bz = 0; bz < grid[2]; ++bz)
@@ -128,6 +161,9 @@ int signature(void (*)(Args...), char* kinds, int* sizes, int cap)
 // Exports kernel instantiation KERNEL (may contain commas) as two C functions:
 //   void NAME(const unsigned grid[3], const unsigned block[3], void** args)
 //   int NAME_signature(char* kinds, int* sizes, int cap)
+// The fault message of the last launch ("" when none), for ctypes.
+extern "C" const char* cuda_shim_fault() { return cuda_shim::fault_message; }
+
 #define CUDA_SHIM_EXPORT(NAME, ...)                                                       \
     extern "C" void NAME(const unsigned* grid, const unsigned* block, void** args)      \
     {                                                                                     \
