@@ -7,6 +7,11 @@ backward passes, one code base for NumPy (CPU) and CuPy (NVIDIA GPUs).
 Layer functions compute with the array module of their inputs; the backend
 setting (``set_backend``, ``use_backend``, env ``GPULAYERS_BACKEND``) decides
 where ``asarray``, the layer classes and the scripts put data.
+
+``gpulayers.layers`` (layer classes) and ``gpulayers.gradcheck`` (CS231n's numeric
+gradient helpers) come with the package; ``gpulayers.distributed`` (communicators for
+synchronized batch norm) is imported on demand and imports mpi4py only when an
+MPIComm is made.
 """
 from .backend import (asarray, available_backends, backend_info, get_array_module,
                       get_backend, set_backend, to_numpy, use_backend)
@@ -19,6 +24,7 @@ from .pooling import (avg_pool_backward, avg_pool_forward, max_pool_backward,
                       max_pool_forward_fast, max_pool_forward_general, max_pool_forward_naive,
                       max_pool_forward_reshape, max_pool_indices, max_unpool_backward,
                       max_unpool_forward)
+from . import gradcheck, layers  # noqa: E402  (gpulayers.layers / .gradcheck as attributes)
 
 __version__ = "0.1.0"
 
@@ -35,4 +41,5 @@ __all__ = [
     "batchnorm_forward", "batchnorm_backward",
     "spatial_batchnorm_forward", "spatial_batchnorm_backward",
     "spatial_batchnorm_forward_general", "spatial_batchnorm_backward_general",
+    "layers", "gradcheck",
 ]

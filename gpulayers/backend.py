@@ -19,7 +19,7 @@ import numpy
 __all__ = [
     "available_backends", "backend_info", "get_backend", "set_backend", "use_backend",
     "get_array_module", "asarray", "to_numpy", "cupy_unusable_reason", "is_cupy_array",
-    "backend_module", "BACKENDS",
+    "backend_module", "device_scope", "BACKENDS",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -136,20 +136,44 @@ def is_cupy_array(a):
 def get_array_module(*arrays):
     """``numpy`` or ``cupy``, from the arrays given (None entries are ignored).
 
-    Raises TypeError when NumPy and CuPy arrays are mixed.
+    Raises TypeError when NumPy and CuPy arrays are mixed, and ValueError naming
+    the devices when CuPy arrays sit on different devices.
     """
     nd = _cupy_ndarray()
     if nd is None:  # the common CPU case: no CuPy at all
         return numpy
     kinds = {}
+    devices = {}
     for a in arrays:
         if a is not None:
-            kinds.setdefault("cupy" if isinstance(a, nd) else "numpy", type(a).__name__)
+            if isinstance(a, nd):
+                kinds.setdefault("cupy", type(a).__name__)
+                devices.setdefault(a.device.id, tuple(a.shape))
+            else:
+                kinds.setdefault("numpy", type(a).__name__)
     if len(kinds) > 1:
         raise TypeError("arrays of different backends in one call: a numpy "
                         f"{kinds['numpy']} and a cupy {kinds['cupy']}; move them to one "
                         "backend with gpulayers.asarray or gpulayers.to_numpy")
+    if len(devices) > 1:
+        where = ", ".join(f"an array of shape {shape} on device {d}"
+                          for d, shape in sorted(devices.items()))
+        raise ValueError(f"arrays on different CUDA devices in one call: {where}; "
+                         "move them to one device first (cupy.asarray under cupy.cuda.Device)")
     return _cupy() if "cupy" in kinds else numpy
+
+
+def device_scope(a):
+    """Context in which work on array ``a`` runs: its CUDA device for a CuPy array on
+    another device than the current one, else a no-op. Layer functions run under it, so
+    their allocations and kernel launches follow the inputs, not the current device."""
+    nd = _cupy_ndarray()
+    if nd is None or not isinstance(a, nd):
+        return contextlib.nullcontext()
+    cp = _cupy()
+    if a.device.id == cp.cuda.runtime.getDevice():
+        return contextlib.nullcontext()
+    return a.device
 
 
 def backend_module(name=None):

@@ -37,7 +37,8 @@ import numpy as np
 
 from . import numpy_fast
 from .backend import get_array_module
-from .shapes import check_floating
+from .backend import device_scope
+from .shapes import check_array, check_floating
 
 __all__ = [
     "BatchNormCache",
@@ -53,13 +54,21 @@ _BN_KEYS = {"mode", "eps", "momentum", "running_mean", "running_var", "conventio
 class BatchNormCache(NamedTuple):
     """What BN backward needs (a named tuple: immutable and cheap to make).
 
-    xhat is the normalized input (one full-size array, in the stats dtype) for
-    the general xp path; the CUDA and NumPy fast paths keep ``x`` itself
-    instead and recompute it.
-    gamma, mean and invstd are (C,) arrays in the stats dtype; count is the
-    number of values per channel (over all ranks with a communicator).
+    - op: the forward that made it ('batchnorm_forward' or 'spatial_batchnorm_forward');
+      each backward takes only its own forward's cache
+    - path: which implementation made it, and so which backward runs: 'xp' (the general
+      path; keeps xhat, the normalized input, one full-size array in the stats dtype),
+      'numpy_fast' or 'cuda' (both keep ``x`` itself and recompute from it)
+    - gamma, mean and invstd: (C,) arrays in the stats dtype; count: values per channel
+      (over all ranks with a communicator); stats: the CUDA train path's (6, C) block of
+      bn_kernels.STAT_ROWS
+
+    The 'numpy_fast' and 'cuda' caches hold a reference to x, as PyTorch's saved tensors
+    do: changing x in place between forward and backward changes the gradient.
     """
 
+    op: str
+    path: str
     axes: tuple
     train: bool
     dtype: np.dtype
@@ -72,7 +81,7 @@ class BatchNormCache(NamedTuple):
     comm: object = None
     gamma_dtype: np.dtype = None
     beta_dtype: np.dtype = None
-    stats: object = None  # CUDA train path: the (6, C) block of bn_kernels.STAT_ROWS
+    stats: object = None
 
 
 def _stats_dtype(dtype):
@@ -84,16 +93,60 @@ def _bcast(v, ndim):
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _real(value):
+    """True for a real number (int or float, NumPy's too), False for bools and the rest."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def _param_dtype(x_dtype):
+    """What integer gamma/beta are cast to: x's dtype, float32 for float16 x."""
+    return np.dtype(np.float32) if np.dtype(x_dtype) == np.float16 else np.dtype(x_dtype)
+
+
+def _channel_array(a, name, C, shape):
+    """Check one (C,) floating array of bn_param; TypeError / ValueError naming it."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"bn_param[{name!r}] must be a NumPy or CuPy array of shape ({C},), "
+                        f"got {type(a).__name__}")
+    if np.dtype(a.dtype).kind != "f":
+        raise TypeError(f"bn_param[{name!r}] must have a floating dtype, got {a.dtype} "
+                        f"(x of shape {shape})")
+    if tuple(a.shape) != (C,):
+        raise ValueError(f"bn_param[{name!r}] must have shape ({C},) for x of shape {shape}, "
+                         f"got {tuple(a.shape)}")
+
+
+def _check_comm(comm):
+    missing = [attr for attr in ("allreduce_sum", "size", "rank") if not hasattr(comm, attr)]
+    if missing or not callable(getattr(comm, "allreduce_sum")):
+        raise TypeError(f"bn_param['comm'] must be a communicator with allreduce_sum(buf), size "
+                        f"and rank (see gpulayers.distributed), got {type(comm).__name__} "
+                        f"without {', '.join(missing) or 'a callable allreduce_sum'}")
+
+
 def _parse(x, gamma, beta, bn_param, ndim, what):
-    """Check every input of a BN forward; return (xp, mode, eps, momentum, convention, comm)."""
+    """Check every input of a BN forward.
+
+    Returns (xp, mode, eps, momentum, convention, comm, gamma, beta): integer gamma/beta
+    come back cast to x's dtype (float32 for float16 x).
+    """
     for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+        check_array(a, name)
     check_floating(x, "x")
-    check_floating(gamma, "gamma")
-    check_floating(beta, "beta")
     shape = tuple(x.shape)
-    layout = "(N, D)" if ndim == 2 else "(N, C, H, W)"
+    pdt = _param_dtype(x.dtype)
+    params = []
+    for name, a in (("gamma", gamma), ("beta", beta)):
+        kind = np.dtype(a.dtype).kind
+        if kind in "iu":
+            a = a.astype(pdt)
+        elif kind != "f":
+            raise TypeError(f"{name} must have a floating or integer dtype, got {a.dtype} "
+                            f"with shape {tuple(a.shape)}")
+        params.append(a)
+    gamma, beta = params
+    layout = {2: "(N, D)", 4: "(N, C, H, W)"}[ndim]
     if len(shape) != ndim:
         raise ValueError(f"{what} expects x of shape {layout}, got {len(shape)}-D shape {shape}")
     C = shape[1]
@@ -118,18 +171,30 @@ def _parse(x, gamma, beta, bn_param, ndim, what):
     if convention not in _CONVENTIONS:
         raise ValueError(f"bn_param['convention'] must be 'cs231n' or 'torch', got {convention!r}")
     eps = bn_param.get("eps", 1e-5)
-    if not isinstance(eps, (int, float, np.floating, np.integer)) or not eps >= 0:
-        raise ValueError(f"bn_param['eps'] must be a number >= 0, got {eps!r}")
+    if not _real(eps) or not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"bn_param['eps'] must be a finite number > 0, got {eps!r}")
     momentum = bn_param.get("momentum", _CONVENTIONS[convention])
-    if not isinstance(momentum, (int, float, np.floating, np.integer)) or not 0 <= momentum <= 1:
-        raise ValueError(f"bn_param['momentum'] must be a number in [0, 1], got {momentum!r}")
-    for key in ("running_mean", "running_var"):
-        r = bn_param.get(key)
-        if r is not None and tuple(getattr(r, "shape", ())) != (C,):
-            raise ValueError(f"bn_param[{key!r}] must have shape ({C},) for x of shape {shape}, "
-                             f"got {tuple(getattr(r, 'shape', ()))}")
-    xp = get_array_module(x, gamma, beta, bn_param.get("running_mean"), bn_param.get("running_var"))
-    return xp, mode, float(eps), float(momentum), convention, bn_param.get("comm")
+    if not _real(momentum) or not 0 <= momentum <= 1:
+        raise ValueError(f"bn_param['momentum'] must be a real number in [0, 1], got {momentum!r}")
+    rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
+    for key, r in (("running_mean", rm), ("running_var", rv)):
+        if r is not None:
+            _channel_array(r, key, C, shape)
+    comm = bn_param.get("comm")
+    if comm is not None:
+        _check_comm(comm)
+    xp = get_array_module(x, gamma, beta, rm, rv)
+    if mode == "test":
+        if rm is None or rv is None:
+            raise ValueError(f"{what} in test mode needs bn_param['running_mean'] and "
+                             "['running_var'] (run a train step first or set them)")
+        if xp is np:  # values are checked on the host only: on CuPy it would synchronize
+            if not (np.isfinite(rm).all() and np.isfinite(rv).all()):
+                raise ValueError(f"{what} in test mode needs finite running statistics, got "
+                                 f"running_mean {rm!r} and running_var {rv!r}")
+            if (rv < 0).any():
+                raise ValueError(f"{what} in test mode needs running_var >= 0, got {rv!r}")
+    return xp, mode, float(eps), float(momentum), convention, comm, gamma, beta
 
 
 # --------------------------------------------------------------- communicator helpers
@@ -213,52 +278,61 @@ def _use_kernels(xp, comm):
     return xp is not np and comm is None and os.environ.get("GPULAYERS_KERNELS", "1") != "0"
 
 
+def _as4(shape):
+    """(N, C, H, W) of an (N, C, H, W) or (N, D) shape (the latter as (N, D, 1, 1))."""
+    return tuple(shape) if len(shape) == 4 else tuple(shape) + (1, 1)
+
+
+def kernel_fallback_reason(shape):
+    """Why the CUDA kernels cannot take BN input of ``shape`` ((N, D) or (N, C, H, W)), or
+    None when they can. Such input runs on the xp path instead, as on NumPy."""
+    from .cuda import bn_kernels
+    return bn_kernels.supported(_as4(shape))
+
+
 def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
-    xp, mode, eps, momentum, convention, comm = _parse(x, gamma, beta, bn_param, ndim, what)
-    if kernels and _use_kernels(xp, comm):
+    xp, mode, eps, momentum, convention, comm, gamma, beta = _parse(x, gamma, beta, bn_param,
+                                                                    ndim, what)
+    with device_scope(x):
+        return _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps,
+                           momentum, convention, comm)
+
+
+def _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps, momentum,
+                convention, comm):
+    op = _OPS[ndim]
+    train = mode == "train"
+    axes = (0,) if ndim == 2 else (0, 2, 3)
+    C = x.shape[1]
+    sd = _stats_dtype(x.dtype)
+    total = x.size // C
+    dtypes = dict(gamma_dtype=np.dtype(gamma.dtype), beta_dtype=np.dtype(beta.dtype))
+    if train and comm is None and total <= 1:
+        raise ValueError(f"{what} in train mode needs more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+    rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
+    if kernels and _use_kernels(xp, comm) and kernel_fallback_reason(x.shape) is None:
         # CUDA path: statistics, running-stat update and normalization in three kernel
         # launches (train) or one (test, which also returns invstd); no CuPy op in between
         from .cuda import bn_kernels
-        x4 = x if ndim == 4 else x.reshape(x.shape + (1, 1))
-        total = x.size // x.shape[1]
-        rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
-        if mode == "train":
-            if total <= 1:
-                raise ValueError(f"{what} in train mode needs more than one value per channel, "
-                                 f"got x of shape {tuple(x.shape)}")
+        x4 = x.reshape(_as4(x.shape))
+        if train:
             y, stats = bn_kernels.bn_train_forward_block_gpu(x4, gamma, beta, eps, rm, rv,
                                                              momentum, convention)
             bn_param["running_mean"], bn_param["running_var"] = stats[4], stats[5]
             mean = invstd = None  # rows 0 and 2 of stats: views made by the backward pass
         else:
-            if rm is None or rv is None:
-                raise ValueError(f"{what} in test mode needs bn_param['running_mean'] and "
-                                 "['running_var'] (run a train step first or set them)")
             y, mean, invstd = bn_kernels.bn_eval_forward_stats_gpu(x4, gamma, beta, rm, rv, eps)
             stats = None
-        sd = _stats_dtype(x.dtype)
-        cache = BatchNormCache((0,) if ndim == 2 else (0, 2, 3), mode == "train",
-                               np.dtype(x.dtype), gamma if gamma.dtype == sd else gamma.astype(sd),
-                               invstd, total, x=x, mean=mean, gamma_dtype=np.dtype(gamma.dtype),
-                               beta_dtype=np.dtype(beta.dtype), stats=stats)
-        return (y if ndim == 4 else y.reshape(x.shape)), cache
-    axes = (0,) if ndim == 2 else (0, 2, 3)
-    C = x.shape[1]
-    sd = _stats_dtype(x.dtype)
+        cache = BatchNormCache(op, "cuda", axes, train, np.dtype(x.dtype),
+                               gamma if gamma.dtype == sd else gamma.astype(sd), invstd, total,
+                               x=x, mean=mean, stats=stats, **dtypes)
+        return y.reshape(x.shape), cache
+    # Reductions follow memory order: a C-contiguous x makes every layout give the same bits.
+    x = xp.ascontiguousarray(x)
     g = gamma.astype(sd)
     b = beta.astype(sd)
-    train = mode == "train"
-    dtypes = dict(gamma_dtype=np.dtype(gamma.dtype), beta_dtype=np.dtype(beta.dtype))
-    if train:
-        local = int(np.prod([x.shape[a] for a in axes]))
-        if comm is None and local <= 1:
-            raise ValueError(f"{what} in train mode needs more than one value per channel, "
-                             f"got x of shape {tuple(x.shape)}")
-    else:
-        rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
-        if rm is None or rv is None:
-            raise ValueError(f"{what} in test mode needs bn_param['running_mean'] and "
-                             "['running_var'] (run a train step first or set them)")
+    if not train:
         mean = xp.asarray(rm, dtype=sd)
         invstd = 1 / xp.sqrt(xp.asarray(rv, dtype=sd) + eps)
 
@@ -269,11 +343,10 @@ def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
                 else (numpy_fast.bn_eval_forward(x, g, b, mean, invstd, sd), mean, None, invstd))
     if fast is not None:
         y, mean, var, invstd = fast
-        total = int(np.prod([x.shape[a] for a in axes]))
         if train:
             _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
-        cache = BatchNormCache(axes, train, np.dtype(x.dtype), g, invstd, total, x=x, mean=mean,
-                               **dtypes)
+        cache = BatchNormCache(op, "numpy_fast", axes, train, np.dtype(x.dtype), g, invstd,
+                               total, x=x, mean=mean, **dtypes)
         return y, cache
 
     if train:
@@ -286,58 +359,69 @@ def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
         xhat = centered
         _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
     else:
-        total = int(np.prod([x.shape[a] for a in axes]))
         xhat = (x.astype(sd) - _bcast(mean, ndim)) * _bcast(invstd, ndim)
     out = xhat * _bcast(g, ndim)
     out += _bcast(b, ndim)
-    cache = BatchNormCache(axes, train, np.dtype(x.dtype), g, invstd, total, xhat=xhat,
+    cache = BatchNormCache(op, "xp", axes, train, np.dtype(x.dtype), g, invstd, total, xhat=xhat,
                            comm=comm if train else None, **dtypes)
     return out.astype(x.dtype, copy=False), cache
 
 
+_OPS = {2: "batchnorm_forward", 4: "spatial_batchnorm_forward"}
+
+
 def _backward(dout, cache, ndim, what):
     if not isinstance(cache, BatchNormCache):
-        raise TypeError(f"cache must be the BatchNormCache returned by the forward pass, "
+        raise TypeError(f"{what}: cache must be the BatchNormCache returned by {_OPS[ndim]}, "
                         f"got {type(cache).__name__}")
-    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
-        raise TypeError(f"dout must be a NumPy or CuPy array, got {type(dout).__name__}")
+    if cache.op != _OPS[ndim]:
+        raise TypeError(f"{what} needs the cache of {_OPS[ndim]}, got the cache of {cache.op} "
+                        f"(use the backward of the forward that made it)")
+    check_array(dout, "dout")
     check_floating(dout, "dout")
     ref = cache.xhat if cache.xhat is not None else cache.x
-    if tuple(dout.shape) != tuple(ref.shape) or dout.ndim != ndim:
+    if tuple(dout.shape) != tuple(ref.shape):
         raise ValueError(f"{what}: dout has shape {tuple(dout.shape)} but the forward input "
                          f"had shape {tuple(ref.shape)}")
     xp = get_array_module(dout, ref)
-    sd = cache.gamma.dtype
-    if cache.xhat is None and xp is np:  # NumPy fast path
-        dx, dgamma, dbeta = numpy_fast.bn_backward(dout, cache.x, cache.gamma, cache.mean,
-                                                   cache.invstd, cache.count, cache.train, sd)
-    elif cache.xhat is None:  # CUDA path
-        from .cuda import bn_kernels
-        x4 = cache.x if ndim == 4 else cache.x.reshape(cache.x.shape + (1, 1))
-        d4 = dout if ndim == 4 else dout.reshape(x4.shape)
-        mean, invstd = ((cache.mean, cache.invstd) if cache.stats is None
-                        else (cache.stats[0], cache.stats[2]))
-        dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, mean, invstd,
-                                                        cache.train)
-        if ndim != 4:
-            dx = dx.reshape(dout.shape)
-    else:
-        axes, xhat = cache.axes, cache.xhat
-        d = dout.astype(sd, copy=False)
-        dbeta = d.sum(axis=axes, dtype=sd)
-        dgamma = (d * xhat).sum(axis=axes, dtype=sd)
-        if cache.comm is not None:
-            dbeta, dgamma = _allreduce(cache.comm, xp, [dbeta, dgamma], sd)
-        scale = cache.gamma * cache.invstd
-        if cache.train:
-            M = cache.count
-            dx = d - _bcast(dbeta / M, ndim)
-            dx -= xhat * _bcast(dgamma / M, ndim)
-            dx *= _bcast(scale, ndim)
-        else:
-            dx = d * _bcast(scale, ndim)
+    with device_scope(dout):
+        dx, dgamma, dbeta = _backward_on(xp, dout, cache, ndim)
     return (dx.astype(cache.dtype, copy=False), dgamma.astype(cache.gamma_dtype, copy=False),
             dbeta.astype(cache.beta_dtype, copy=False))
+
+
+def _backward_on(xp, dout, cache, ndim):
+    sd = cache.gamma.dtype
+    if cache.path == "numpy_fast":
+        dout = np.ascontiguousarray(dout, dtype=cache.dtype)
+        return numpy_fast.bn_backward(dout, cache.x, cache.gamma, cache.mean, cache.invstd,
+                                      cache.count, cache.train, sd)
+    if cache.path == "cuda":
+        from .cuda import bn_kernels
+        x4 = cache.x.reshape(_as4(cache.x.shape))
+        d4 = dout.astype(cache.dtype, copy=False).reshape(x4.shape)
+        if cache.stats is None:
+            mean, invstd, mean_lo = cache.mean, cache.invstd, None
+        else:
+            mean, invstd, mean_lo = cache.stats[0], cache.stats[2], cache.stats[3]
+        dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, mean, invstd,
+                                                        cache.train, mean_lo=mean_lo)
+        return dx.reshape(dout.shape), dgamma, dbeta
+    axes, xhat = cache.axes, cache.xhat
+    d = xp.ascontiguousarray(dout).astype(sd, copy=False)
+    dbeta = d.sum(axis=axes, dtype=sd)
+    dgamma = (d * xhat).sum(axis=axes, dtype=sd)
+    if cache.comm is not None:
+        dbeta, dgamma = _allreduce(cache.comm, xp, [dbeta, dgamma], sd)
+    scale = cache.gamma * cache.invstd
+    if cache.train:
+        M = cache.count
+        dx = d - _bcast(dbeta / M, ndim)
+        dx -= xhat * _bcast(dgamma / M, ndim)
+        dx *= _bcast(scale, ndim)
+    else:
+        dx = d * _bcast(scale, ndim)
+    return dx, dgamma, dbeta
 
 
 # ------------------------------------------------------------------------ public API

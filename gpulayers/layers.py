@@ -79,10 +79,22 @@ class Layer:
         return self.forward(x)
 
 
+def _window(kernel_size):
+    """(kh, kw) of an int (NumPy's too) or a pair; ValueError naming the value otherwise."""
+    if isinstance(kernel_size, (int, np.integer)) and not isinstance(kernel_size, (bool, np.bool_)):
+        return int(kernel_size), int(kernel_size)
+    try:
+        kh, kw = kernel_size
+    except (TypeError, ValueError):
+        raise ValueError(f"kernel_size must be an int or a pair of ints, got {kernel_size!r}") \
+            from None
+    return kh, kw
+
+
 class _Pool(Layer):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
         super().__init__()
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        kh, kw = _window(kernel_size)
         self.pool_param = {"pool_height": kh, "pool_width": kw,
                            "stride": stride if stride is not None else (kh, kw),
                            "pad": padding, "ceil_mode": ceil_mode}
@@ -148,26 +160,35 @@ class MaxUnpool2d(Layer):
 
 
 class _BatchNorm(Layer):
+    """Batch-norm layers follow PyTorch's modules, whose names they carry: by default the
+    'torch' convention (momentum 0.1, running_var starting at ones, unbiased running
+    variance), so a fresh ``BatchNorm2d(C).eval()`` is the identity up to eps, like
+    ``torch.nn.BatchNorm2d(C).eval()``. ``convention='cs231n'`` gives the function API's
+    default. ``affine=False`` has no gamma/beta parameters (the layer uses ones and zeros)."""
+
     _forward = None
     _backward = None
 
     def __init__(self, num_features, eps=1e-5, momentum=None, affine=True,
-                 track_running_stats=True, convention="cs231n", comm=None, dtype=np.float32):
+                 track_running_stats=True, convention="torch", comm=None, dtype=np.float32):
         super().__init__()
         if convention not in ("cs231n", "torch"):
             raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
-        if not isinstance(num_features, (int, np.integer)) or num_features <= 0:
+        if (isinstance(num_features, (bool, np.bool_))
+                or not isinstance(num_features, (int, np.integer)) or num_features <= 0):
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         xp = backend.backend_module()
         self.num_features = int(num_features)
         self.eps = eps
         self.momentum = momentum
-        self.affine = affine
+        self.affine = bool(affine)
         self.convention = convention
         self.comm = comm
         self.track_running_stats = track_running_stats
-        self.params = {"gamma": xp.ones(num_features, dtype=dtype),
-                       "beta": xp.zeros(num_features, dtype=dtype)}
+        self.dtype = np.dtype(dtype)
+        if self.affine:
+            self.params = {"gamma": xp.ones(num_features, dtype=dtype),
+                           "beta": xp.zeros(num_features, dtype=dtype)}
         if track_running_stats:
             self.buffers = {"running_mean": xp.zeros(num_features, dtype=dtype),
                             "running_var": (xp.ones if convention == "torch" else xp.zeros)(
@@ -185,9 +206,18 @@ class _BatchNorm(Layer):
             p["running_var"] = self.buffers["running_var"]
         return p
 
+    def _affine(self):
+        """(gamma, beta): the parameters, or ones and zeros when affine=False."""
+        if self.affine:
+            return self.params["gamma"], self.params["beta"]
+        xp = backend.backend_module(self.backend)
+        return (xp.ones(self.num_features, dtype=self.dtype),
+                xp.zeros(self.num_features, dtype=self.dtype))
+
     def forward(self, x):
         p = self._bn_param()
-        out, self.cache = type(self)._forward(x, self.params["gamma"], self.params["beta"], p)
+        gamma, beta = self._affine()
+        out, self.cache = type(self)._forward(x, gamma, beta, p)
         if self.track_running_stats and p["mode"] == "train":
             self.buffers["running_mean"] = p["running_mean"]
             self.buffers["running_var"] = p["running_var"]
@@ -201,8 +231,8 @@ class _BatchNorm(Layer):
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, D) inputs (PyTorch's nn.BatchNorm1d arguments, plus
-    ``convention`` and ``comm``; momentum defaults by convention)."""
+    """Batch norm over (N, D) inputs (PyTorch's nn.BatchNorm1d arguments and defaults,
+    plus ``convention`` ('torch' by default) and ``comm``; momentum defaults by convention)."""
 
     _forward = staticmethod(batchnorm.batchnorm_forward)
     _backward = staticmethod(batchnorm.batchnorm_backward)
@@ -210,7 +240,7 @@ class BatchNorm1d(_BatchNorm):
 
 class BatchNorm2d(_BatchNorm):
     """Spatial batch norm over (N, C, H, W) inputs (PyTorch's nn.BatchNorm2d
-    arguments, plus ``convention`` and ``comm``)."""
+    arguments and defaults, plus ``convention`` ('torch' by default) and ``comm``)."""
 
     _forward = staticmethod(batchnorm.spatial_batchnorm_forward)
     _backward = staticmethod(batchnorm.spatial_batchnorm_backward)

@@ -29,14 +29,15 @@ Implementations, all sharing that cache and those semantics:
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import numpy_fast
-from .backend import get_array_module
-from .shapes import PoolGeometry, check_floating, pool_geometry
+from .backend import device_scope, get_array_module
+from .shapes import PoolGeometry, check_array, check_floating, pool_geometry
 
 __all__ = [
     "MaxPoolCache", "AvgPoolCache", "UnpoolCache",
@@ -86,16 +87,24 @@ class UnpoolCache:
 
 # --------------------------------------------------------------------------- checks
 
+def _on_input_device(fn):
+    """Run ``fn(a, ...)`` on the CUDA device of its first argument when that is a CuPy
+    array on another device than the current one: allocations and launches follow it."""
+    @functools.wraps(fn)
+    def wrapper(a, *args, **kwargs):
+        with device_scope(a):
+            return fn(a, *args, **kwargs)
+    return wrapper
+
+
 def _check_x(x, pool_param, op):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
+    check_array(x, "x")
     check_floating(x, "x")
     return pool_geometry(x.shape, pool_param, op)
 
 
-def _check_dout(dout, geom, dtype=None):
-    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
-        raise TypeError(f"dout must be a NumPy or CuPy array, got {type(dout).__name__}")
+def _check_dout(dout, geom):
+    check_array(dout, "dout")
     check_floating(dout, "dout")
     if tuple(dout.shape) != geom.output_shape:
         raise ValueError(f"dout has shape {tuple(dout.shape)} but the forward pass produced "
@@ -103,11 +112,13 @@ def _check_dout(dout, geom, dtype=None):
 
 
 def _backward_inputs(dout, cache, cls):
-    """Check a backward call's cache (a ``cls``) and dout; return (geom, xp)."""
+    """Check a backward call's cache (a ``cls``) and dout; return (geom, xp, dout), dout
+    in the forward input's dtype (so dx comes back in it, whatever dout's dtype)."""
     _check_cache(cache, cls)
     _check_dout(dout, cache.geom)
     arrays = (dout, cache.offsets) if cls is MaxPoolCache else (dout,)
-    return cache.geom, get_array_module(*arrays)
+    xp = get_array_module(*arrays)
+    return cache.geom, xp, dout.astype(cache.dtype, copy=False)
 
 
 def _check_cache(cache, cls):
@@ -206,11 +217,25 @@ def _max_pool_backward_xp(dout, offsets, geom):
     return xp.ascontiguousarray(_crop(dpad, geom)).astype(dout.dtype, copy=False)
 
 
-def _use_kernels(xp):
-    """True when CuPy inputs should go to the CUDA kernels (GPULAYERS_KERNELS=0 disables)."""
-    return xp is not np and os.environ.get("GPULAYERS_KERNELS", "1") != "0"
+def _use_kernels(xp, geom=None):
+    """True when CuPy inputs should go to the CUDA kernels (GPULAYERS_KERNELS=0 disables)
+    and the kernels take ``geom`` (sizes of one axis below 2**31); else the xp path runs."""
+    if xp is np or os.environ.get("GPULAYERS_KERNELS", "1") == "0":
+        return False
+    return geom is None or kernel_fallback_reason(geom) is None
 
 
+def kernel_fallback_reason(geom):
+    """Why the max-pool CUDA kernels cannot take ``geom``, or None when they can; such
+    input runs on the xp path instead."""
+    dims = (geom.H, geom.W, geom.Ho, geom.Wo, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph,
+            geom.pw, geom.dh, geom.dw)
+    if max(dims) >= 2**31:
+        return f"a size or parameter of 2**31 or more: {geom.describe()}"
+    return None
+
+
+@_on_input_device
 def max_pool_forward_general(x, pool_param):
     """Max pooling through the general xp path (every geometry; NumPy or CuPy).
 
@@ -228,6 +253,7 @@ def max_pool_forward_general(x, pool_param):
     return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
 
 
+@_on_input_device
 def max_pool_backward_general(dout, cache):
     """Backward pass of max pooling through the general xp path.
 
@@ -238,7 +264,7 @@ def max_pool_backward_general(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    geom, _ = _backward_inputs(dout, cache, MaxPoolCache)
+    geom, _, dout = _backward_inputs(dout, cache, MaxPoolCache)
     return _max_pool_backward_xp(dout, cache.offsets, geom)
 
 
@@ -252,6 +278,7 @@ def _window_taps(o, stride, pad, dilation, kernel, size):
     return t0, slice(start + t0 * dilation, start + t1 * dilation + 1, dilation)
 
 
+@_on_input_device
 def max_pool_forward_naive(x, pool_param):
     """The article's naive max pooling (a Python loop over output positions), fixed.
 
@@ -284,6 +311,7 @@ def max_pool_forward_naive(x, pool_param):
     return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
 
 
+@_on_input_device
 def max_pool_backward_naive(dout, cache):
     """The article's naive max-pool backward, fixed: each window's gradient
     goes to its one recorded argmax, not to every tied maximum.
@@ -295,7 +323,7 @@ def max_pool_backward_naive(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    geom, xp = _backward_inputs(dout, cache, MaxPoolCache)
+    geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
     acc = _acc_dtype(dout.dtype)
     dx = xp.zeros(geom.input_shape, dtype=acc)
     n_idx = xp.arange(geom.N)[:, None]
@@ -319,6 +347,7 @@ def _check_tiles(geom):
             f"got {geom.describe()}")
 
 
+@_on_input_device
 def max_pool_forward_reshape(x, pool_param):
     """The article's reshape max pooling, for windows that tile the input.
 
@@ -344,6 +373,7 @@ def max_pool_forward_reshape(x, pool_param):
     return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(local.astype(geom.offset_dtype)))
 
 
+@_on_input_device
 def max_pool_backward_reshape(dout, cache):
     """Backward pass of the reshape max pool: one-hot of the recorded argmax
     times dout, reshaped back (exactly one element per window gets gradient).
@@ -355,7 +385,7 @@ def max_pool_backward_reshape(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    geom, xp = _backward_inputs(dout, cache, MaxPoolCache)
+    geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
     _check_tiles(geom)
     K = geom.window_size
     hit = cache.offsets[..., None] == xp.arange(K, dtype=cache.offsets.dtype)
@@ -366,6 +396,7 @@ def max_pool_backward_reshape(dout, cache):
 
 # ------------------------------------------------------------------------- dispatch
 
+@_on_input_device
 def max_pool_forward_fast(x, pool_param):
     """Max pooling by the fastest correct implementation for x's backend:
     the CUDA kernels for CuPy arrays; on NumPy the blocked, threaded path of
@@ -383,7 +414,7 @@ def max_pool_forward_fast(x, pool_param):
     """
     geom = _check_x(x, pool_param, "max")
     xp = get_array_module(x)
-    if _use_kernels(xp):
+    if _use_kernels(xp, geom):
         from .cuda import pool_kernels
         out, offsets = pool_kernels.max_pool_forward_gpu(x, geom)
         return out, MaxPoolCache(geom, np.dtype(x.dtype), offsets)
@@ -394,6 +425,7 @@ def max_pool_forward_fast(x, pool_param):
     return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
 
 
+@_on_input_device
 def max_pool_backward_fast(dout, cache):
     """Backward pass matching max_pool_forward_fast (any MaxPoolCache works).
 
@@ -404,8 +436,8 @@ def max_pool_backward_fast(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    geom, xp = _backward_inputs(dout, cache, MaxPoolCache)
-    if _use_kernels(xp):
+    geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
+    if _use_kernels(xp, geom):
         from .cuda import pool_kernels
         return pool_kernels.max_pool_backward_gpu(dout, cache.offsets, geom)
     if xp is np:
@@ -456,9 +488,13 @@ def max_pool_indices(cache):
       ``max_pool2d(..., return_indices=True)`` returns
     """
     _check_cache(cache, MaxPoolCache)
-    geom = cache.geom
-    xp = get_array_module(cache.offsets)
-    off = cache.offsets.astype(np.int64)
+    with device_scope(cache.offsets):
+        return _indices(cache.geom, cache.offsets)
+
+
+def _indices(geom, offsets):
+    xp = get_array_module(offsets)
+    off = offsets.astype(np.int64)
     oh = xp.arange(geom.Ho, dtype=np.int64)[:, None]
     ow = xp.arange(geom.Wo, dtype=np.int64)[None, :]
     h = oh * geom.sh - geom.ph + (off // geom.kw) * geom.dh
@@ -484,6 +520,7 @@ def _avg_divisor(geom, count_include_pad):
     return (ih[:, None] * iw[None, :]).astype(np.float64)
 
 
+@_on_input_device
 def avg_pool_forward(x, pool_param):
     """Forward pass of average pooling (PyTorch's avg_pool2d semantics).
 
@@ -509,6 +546,7 @@ def avg_pool_forward(x, pool_param):
     return total.astype(x.dtype, copy=False), AvgPoolCache(geom, np.dtype(x.dtype), divisor)
 
 
+@_on_input_device
 def avg_pool_backward(dout, cache):
     """Backward pass of average pooling: dout / divisor spread over each window.
 
@@ -519,7 +557,7 @@ def avg_pool_backward(dout, cache):
     Returns:
     - dx: array (N, C, H, W)
     """
-    geom, xp = _backward_inputs(dout, cache, AvgPoolCache)
+    geom, xp, dout = _backward_inputs(dout, cache, AvgPoolCache)
     acc = _acc_dtype(dout.dtype)
     share = dout.astype(acc) / xp.asarray(cache.divisor, dtype=acc)
     hp, wp = geom.padded_shape
@@ -534,6 +572,13 @@ def avg_pool_backward(dout, cache):
 
 def _unpool_output_shape(x_shape, output_size):
     N, C = x_shape[:2]
+    if isinstance(output_size, (str, bytes)) or not hasattr(output_size, "__len__"):
+        raise TypeError(f"output_size must be a tuple of ints (H, W) or (N, C, H, W), got "
+                        f"{output_size!r} ({type(output_size).__name__}) for x of shape {x_shape}")
+    if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
+           for s in output_size):
+        raise TypeError(f"output_size must hold ints only, got {tuple(output_size)!r} for x of "
+                        f"shape {x_shape}")
     size = tuple(int(s) for s in output_size)
     if len(size) == 4:
         if size[:2] != (N, C):
@@ -545,6 +590,7 @@ def _unpool_output_shape(x_shape, output_size):
     return (N, C) + size
 
 
+@_on_input_device
 def max_unpool_forward(x, indices, output_size):
     """Max unpooling: put each value back at its pooled position (PyTorch's max_unpool2d).
 
@@ -562,8 +608,8 @@ def max_unpool_forward(x, indices, output_size):
     - out: array (N, C, H, W), zeros except at the indexed positions
     - cache: UnpoolCache
     """
-    if not hasattr(x, "shape") or not hasattr(indices, "shape"):
-        raise TypeError("x and indices must be NumPy or CuPy arrays")
+    check_array(x, "x")
+    check_array(indices, "indices")
     check_floating(x, "x")
     if x.ndim != 4:
         raise ValueError(f"max unpooling expects x of shape (N, C, Ho, Wo), got shape {tuple(x.shape)}")
@@ -597,6 +643,7 @@ def max_unpool_forward(x, indices, output_size):
     return out.reshape(out_shape), cache
 
 
+@_on_input_device
 def max_unpool_backward(dout, cache):
     """Backward pass of max unpooling: gather dout at each input's position.
 
@@ -608,10 +655,12 @@ def max_unpool_backward(dout, cache):
     - dx: array (N, C, Ho, Wo)
     """
     _check_cache(cache, UnpoolCache)
+    check_array(dout, "dout")
     check_floating(dout, "dout")
     if tuple(dout.shape) != cache.out_shape:
         raise ValueError(f"dout has shape {tuple(dout.shape)} but max unpooling produced "
                          f"{cache.out_shape}")
     xp = get_array_module(dout, cache.targets)
+    dout = dout.astype(cache.dtype, copy=False)
     dx = xp.where(cache.winners, dout.reshape(-1)[cache.targets], xp.zeros((), dtype=dout.dtype))
     return dx.reshape(cache.x_shape)

@@ -22,6 +22,7 @@ __all__ = [
     "pool_output_size",
     "offset_dtype",
     "check_floating",
+    "check_array",
 ]
 
 
@@ -70,6 +71,12 @@ def offset_dtype(window_size):
     if window_size <= 65536:
         return np.dtype(np.uint16)
     return np.dtype(np.uint32)
+
+
+def check_array(a, name):
+    """TypeError unless ``a`` is an array (NumPy or CuPy): not None, a list or a scalar."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype") or not hasattr(a, "ndim"):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
 
 
 def check_floating(x, name="x"):
@@ -165,8 +172,12 @@ def _first_valid(n_out, stride, pad, dilation, kernel, size):
     return first.astype(np.int64)
 
 
-_POOL_KEYS = {"pool_height", "pool_width", "stride", "pad", "dilation", "ceil_mode",
-              "count_include_pad"}
+# pool_param keys each op takes (PyTorch's max_pool2d has dilation, avg_pool2d
+# count_include_pad); a key of another op is an error, not silently ignored.
+_COMMON_KEYS = ("pool_height", "pool_width", "stride", "pad", "ceil_mode")
+_POOL_KEYS = {"max": frozenset(_COMMON_KEYS + ("dilation",)),
+              "avg": frozenset(_COMMON_KEYS + ("count_include_pad",))}
+_OP_NAMES = {"max": "max pooling", "avg": "average pooling"}
 
 
 def _hashable(value):
@@ -220,10 +231,15 @@ def _pool_geometry(x_shape, pool_param, op):
     shape = tuple(int(s) for s in x_shape)
     if not isinstance(pool_param, dict):
         raise TypeError(f"pool_param must be a dict, got {type(pool_param).__name__}")
-    unknown = set(pool_param) - _POOL_KEYS
+    if op not in _POOL_KEYS:
+        raise ValueError(f"op must be one of {sorted(_POOL_KEYS)}, got {op!r}")
+    keys = _POOL_KEYS[op]
+    unknown = set(pool_param) - keys
     if unknown:
-        raise ValueError(f"unknown pool_param keys {sorted(unknown)} for input of shape {shape}; "
-                         f"known: {sorted(_POOL_KEYS)}")
+        other = sorted(k for k in unknown if any(k in v for v in _POOL_KEYS.values()))
+        why = (f"{other} belong to another pooling op, not {_OP_NAMES[op]}; " if other else "")
+        raise ValueError(f"unknown pool_param keys {sorted(unknown)} for {_OP_NAMES[op]} of an "
+                         f"input of shape {shape}: {why}{_OP_NAMES[op]} takes {sorted(keys)}")
     if len(shape) != 4:
         raise ValueError(f"pooling expects x of shape (N, C, H, W), got {len(shape)}-D shape {shape}")
     N, C, H, W = shape
@@ -243,7 +259,7 @@ def _pool_geometry(x_shape, pool_param, op):
         raise ValueError(f"pool_param['ceil_mode'] must be a bool, got {ceil_mode!r} "
                          f"(input of shape {shape})")
     ceil_mode = bool(ceil_mode)
-    cip = pool_param.get("count_include_pad", True)
+    cip = pool_param.get("count_include_pad", True)  # only avg gets here with the key
     if not isinstance(cip, (bool, np.bool_)):
         raise ValueError(f"pool_param['count_include_pad'] must be a bool, got {cip!r} "
                          f"(input of shape {shape})")
