@@ -1,22 +1,38 @@
 """The main job: ``python -m gpulayers``.
 
 Prints the backends this machine can use (and why CuPy is not usable when it
-isn't); on each usable backend runs forward and backward of every layer on a
-realistic batch (ResNet's first pooling and BN shapes), checks the results
-against reference implementations, and prints a table of timings in ms and
-GB/s. Exits non-zero when a check fails.
+isn't); on each usable backend runs forward and backward of every layer in
+float32 on ResNet's stem shapes with a small batch, checks the results against
+reference implementations, and prints a table of timings in ms and GB/s with
+each case's shape and dtype. Exits non-zero when a check fails.
+
+Shapes per --size (pooling, unpooling and spatial batch norm on x; batchnorm
+(N, D) on features):
+
+  small  (default)  x (2, 64, 112, 112)    features (32, 512)
+  medium            x (8, 64, 112, 112)    features (128, 512)
+  large             x (32, 64, 112, 112)   features (512, 512)
+
+--json PATH also writes the results with the gpulayers version, git commit
+(null when unknown), date, size and reps; its folder must exist and be
+writable, which is checked before any work starts.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 import numpy as np
 
-from . import backend, batchnorm, benchmarking, pooling
+from . import __version__, backend, batchnorm, benchmarking, pooling
 
 SIZES = {"small": 2, "medium": 8, "large": 32}
+CHANNELS, HW = 64, (112, 112)  # ResNet's stem output, the input of its first pooling
+FEATURES = (16, 512)  # batchnorm (N, D): 16 rows per sample, D = 512
+DTYPE = np.dtype(np.float32)
 POOL = dict(pool_height=3, pool_width=3, stride=2, pad=1)  # ResNet's stem pooling
 UNPOOL_POOL = dict(pool_height=2, pool_width=2, stride=2)
 
@@ -45,7 +61,7 @@ def _err(a, ref):
 
 def _cases(xp, N, rng):
     """(name, bytes, forward thunk, backward thunk, check) per layer on backend xp."""
-    shape = (N, 64, 112, 112)
+    shape = (N, CHANNELS) + HW
     x_h = rng.standard_normal(shape).astype(np.float32)
     x = xp.asarray(x_h)
     itemsize = 4
@@ -84,17 +100,20 @@ def _cases(xp, N, rng):
     up, ucache = pooling.max_unpool_forward(p2, idx, shape[2:])
 
     def check_unpool():
+        flat_idx = backend.to_numpy(idx).reshape(N, CHANNELS, -1)
         ref = np.zeros(shape, np.float32)
-        np.put_along_axis(ref.reshape(N, 64, -1), backend.to_numpy(idx).reshape(N, 64, -1),
-                          backend.to_numpy(p2).reshape(N, 64, -1), axis=2)
-        return _err(up, ref)
+        np.put_along_axis(ref.reshape(N, CHANNELS, -1), flat_idx,
+                          backend.to_numpy(p2).reshape(N, CHANNELS, -1), axis=2)
+        ref_dx = np.take_along_axis(x_h.reshape(N, CHANNELS, -1), flat_idx, axis=2)
+        got_dx = backend.to_numpy(pooling.max_unpool_backward(x, ucache))
+        return max(_err(up, ref), _err(got_dx.reshape(N, CHANNELS, -1), ref_dx))
     cases.append(("max_unpool 2x2", shape, p2.size * (itemsize + 8) + nx * itemsize,
                   nx * itemsize + p2.size * (8 + itemsize),
                   lambda: pooling.max_unpool_forward(p2, idx, shape[2:]),
                   lambda: pooling.max_unpool_backward(x, ucache), check_unpool, 0.0))
 
-    gamma = xp.asarray(rng.standard_normal(64).astype(np.float32))
-    beta = xp.asarray(rng.standard_normal(64).astype(np.float32))
+    gamma = xp.asarray(rng.standard_normal(CHANNELS).astype(np.float32))
+    beta = xp.asarray(rng.standard_normal(CHANNELS).astype(np.float32))
     bout, bcache = batchnorm.spatial_batchnorm_forward(x, gamma, beta, {"mode": "train"})
     bdout = xp.asarray(rng.standard_normal(shape).astype(np.float32))
 
@@ -112,19 +131,29 @@ def _cases(xp, N, rng):
                   lambda: batchnorm.spatial_batchnorm_forward(x, gamma, beta, {"mode": "train"}),
                   lambda: batchnorm.spatial_batchnorm_backward(bdout, bcache), check_bn, 1e-5))
 
-    feats = xp.asarray(rng.standard_normal((N * 16, 512)).astype(np.float32))
-    g1 = xp.ones(512, dtype=np.float32)
-    b1 = xp.zeros(512, dtype=np.float32)
+    fshape = (N * FEATURES[0], FEATURES[1])
+    D = fshape[1]
+    feats = xp.asarray(rng.standard_normal(fshape).astype(np.float32))
+    g1 = xp.ones(D, dtype=np.float32)
+    b1 = xp.zeros(D, dtype=np.float32)
     fout, fcache = batchnorm.batchnorm_forward(feats, g1, b1, {"mode": "train"})
+    fdout = xp.asarray(rng.standard_normal(fshape).astype(np.float32))
 
     def check_bn1d():
+        # float64 reference from the formulas (gamma = 1, beta = 0):
+        # dx = (dout - mean(dout) - xhat * mean(dout * xhat)) / std
         f = backend.to_numpy(feats).astype(np.float64)
-        ref = (f - f.mean(0)) / np.sqrt(f.var(0) + 1e-5)
-        return _err(fout, ref)
-    cases.append(("batchnorm (N, D) train", (N * 16, 512), 2 * feats.size * itemsize,
+        d = backend.to_numpy(fdout).astype(np.float64)
+        std = np.sqrt(f.var(0) + 1e-5)
+        xhat = (f - f.mean(0)) / std
+        rdx = (d - d.mean(0) - xhat * (d * xhat).mean(0)) / std
+        dx, dg, db = batchnorm.batchnorm_backward(fdout, fcache)
+        return max(_err(fout, xhat), _err(dx, rdx), _err(dg, (d * xhat).sum(0)),
+                   _err(db, d.sum(0)))
+    cases.append(("batchnorm (N, D) train", fshape, 2 * feats.size * itemsize,
                   3 * feats.size * itemsize,
                   lambda: batchnorm.batchnorm_forward(feats, g1, b1, {"mode": "train"}),
-                  lambda: batchnorm.batchnorm_backward(feats, fcache), check_bn1d, 1e-5))
+                  lambda: batchnorm.batchnorm_backward(fdout, fcache), check_bn1d, 1e-5))
     return cases
 
 
@@ -137,6 +166,62 @@ def _progress(total, desc):
             def update(self, n=1): pass
             def close(self): pass
         return _Null()
+
+
+def _gbps(nbytes, ms):
+    """GB/s of nbytes moved in ms milliseconds; inf when the clock saw no time, NaN without one."""
+    if ms > 0:
+        return nbytes / ms / 1e6
+    return math.inf if ms == 0 else math.nan
+
+
+def _finite(obj):
+    """obj with every non-finite float (NaN, inf) replaced by None, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _reps(text):
+    """argparse type of --reps: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (timed repetitions), got {n}")
+    return n
+
+
+def _json_path_problem(path):
+    """Why the results JSON cannot be written to ``path``, or None when it can.
+
+    Checked before any work starts; leaves no file behind (a file that
+    exists is opened for appending and left as it was)."""
+    full = os.path.abspath(path)
+    folder = os.path.dirname(full)
+    if os.path.isdir(full):
+        return f"{path} is a directory"
+    if not os.path.isdir(folder):
+        return (f"folder {folder} does not exist" if not os.path.exists(folder)
+                else f"{folder} is not a folder")
+    existed = os.path.exists(full)
+    try:
+        with open(full, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if not existed:
+        os.remove(full)
+    return None
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(n) for n in shape) + ")"
 
 
 def run(backends, size, reps):
@@ -152,9 +237,9 @@ def run(backends, size, reps):
             failed |= not ok
             fms = _time(fwd, xp, reps)
             bms = _time(bwd, xp, reps)
-            rows.append({"backend": name, "layer": label, "shape": list(shape),
-                         "forward_ms": fms, "backward_ms": bms,
-                         "forward_GBps": fbytes / fms / 1e6, "backward_GBps": bbytes / bms / 1e6,
+            rows.append({"backend": name, "layer": label, "shape": [int(n) for n in shape],
+                         "dtype": DTYPE.name, "forward_ms": fms, "backward_ms": bms,
+                         "forward_GBps": _gbps(fbytes, fms), "backward_GBps": _gbps(bbytes, bms),
                          "rel_error": err, "tolerance": tol, "ok": ok})
             bar.update()
         bar.close()
@@ -167,11 +252,19 @@ def main(argv=None):
     parser.add_argument("--backend", choices=backend.BACKENDS,
                         help="run only this backend (default: every usable one)")
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="batch size N of the (N, 64, 112, 112) input: "
-                             + ", ".join(f"{k}={v}" for k, v in SIZES.items()))
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+                        help=f"batch size N of the (N, {CHANNELS}, {HW[0]}, {HW[1]}) input and "
+                             f"the (N*{FEATURES[0]}, {FEATURES[1]}) features: "
+                             + ", ".join(f"{k}={v}" for k, v in SIZES.items())
+                             + " (default: small)")
+    parser.add_argument("--reps", type=_reps, default=5,
+                        help="timed repetitions, >= 1 (the median is reported; default 5)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results as JSON (its folder must exist)")
     args = parser.parse_args(argv)
+    if args.json:
+        problem = _json_path_problem(args.json)
+        if problem:
+            parser.error(f"argument --json: {problem}")
 
     info = backend.backend_info()
     print(f"gpulayers: numpy {info['numpy']}; usable backends: {', '.join(info['available'])}")
@@ -181,20 +274,26 @@ def main(argv=None):
         print(f"  cuda device {dev['id']}: {dev['name']} (sm {dev['compute_capability']}, "
               f"{dev['memory_GiB']} GiB), cupy {info['cupy']}")
     if args.backend and args.backend not in info["available"]:
-        print(f"error: backend {args.backend!r} is not usable here", file=sys.stderr)
+        why = f": {info['cupy_unusable_reason']}" if args.backend == "cupy" else ""
+        print(f"error: backend {args.backend!r} is not usable here{why}", file=sys.stderr)
         return 2
     backends = [args.backend] if args.backend else info["available"]
     rows, failed = run(backends, args.size, args.reps)
 
-    print(f"\n{'backend':8} {'layer':26} {'fwd ms':>9} {'fwd GB/s':>9} {'bwd ms':>9} "
-          f"{'bwd GB/s':>9} {'rel err':>9}  check")
+    print(f"\n{'backend':8} {'layer':24} {'shape':20} {'dtype':8} {'fwd ms':>9} {'fwd GB/s':>9} "
+          f"{'bwd ms':>9} {'bwd GB/s':>9} {'rel err':>9}  check")
     for r in rows:
-        print(f"{r['backend']:8} {r['layer']:26} {r['forward_ms']:9.2f} {r['forward_GBps']:9.2f} "
+        print(f"{r['backend']:8} {r['layer']:24} {_shape_str(r['shape']):20} {r['dtype']:8} "
+              f"{r['forward_ms']:9.2f} {r['forward_GBps']:9.2f} "
               f"{r['backward_ms']:9.2f} {r['backward_GBps']:9.2f} {r['rel_error']:9.1e}  "
               f"{'ok' if r['ok'] else 'FAILED'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"backend_info": info, "size": args.size, "rows": rows}, f, indent=1)
+        doc = {"gpulayers": __version__, "commit": benchmarking.package_commit(),
+               "date": benchmarking.today(), "size": args.size, "reps": args.reps,
+               "backend_info": info, "rows": rows}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(_finite(doc), f, indent=1, allow_nan=False)
+            f.write("\n")
         print(f"wrote {args.json}")
     print("all checks passed" if not failed else "SOME CHECKS FAILED")
     return 1 if failed else 0

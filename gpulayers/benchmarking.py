@@ -17,7 +17,7 @@ What is here, in the order a benchmark uses it:
   callable per implementation (ours and PyTorch's) over the *same* data;
 - :func:`peak_memory`: tracemalloc peak and retained bytes of a NumPy call;
 - the results-JSON format: :func:`results_document`, :func:`validate_results`,
-  :func:`write_json`, :func:`git_commit`, :func:`slug`.
+  :func:`write_json`, :func:`git_commit`, :func:`package_commit`, :func:`slug`.
 
 Neither CuPy nor PyTorch is imported at module import time.
 """
@@ -44,7 +44,8 @@ __all__ = [
     "CPUClock", "CupyClock", "TorchCudaClock", "Timed", "round_robin", "median",
     "compulsory_bytes", "copy_bandwidth_numpy", "copy_bandwidth_cupy",
     "Case", "build_case", "OPS", "peak_memory", "import_torch",
-    "results_document", "validate_results", "write_json", "git_commit", "slug", "today",
+    "results_document", "validate_results", "write_json", "git_commit", "package_commit",
+    "slug", "today",
 ]
 
 # ------------------------------------------------------------------------------ clocks
@@ -629,6 +630,22 @@ def git_commit(repo_dir="."):
     except Exception:
         pass
     return os.environ.get("GPULAYERS_COMMIT") or "unknown"
+
+
+def package_commit():
+    """The commit of the gpulayers that is imported, or None when unknown.
+
+    HEAD of the checkout the package is imported from (only when that folder
+    is itself a git work tree's root: an installed copy inside some other
+    repository, e.g. a virtualenv in a project, must not report that
+    project's commit); else env GPULAYERS_COMMIT; else None.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gl.__file__)))
+    if os.path.exists(os.path.join(root, ".git")):
+        commit = git_commit(root)
+    else:
+        commit = os.environ.get("GPULAYERS_COMMIT") or "unknown"
+    return None if commit == "unknown" else commit
 
 
 def result_case(case, ours, peer, copy_gbps, params=None):

@@ -18,6 +18,10 @@ gradient all-reduce is needed for BN. The script prints, per step, each
 rank's loss share and the global loss, and at the end the largest difference
 between ranks and against one process computing the whole batch (--check,
 on by default).
+
+A run that cannot start here (CuPy not usable for --backend cupy, no NCCL in
+CuPy for --comm nccl, mpi4py missing) says why in one line on stderr and
+exits 2, before any work.
 """
 from __future__ import annotations
 
@@ -35,26 +39,74 @@ from gpulayers.distributed import MPIComm, NCCLComm  # noqa: E402
 from gpulayers.layers import BatchNorm2d, MaxPool2d  # noqa: E402
 
 
+def _at_least(lowest, kind=int):
+    """argparse type: a number of ``kind`` that is >= ``lowest``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number >= {lowest}, got {text!r}") from None
+        if not value >= lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {text}")
+        return value
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--comm", choices=["mpi", "nccl"], default="mpi",
                    help="all-reduce through MPI (host) or NCCL (needs --backend cupy)")
-    p.add_argument("--batch", type=int, default=16, help="global batch size N")
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--size", type=int, default=16, help="input height and width")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=_at_least(1), default=16, help="global batch size N")
+    p.add_argument("--channels", type=_at_least(1), default=8)
+    p.add_argument("--size", type=_at_least(2), default=16, help="input height and width")
+    p.add_argument("--steps", type=_at_least(1), default=3)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--convention", choices=["cs231n", "torch"], default="torch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--timeout", type=_positive_float, default=60.0,
                    help="seconds a rank waits for the others before raising CommError")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the single-process reference on rank 0")
     args = p.parse_args(argv)
     if args.comm == "nccl" and args.backend != "cupy":
         p.error("--comm nccl needs --backend cupy")
+    if args.batch * (args.size // 2) ** 2 < 2:
+        p.error(f"batch norm in train mode needs more than one value per channel: --batch "
+                f"{args.batch} of {args.size}x{args.size} inputs pools to "
+                f"{args.batch * (args.size // 2) ** 2} value(s) per channel")
     return args
+
+
+def unusable_reason(args):
+    """Why this run cannot start on this machine (one line), or None when it can."""
+    if args.backend == "cupy":
+        reason = backend.cupy_unusable_reason()
+        if reason:
+            return f"--backend cupy: CuPy is not usable: {reason}"
+    if args.comm == "nccl":
+        try:
+            from cupy.cuda import nccl
+        except Exception as exc:
+            return f"--comm nccl: CuPy has no NCCL ({type(exc).__name__}: {exc})"
+        if not getattr(nccl, "available", True):
+            return "--comm nccl: this CuPy build has no NCCL support"
+    try:
+        from mpi4py import MPI  # noqa: F401
+    except Exception as exc:
+        return (f"--comm {args.comm}: mpi4py does not import ({type(exc).__name__}: {exc}); "
+                "pip install mpi4py mpich, and start with mpiexec -n RANKS")
+    return None
 
 
 def global_batch(args, step):
@@ -98,6 +150,10 @@ def state(bn):
 
 def main(argv=None):
     args = parse_args(argv)
+    reason = unusable_reason(args)
+    if reason:
+        print(f"ddp_example: cannot run here: {reason}", file=sys.stderr, flush=True)
+        return 2
     from mpi4py import MPI
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()

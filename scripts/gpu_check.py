@@ -16,6 +16,8 @@ Stages, each guarded so that one failure is recorded and the rest go on:
    the same run is the ceiling for the bandwidth fraction;
 3. the results JSON, written to benchmarks/results/<date>-<gpu>.json and $OUT
    (written once before the test suite runs, and again with its counts);
+   without a usable GPU (and without --dry-run) the script says why on
+   stderr and exits 1 before it writes anything, anywhere;
 4. the test suite with CuPy usable (pytest in a subprocess with a timeout;
    log in $OUT/pytest.log);
 5. a short table, printed last.
@@ -107,6 +109,11 @@ class Device:
     def __init__(self, dry_run, no_torch):
         self.dry_run = dry_run
         self.cupy_version = None
+        self.notes = []  # said once the log is open
+        if not dry_run:  # before importing torch: without a GPU there is nothing to do
+            reason = gl.backend.cupy_unusable_reason()
+            if reason:
+                raise RuntimeError(f"CuPy is not usable: {reason}")
         # dry run: one PyTorch thread (a rehearsal of the logic, not a CPU benchmark;
         # several threads on a busy small machine make tiny ops wait for each other)
         torch = None if no_torch else B.import_torch(1 if dry_run else None)
@@ -118,9 +125,6 @@ class Device:
             self.torch_clock = B.CPUClock()
             self.ours, self.peer = "fast", "torch-cpu"
             return
-        reason = gl.backend.cupy_unusable_reason()
-        if reason:
-            raise RuntimeError(f"CuPy is not usable: {reason}")
         import cupy
         self.xp = cupy
         self.cupy_version = cupy.__version__
@@ -130,7 +134,7 @@ class Device:
         self.name = name.decode() if isinstance(name, bytes) else str(name)
         self.l2_bytes = int(props.get("l2CacheSize", 0))
         if torch is not None and not torch.cuda.is_available():
-            say("note: torch does not see CUDA; no PyTorch peer")
+            self.notes.append("note: torch does not see CUDA; no PyTorch peer")
             torch = None
         self.torch = torch
         self.torch_clock = B.TorchCudaClock(torch) if torch is not None else None
@@ -483,26 +487,35 @@ def main(argv=None):
     if args.smoke:
         args.dry_run, args.skip_tests = True, True
         args.reps, args.warmup = min(args.reps, 2), min(args.warmup, 1)
+    t_start = time.perf_counter()
+    try:
+        dev = Device(args.dry_run, args.no_torch)
+    except Exception as exc:  # no GPU: say why, write nothing (no log, no results JSON)
+        print(f"gpu_check: no usable GPU: {exc}; nothing written "
+              "(--dry-run rehearses on the CPU)", file=sys.stderr, flush=True)
+        return 1
     out_dir = os.path.abspath(args.out or os.environ.get("OUT") or "./gpu_check_out")
     os.makedirs(out_dir, exist_ok=True)
-    sys.stdout = Tee(sys.stdout, os.path.join(out_dir, "gpu_check.log"))
+    stdout = sys.stdout
+    sys.stdout = Tee(stdout, os.path.join(out_dir, "gpu_check.log"))
+    try:
+        return _run(args, dev, out_dir, t_start)
+    finally:
+        sys.stdout.file.close()
+        sys.stdout = stdout
+
+
+def _run(args, dev, out_dir, t_start):
     if args.results_dir is None:
         args.results_dir = "" if args.dry_run else os.path.join(REPO, "benchmarks", "results")
-    t_start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     checks, errors, cases = [], [], []
     copy_gbps = None
     test_info = {"skipped": True}
     doc = B.results_document("unknown", None, [], commit=B.git_commit(REPO))
     paths = []
-    try:
-        dev = Device(args.dry_run, args.no_torch)
-    except Exception as exc:
-        say(f"no usable device: {type(exc).__name__}: {exc}")
-        doc["device"] = f"unusable ({exc})"[:200]
-        paths = write_results(doc, out_dir, args.results_dir)
-        final_table(doc, checks, [{"case": "device", "error": str(exc)}], test_info, paths)
-        return 1
+    for note in dev.notes:
+        say(note)
     doc.update(device=dev.name, cupy=dev.cupy_version or "none",
                torch=dev.torch.__version__ if dev.torch is not None else "none")
     say(f"device {dev.name}; cupy {doc['cupy']}; torch {doc['torch']}; numpy {np.__version__}; "

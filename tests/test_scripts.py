@@ -138,3 +138,126 @@ def test_build_case_same_data_and_agreement():
     assert case.bytes["fast"] == 384 * 4 + 96 * 5
     peak, kept = B.peak_memory(case.forward_fns["fast"])
     assert kept >= 96 * 5 and peak >= kept
+
+
+# ------------------------------------------------- no usable GPU / backend: say why, write nothing
+
+
+def _fake_modules(root, **modules):
+    """A folder to put first on PYTHONPATH that shadows real packages:
+    ``modules`` maps a dotted module name to its source."""
+    for name, source in modules.items():
+        parts = name.split(".")
+        folder = root.joinpath(*parts)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__init__.py").write_text(source)
+    return root
+
+
+NO_CUPY = {"cupy": "raise ImportError('simulated: no CUDA on this machine')\n"}
+# CuPy that imports and sees one device, built without NCCL
+CUPY_WITHOUT_NCCL = {
+    "cupy": "__version__ = '0.0-fake'\nfrom . import cuda\n",
+    "cupy.cuda": "from . import runtime\n",
+    "cupy.cuda.runtime": "def getDeviceCount():\n    return 1\n",
+}
+NO_MPI4PY = {"mpi4py": "raise ImportError('simulated: mpi4py not installed')\n"}
+
+
+def run_script_rc(name, *args, fake=None, cwd=REPO, env_extra=None, timeout=120):
+    """(returncode, stdout, stderr) of scripts/<name>; ``fake`` is a folder put first on PYTHONPATH."""
+    paths = ([str(fake)] if fake else []) + [REPO] + [os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    env.pop("OUT", None)
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
+                          cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _snapshot(folder):
+    """{name: (size, mtime_ns)} of everything under folder (missing folder: None)."""
+    if not os.path.isdir(folder):
+        return None
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.stat(p)
+            snap[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+@pytest.mark.parametrize("how", ["--out", "$OUT", "default"])
+def test_gpu_check_without_gpu_says_why_and_writes_nothing(tmp_path, how):
+    fake = _fake_modules(tmp_path / "fake", **NO_CUPY)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = tmp_path / "out"
+    results = os.path.join(REPO, "benchmarks", "results")
+    before = _snapshot(results)
+    args = ["--out", str(out)] if how == "--out" else []
+    env = {"OUT": str(out)} if how == "$OUT" else None
+    rc, stdout, stderr = run_script_rc("gpu_check.py", *args, "--no-torch", fake=fake, cwd=cwd,
+                                       env_extra=env)
+    assert rc != 0
+    assert "CuPy is not usable" in stderr and "simulated: no CUDA on this machine" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()  # no output folder, no log, no results JSON
+    assert os.listdir(cwd) == []  # no ./gpu_check_out either
+    assert _snapshot(results) == before  # benchmarks/results/ untouched
+    assert sorted(os.listdir(tmp_path)) == ["cwd", "fake"]
+
+
+def _one_line_refusal(rc, stdout, stderr, *needles):
+    assert rc == 2, (rc, stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("ddp_example: cannot run here: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert stdout == ""
+
+
+def test_ddp_example_backend_cupy_without_cupy(tmp_path):
+    fake = _fake_modules(tmp_path, **NO_CUPY)
+    _one_line_refusal(*run_script_rc("ddp_example.py", "--backend", "cupy", fake=fake),
+                      "--backend cupy", "CuPy is not usable", "simulated: no CUDA")
+    _one_line_refusal(*run_script_rc("ddp_example.py", "--backend", "cupy", "--comm", "nccl",
+                                     fake=fake), "CuPy is not usable")
+
+
+def test_ddp_example_backend_cupy_here():
+    """The real thing on this machine: where CuPy is not usable, one line says why."""
+    from gpulayers import backend
+    reason = backend.cupy_unusable_reason()
+    if reason is None:
+        pytest.skip("CuPy is usable here")
+    _one_line_refusal(*run_script_rc("ddp_example.py", "--backend", "cupy"), reason)
+
+
+def test_ddp_example_nccl_without_nccl(tmp_path):
+    fake = _fake_modules(tmp_path, **CUPY_WITHOUT_NCCL)
+    _one_line_refusal(*run_script_rc("ddp_example.py", "--backend", "cupy", "--comm", "nccl",
+                                     fake=fake), "--comm nccl", "no NCCL")
+
+
+def test_ddp_example_mpi_without_mpi4py(tmp_path):
+    fake = _fake_modules(tmp_path, **NO_MPI4PY)
+    _one_line_refusal(*run_script_rc("ddp_example.py", "--comm", "mpi", fake=fake),
+                      "mpi4py does not import", "simulated: mpi4py not installed")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "0"], "argument --steps"),
+    (["--batch", "0"], "argument --batch"),
+    (["--channels", "0"], "argument --channels"),
+    (["--size", "1"], "argument --size"),
+    (["--timeout", "0"], "argument --timeout"),
+    (["--batch", "1", "--size", "3"], "more than one value per channel"),
+    (["--comm", "nccl"], "--comm nccl needs --backend cupy"),
+])
+def test_ddp_example_bad_arguments_are_usage_errors(args, needle):
+    rc, stdout, stderr = run_script_rc("ddp_example.py", *args)
+    assert rc == 2 and "Traceback" not in stderr, stderr
+    assert needle in stderr.strip().splitlines()[-1], stderr
