@@ -219,7 +219,8 @@ def _max_pool_backward_xp(dout, offsets, geom):
 
 def _use_kernels(xp, geom=None):
     """True when CuPy inputs should go to the CUDA kernels (GPULAYERS_KERNELS=0 disables)
-    and the kernels take ``geom`` (sizes of one axis below 2**31); else the xp path runs."""
+    and the kernels take ``geom`` (padded sizes of one axis below 2**31); else the xp path
+    runs."""
     if xp is np or os.environ.get("GPULAYERS_KERNELS", "1") == "0":
         return False
     return geom is None or kernel_fallback_reason(geom) is None
@@ -228,8 +229,8 @@ def _use_kernels(xp, geom=None):
 def kernel_fallback_reason(geom):
     """Why the max-pool CUDA kernels cannot take ``geom``, or None when they can; such
     input runs on the xp path instead."""
-    dims = (geom.H, geom.W, geom.Ho, geom.Wo, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph,
-            geom.pw, geom.dh, geom.dw)
+    dims = (geom.H + 2 * geom.ph, geom.W + 2 * geom.pw, geom.Ho, geom.Wo, geom.kh, geom.kw,
+            geom.sh, geom.sw, geom.dh, geom.dw)  # padded positions are formed in int
     if max(dims) >= 2**31:
         return f"a size or parameter of 2**31 or more: {geom.describe()}"
     return None

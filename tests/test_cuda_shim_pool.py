@@ -313,23 +313,144 @@ def test_shim_checks_argument_types(lib):
         lib.launch(name, 1, 32, args[:-1])
 
 
+def misaligned(a):
+    """A C-contiguous copy of NumPy array a whose data sits one element off 2-element alignment
+    (like cupy.arange(n + 1)[1:].reshape(...)): what a vector access of pairs must not meet."""
+    item = a.dtype.itemsize
+    buffer = np.empty(a.nbytes + 4 * item, np.uint8)
+    start = (-buffer.ctypes.data) % (2 * item) + item
+    out = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % (2 * item) == item
+    return out
+
+
+class FakeCupyArray(np.ndarray):
+    """NumPy array standing in for cupy.ndarray: ``.device.id`` (``device_id``, which views and
+    copies inherit) and ``.data`` with ``ptr`` and the two methods tune_pool uses."""
+
+    device_id = 0
+
+    def __array_finalize__(self, obj):
+        self.device_id = getattr(obj, "device_id", 0)
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=self.device_id)
+
+    @property
+    def data(self):
+        array = self
+
+        class Pointer:
+            ptr = array.ctypes.data
+
+            def memset_async(self, value, nbytes):
+                array.reshape(-1).view(np.uint8)[:nbytes] = value
+
+            def copy_from_device_async(self, src, nbytes):
+                array.reshape(-1).view(np.uint8)[:nbytes] = \
+                    src.array.reshape(-1).view(np.uint8)[:nbytes]
+        pointer = Pointer()
+        pointer.array = self
+        return pointer
+
+
+class FakeCupy:
+    """A cupy stand-in on NumPy with ``devices`` fake devices: its arrays are FakeCupyArray on
+    the current device (``current``); ``cuda.Device(i)`` makes device i current while entered
+    (each entry recorded in ``switches``); ascontiguousarray returns a C-contiguous array
+    itself, as CuPy does (same pointer); with ``misaligned_empty`` set, empty returns arrays
+    one element off 2-element alignment. Enough for the launchers and scripts/tune_pool.py."""
+
+    ndarray = FakeCupyArray
+    uint8, uint16, uint32, uint64 = np.uint8, np.uint16, np.uint32, np.uint64
+    int32, float32 = np.int32, np.float32
+    array_equal = staticmethod(np.array_equal)
+
+    def __init__(self, devices=1):
+        import time
+        self.current, self.switches, self.misaligned_empty = 0, [], False
+        fake = self
+
+        class Device:
+            def __init__(self, device_id=None):
+                self.id = fake.current if device_id is None else device_id
+
+            def __enter__(self):
+                assert 0 <= self.id < devices, f"no device {self.id}"
+                self.previous, fake.current = fake.current, self.id
+                fake.switches.append(self.id)
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+
+            def synchronize(self):
+                pass
+
+        class Event:
+            def record(self):
+                self.t = time.perf_counter()
+
+        runtime = types.SimpleNamespace(
+            getDeviceCount=lambda: devices, getDevice=lambda: fake.current,
+            getDeviceProperties=lambda i: {"multiProcessorCount": 2, "name": b"cpu shim"})
+        self.cuda = types.SimpleNamespace(
+            runtime=runtime, Device=Device, Event=Event,
+            get_elapsed_time=lambda a, b: 1e3 * (b.t - a.t))
+        rng = np.random.default_rng(0)
+        self.random = types.SimpleNamespace(
+            randint=lambda low, high, size, dtype: self.on(rng.integers(low, high, size, dtype)),
+            standard_normal=lambda size, dtype: self.on(rng.standard_normal(size).astype(dtype)))
+
+    def on(self, a, device_id=None):
+        """A copy of a (C-contiguous) on device_id (default: the current device)."""
+        out = np.array(a, order="C").view(FakeCupyArray)
+        out.device_id = self.current if device_id is None else device_id
+        return out
+
+    def empty(self, shape, dtype=np.float64):
+        a = np.empty(shape, dtype)
+        out = (misaligned(a) if self.misaligned_empty else a).view(FakeCupyArray)
+        out.device_id = self.current
+        return out
+
+    def empty_like(self, a):
+        return self.empty(a.shape, a.dtype)
+
+    def ascontiguousarray(self, a):
+        return a if a.flags.c_contiguous else self.on(a)
+
+    def get_default_memory_pool(self):
+        return types.SimpleNamespace(free_all_blocks=lambda: None)
+
+
 @pytest.fixture
 def shim_launchers(lib, monkeypatch):
-    """pool_kernels' own launchers, running the shim build: NumPy stands in for cupy, and
-    get_kernel/launch hand the name expression and arguments to the shim."""
-    runtime = types.SimpleNamespace(getDevice=lambda: 0,
-                                    getDeviceProperties=lambda i: {"multiProcessorCount": 2})
-    fake_cupy = types.SimpleNamespace(ndarray=np.ndarray, empty=np.empty,
-                                      ascontiguousarray=np.ascontiguousarray,
-                                      cuda=types.SimpleNamespace(runtime=runtime))
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    monkeypatch.setattr(pk.cuda_compile, "get_kernel", lambda source, expression, _: expression)
-    monkeypatch.setattr(pk.cuda_compile, "launch",
-                        lambda kernel, name, grid, block, args: lib.launch(kernel, grid, block,
-                                                                           args))
+    """pool_kernels' own launchers, running the shim build, with two fake devices: a FakeCupy
+    stands in for cupy (the fixture's value), get_kernel records (expression, device_id) in
+    its ``kernels`` and hands the name expression on, launch checks that every array is on
+    the current device, records (expression, device_id) in ``launches`` and runs the shim."""
+    fake = FakeCupy(devices=2)
+    fake.kernels, fake.launches = [], []
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+
+    def get_kernel(source, expression, all_expressions, device_id=None):
+        assert source == pk.SOURCE and expression in all_expressions
+        fake.kernels.append((expression, device_id))
+        return expression
+
+    def launch(kernel, name, grid, block, args, device_id=None):
+        devices = {a.device_id for a in args if isinstance(a, np.ndarray)}
+        assert devices == {fake.current}, f"{name}: arrays on {devices}, current {fake.current}"
+        fake.launches.append((name, device_id))
+        lib.launch(kernel, grid, block, args)
+    monkeypatch.setattr(pk.cuda_compile, "get_kernel", get_kernel)
+    monkeypatch.setattr(pk.cuda_compile, "launch", launch)
     pk._sm_count.cache_clear()
     pk._prepared.cache_clear()
-    yield
+    yield fake
     pk._sm_count.cache_clear()
     pk._prepared.cache_clear()
 
@@ -346,19 +467,148 @@ LAUNCH_VARIANTS = [
 @pytest.mark.parametrize("name", ["3x3s2p1", "2x2s2", "5x5s1p2", "2x2s3d2", "17x16s1_uint16"])
 def test_launchers_through_the_shim(shim_launchers, rng, name, variant):
     """Argument order and C types, kernel choice, strided inputs: the launchers end to end."""
+    cp = shim_launchers
     (H, W), pool_param = GEOMETRIES[name]
-    x = make_input("ties", (3, 2, W, H), np.float32, rng).swapaxes(2, 3)  # not contiguous
+    x = cp.on(make_input("ties", (3, 2, W, H), np.float32, rng)).swapaxes(2, 3)  # strided
     geom = pool_geometry(x.shape, pool_param)
-    dout = rng.standard_normal(geom.output_shape).astype(np.float32)[..., ::-1]
+    dout = cp.on(rng.standard_normal(geom.output_shape).astype(np.float32))[..., ::-1]
     assert not x.flags.c_contiguous and not dout.flags.c_contiguous
-    x_copy, dout_copy = x.copy(), dout.copy()
+    x_copy, dout_copy = np.array(x), np.array(dout)
     variant = LAUNCH_VARIANTS[variant]
     out, offsets = pk.max_pool_forward_gpu(x, geom, variant)
-    ref_out, ref_offsets = _max_pool_forward_xp(x, geom)
+    ref_out, ref_offsets = _max_pool_forward_xp(x_copy, geom)
     assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
     dx = pk.max_pool_backward_gpu(dout, offsets, geom, variant)
-    assert np.array_equal(dx, _max_pool_backward_xp(dout, offsets, geom))
+    assert np.array_equal(dx, _max_pool_backward_xp(dout_copy, np.asarray(offsets), geom))
     assert np.array_equal(x, x_copy) and np.array_equal(dout, dout_copy)
+    assert cp.switches == [] and {d for _, d in cp.kernels + cp.launches} == {0}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_vector_kernels_fault_on_misaligned_pointers(lib, rng, dtype):
+    """The pairs forward kernel on an x one element off alignment, and the blocks backward
+    kernel on such a dx, fault (cudaErrorMisalignedAddress on a GPU); the default kernels take
+    the same arrays and match the references."""
+    x = make_input("ties", (2, 3, 8, 6), dtype, rng)
+    geom = pool_geometry(x.shape, dict(pool_height=2, pool_width=2, stride=2))
+    dout = rng.standard_normal(geom.output_shape).astype(dtype)
+    ref_out, ref_offsets = reference_forward(x, geom)
+    ref_dx = reference_backward(dout, ref_offsets, geom)
+    bad_x = misaligned(x)
+    grid, block = (2, 2, 1), (7, 1, 1)
+    for planes in pk.PLANES:
+        plan = pk.forward_plan(geom, {"forward": dict(kernel="pairs", planes=planes)})
+        assert plan["kernel"] == "max_pool2d_forward_pairs"
+        out, offsets = run_forward(lib, x, geom, "int", grid, block, plan)  # aligned: fine
+        assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
+        with pytest.raises(cuda_shim.KernelFault, match="misaligned address: load_pair"):
+            run_forward(lib, bad_x, geom, "int", grid, block, plan)
+    out, offsets = run_forward(lib, bad_x, geom, "int", grid, block,
+                               pk.forward_plan(geom, {"forward": dict(kernel="generic")}))
+    assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
+
+    name = expression("max_pool2d_backward_blocks", dtype, geom, "int", (2, 1, 2))
+    for dx in (np.full(geom.input_shape, 1234.5, dtype), misaligned(np.zeros(x.shape, dtype))):
+        args = (dout, ref_offsets, dx) + scalars(geom, "int")
+        if dx.ctypes.data % (2 * dx.dtype.itemsize) == 0:
+            lib.launch(name, grid, block, args)
+            assert np.array_equal(dx, ref_dx)
+        else:
+            with pytest.raises(cuda_shim.KernelFault, match="misaligned address: store_pair"):
+                lib.launch(name, grid, block, args)
+    dx = misaligned(np.zeros(x.shape, dtype))
+    lib.launch(expression("max_pool2d_backward_disjoint", dtype, geom, "int"), grid, block,
+               (dout, ref_offsets, dx) + scalars(geom, "int"))
+    assert np.array_equal(dx, ref_dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["2x2s2", "3x3s2p1", "3x3s2p1odd"])
+def test_launchers_use_scalar_kernels_on_misaligned_pointers(shim_launchers, rng, name, dtype):
+    """A contiguous x one element off alignment takes the generic forward kernel, a dx
+    allocated so takes the element backward kernel (where W is even), with the default
+    variant's launch knobs, and both match the NumPy path exactly; aligned arrays of the same
+    geometry (the same cache entries but for alignment) still take the vector kernels."""
+    cp = shim_launchers
+    (H, W), pool_param = GEOMETRIES[name]
+    x_np = make_input("ties", (2, 3, H, W), dtype, rng)
+    geom = pool_geometry(x_np.shape, pool_param)
+    dout_np = rng.standard_normal(geom.output_shape).astype(dtype)
+    ref_out, ref_offsets = _max_pool_forward_xp(x_np, geom)
+    ref_dx = _max_pool_backward_xp(dout_np, ref_offsets, geom)
+    pairs = geom.kh == geom.kw == 2  # the geometries where the default plan reads pairs
+    for aligned in (True, False, True):
+        x = cp.on(x_np) if aligned else misaligned(x_np).view(FakeCupyArray)
+        assert pk.pairs_aligned(x) == aligned and x.flags.c_contiguous
+        del cp.launches[:]
+        out, offsets = pk.max_pool_forward_gpu(x, geom)
+        assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
+        cp.misaligned_empty = not aligned
+        dx = pk.max_pool_backward_gpu(cp.on(dout_np), cp.on(ref_offsets), geom)
+        cp.misaligned_empty = False
+        assert pk.pairs_aligned(dx) == aligned
+        assert np.array_equal(dx, ref_dx)
+        (forward, _), (backward, _) = cp.launches
+        assert ("max_pool2d_forward_pairs" in forward) == (pairs and aligned), forward
+        assert ("max_pool2d_backward_blocks" in backward) == (aligned or W % 2 == 1), backward
+        if not aligned:
+            plan = pk.forward_plan(geom, aligned=False)
+            assert plan["block"] == pk.VARIANT["forward"]["block"]
+            assert plan["planes_per_step"] == pk.VARIANT["forward"]["planes"]
+
+
+def test_plans_fall_back_for_unaligned_pointers():
+    geom = pool_geometry((2, 3, 8, 6), dict(pool_height=2, pool_width=2, stride=2))
+    fwd = pk.forward_plan(geom, {"forward": dict(kernel="pairs", taps=2, planes=2, block=64)},
+                          aligned=False)
+    assert (fwd["kernel"], fwd["params"], fwd["block"]) == ("max_pool2d_forward", (2, 2), 64)
+    bwd = pk.backward_plan(geom, {"backward": dict(kernel="blocks", planes=4)}, aligned=False)
+    assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_disjoint", (4,))
+    odd = pool_geometry((2, 3, 9, 7), dict(pool_height=3, pool_width=3, stride=2, pad=1))
+    bwd = pk.backward_plan(odd, {"backward": dict(kernel="blocks", planes=4)}, aligned=False)
+    assert bwd["kernel"] == "max_pool2d_backward_blocks"  # odd W: dx goes out element-wise
+
+
+def test_launchers_run_on_the_arrays_device(shim_launchers, rng):
+    """Inputs on device 1 while device 0 is current: outputs are allocated on device 1, the
+    kernels are compiled for and launched on device 1 (the prepared launch is cached per
+    device, not per current device), and device 0 is current again afterwards; inputs on
+    the current device switch nothing."""
+    cp = shim_launchers
+    x_np = make_input("ties", (2, 3, 11, 10), np.float32, rng)
+    geom = pool_geometry(x_np.shape, GEOMETRIES["3x3s2p1"][1])
+    dout_np = rng.standard_normal(geom.output_shape).astype(np.float32)
+    ref_out, ref_offsets = _max_pool_forward_xp(x_np, geom)
+    ref_dx = _max_pool_backward_xp(dout_np, ref_offsets, geom)
+    for device_id, current in ((0, 0), (1, 0), (1, 1), (0, 1)):
+        cp.current = device_id
+        x = cp.on(x_np.swapaxes(2, 3)).swapaxes(2, 3)  # strided: copied by the launcher
+        dout = cp.on(dout_np)
+        cp.current = current
+        del cp.kernels[:], cp.launches[:], cp.switches[:]
+        out, offsets = pk.max_pool_forward_gpu(x, geom)
+        dx = pk.max_pool_backward_gpu(dout, offsets, geom)
+        assert np.array_equal(out, ref_out) and np.array_equal(offsets, ref_offsets)
+        assert np.array_equal(dx, ref_dx)
+        assert out.device_id == offsets.device_id == dx.device_id == device_id
+        assert cp.current == current
+        assert cp.switches == ([] if device_id == current else [device_id, device_id])
+        assert [d for _, d in cp.launches] == [device_id, device_id]
+        first_on_device = current == 0  # (1, 1) and (0, 1) reuse the cache of (1, 0), (0, 0)
+        assert [d for _, d in cp.kernels] == ([device_id] * 2 if first_on_device else [])
+
+
+def test_launchers_reject_arrays_on_two_devices(shim_launchers, rng):
+    cp = shim_launchers
+    x = cp.on(make_input("random", (2, 3, 8, 6), np.float32, rng))
+    geom = pool_geometry(x.shape, GEOMETRIES["2x2s2"][1])
+    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    dout = cp.on(out, device_id=1)
+    del cp.launches[:]
+    with pytest.raises(ValueError, match=r"dout \(2, 3, 4, 3\) on device 1, "
+                                         r"offsets \(2, 3, 4, 3\) on device 0"):
+        pk.max_pool_backward_gpu(dout, offsets, geom)
+    assert cp.launches == []
 
 
 # ---------------------------------------------------------------- launcher helpers, no data
@@ -396,6 +646,18 @@ def test_scalar_args_have_exact_c_types():
         pk.scalar_args(fake_geometry(1, 1, 1, 2**31))
 
 
+def test_scalar_args_keep_padded_sizes_in_int():
+    """The kernels form padded positions (h + ph, window starts) in int: a size of 2**31 - 1
+    is taken with no padding, refused once the padding takes it to 2**31 or more."""
+    edge = fake_geometry(1, 1, 1, 2**31 - 1, k=1, s=1)
+    assert pk.index_type(edge) == "int" and int(pk.scalar_args(edge)[2]) == 2**31 - 1
+    for geom in (fake_geometry(1, 1, 1, 2**31 - 2, k=3, s=1, p=1),
+                 fake_geometry(1, 1, 2**31 - 2, 1, k=3, s=1, p=1)):
+        assert max(geom.H, geom.W, geom.Ho, geom.Wo) < 2**31
+        with pytest.raises(ValueError, match="padded sizes below 2\\*\\*31"):
+            pk.scalar_args(geom)
+
+
 def test_every_kernel_expression_is_instantiated():
     for dtype in pk.VALUE_TYPES:
         for geom in (fake_geometry(1, 1, 8, 8), fake_geometry(1, 1, 300, 300, k=20, s=20),
@@ -430,53 +692,6 @@ def test_launch_config(plane, planes, sm_count, block, blocks_per_sm, per_step):
 
 # ---------------------------------------------------------------- scripts/tune_pool.py, no GPU
 
-class _ShimArray(np.ndarray):
-    """NumPy array with the bits of cupy.ndarray.data that tune_pool uses."""
-
-    @property
-    def data(self):
-        flat = self.reshape(-1).view(np.uint8)
-
-        class Pointer:
-            def memset_async(self, value, nbytes):
-                flat[:nbytes] = value
-
-            def copy_from_device_async(self, src, nbytes):
-                flat[:nbytes] = src.array.reshape(-1).view(np.uint8)[:nbytes]
-        pointer = Pointer()
-        pointer.array = self
-        return pointer
-
-
-def _fake_cupy(lib):
-    """A cupy stand-in on NumPy whose kernels are the shim build: enough for tune_pool."""
-    import time
-
-    def wrap(a):
-        return np.ascontiguousarray(a).view(_ShimArray)
-
-    class Event:
-        def record(self):
-            self.t = time.perf_counter()
-
-    rng = np.random.default_rng(0)
-    runtime = types.SimpleNamespace(
-        getDeviceCount=lambda: 1, getDevice=lambda: 0,
-        getDeviceProperties=lambda i: {"multiProcessorCount": 2, "name": b"cpu shim"})
-    cuda = types.SimpleNamespace(
-        runtime=runtime, Event=Event, get_elapsed_time=lambda a, b: 1e3 * (b.t - a.t),
-        Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
-    random = types.SimpleNamespace(
-        randint=lambda low, high, size, dtype: wrap(rng.integers(low, high, size, dtype)),
-        standard_normal=lambda size, dtype: wrap(rng.standard_normal(size).astype(dtype)))
-    return types.SimpleNamespace(
-        ndarray=np.ndarray, empty=lambda shape, dtype=np.float64: wrap(np.empty(shape, dtype)),
-        empty_like=lambda a: wrap(np.empty_like(a)), ascontiguousarray=wrap,
-        array_equal=np.array_equal, uint8=np.uint8, uint16=np.uint16, uint32=np.uint32,
-        uint64=np.uint64, int32=np.int32, float32=np.float32, cuda=cuda, random=random,
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
-
-
 def test_tune_pool_script_through_the_shim(lib, monkeypatch, tmp_path, capsys):
     """scripts/tune_pool.py end to end on tiny cases: every variant verified and timed, a broken
     variant reported, the JSON written."""
@@ -489,17 +704,18 @@ def test_tune_pool_script_through_the_shim(lib, monkeypatch, tmp_path, capsys):
         name: (pass_, (2, 3) + ((12, 10) if "3x3" in name else (8, 6)), dtype, pool_param)
         for name, (pass_, shape, dtype, pool_param) in tune.CASES.items()
         if "float16" not in dtype or cuda_shim.has_half()})
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lib))
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
     monkeypatch.setattr(tune, "copy_bandwidth", lambda cp, timer: 1e9)
 
-    def get_kernel(source, expression, group):
-        assert expression in group
+    def get_kernel(source, expression, group, device_id=None):
+        assert expression in group and device_id in (None, 0)
         if "pairs" in expression and "float" in expression and expression.endswith(", 1>"):
             raise RuntimeError("broken on purpose")  # a variant, not the default (4 planes)
         return lambda grid, block, args: lib.launch(expression, grid, block, args)
     monkeypatch.setattr(pk.cuda_compile, "get_kernel", get_kernel)
     monkeypatch.setattr(pk.cuda_compile, "launch",
-                        lambda function, name, grid, block, args: function(grid, block, args))
+                        lambda function, name, grid, block, args, device_id=None:
+                        function(grid, block, args))
     pk._sm_count.cache_clear()
     pk._prepared.cache_clear()
     monkeypatch.setenv("OUT", str(tmp_path))

@@ -219,3 +219,73 @@ def test_variants_match_default(cp, poisoned, rng, name, dtype, variant):
     assert cp.array_equal(offsets_v, offsets), f"offsets: {where}"
     assert_same_values(out_v, out, f"out: {where}")
     assert_same_values(dx_v, dx, f"dx: {where}")
+
+
+def misaligned_view(cp, a):
+    """``a`` (NumPy) on the GPU as a contiguous view one element past a fresh allocation, as
+    ``cupy.arange(n + 1)[1:].reshape(...)``: its data is not aligned to 2 elements."""
+    base = cp.empty(a.size + 1, dtype=a.dtype)
+    view = base[1:].reshape(a.shape)
+    view[...] = cp.asarray(a)
+    assert view.flags.c_contiguous and view.data.ptr % (2 * a.dtype.itemsize) != 0
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["2x2s2", "3x3s2p1", "large2x2s2"])
+def test_misaligned_views_match_contiguous_copies(cp, rng, name, dtype):
+    """x and dout as contiguous views at an odd element offset, through the public entry
+    points: the launchers must not run the pairs kernels on them (a misaligned vector load
+    faults and poisons the context), and the results equal those of aligned copies. Launch
+    checks are on, so a fault is raised here, naming the kernel."""
+    shape, pool_param = CASES[name]
+    x_np = make_input("ties", shape, dtype, rng)
+    x = misaligned_view(cp, x_np)
+    x_copy = cp.array(x)
+    assert pk.pairs_aligned(x_copy) and not pk.pairs_aligned(x)
+    previous = cuda_compile.set_launch_checks(True)
+    try:
+        out, cache = max_pool_forward(x, pool_param)
+        ref_out, ref_cache = max_pool_forward(x_copy, pool_param)
+        dout_np = rng.standard_normal(out.shape).astype(dtype)
+        dout = misaligned_view(cp, dout_np)
+        dx = max_pool_backward(dout, cache)
+        ref_dx = max_pool_backward(cp.asarray(dout_np), ref_cache)
+        cp.cuda.Device().synchronize()
+    finally:
+        cuda_compile.set_launch_checks(previous)
+    assert cp.array_equal(cache.offsets, ref_cache.offsets)
+    assert_same_values(out, ref_out, f"out of a misaligned view: {name}, {np.dtype(dtype)}")
+    assert_same_values(dx, ref_dx, f"dx of a misaligned dout: {name}, {np.dtype(dtype)}")
+    assert np.array_equal(cache.offsets.get(), _max_pool_forward_xp(x_np, cache.geom)[1])
+
+
+@pytest.mark.parametrize("name", ["2x2s2", "3x3s2p1"])
+def test_inputs_on_device_1_while_device_0_is_current(cp, rng, name):
+    """Arrays on device 1 with device 0 current: outputs on device 1, kernels compiled and
+    launched there, device 0 current again afterwards; dout and offsets on two devices are
+    a ValueError naming them."""
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    shape, pool_param = CASES[name]
+    x_np = make_input("ties", shape, np.float32, rng)
+    geom = pool_geometry(x_np.shape, pool_param)
+    dout_np = rng.standard_normal(geom.output_shape).astype(np.float32)
+    with cp.cuda.Device(1):
+        x = on_device(cp, x_np, "strided")
+        dout = cp.asarray(dout_np)
+    with cp.cuda.Device(0):
+        previous = cuda_compile.set_launch_checks(True)
+        try:
+            out, cache = max_pool_forward(x, pool_param)
+            dx = max_pool_backward(dout, cache)
+        finally:
+            cuda_compile.set_launch_checks(previous)
+        assert cp.cuda.runtime.getDevice() == 0
+        assert out.device.id == cache.offsets.device.id == dx.device.id == 1
+        with pytest.raises(ValueError, match="dout .* on device 0, offsets .* on device 1"):
+            pk.max_pool_backward_gpu(cp.asarray(dout_np), cache.offsets, geom)
+    np_out, np_offsets = _max_pool_forward_xp(x_np, geom)
+    assert np.array_equal(cache.offsets.get(), np_offsets)
+    assert_same_values(out, np_out, f"out on device 1: {geom.describe()}")
+    assert np.array_equal(dx.get(), _max_pool_backward_xp(dout_np, np_offsets, geom))

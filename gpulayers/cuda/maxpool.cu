@@ -8,7 +8,11 @@
 // ((Ho, Wo) for the forward pass, (H, W) for the backward), blockIdx.y walks the N*C planes;
 // both loops are grid-stride. A thread works out its windows once (the only integer divisions)
 // and reuses them for every plane it visits, so the per-element work is loads, compares, adds.
-// Idx (int or long long) holds element indices and must hold every tensor's size.
+// Idx (int or long long) holds element indices and must hold every tensor's size; every
+// product that can reach a plane's or a tensor's size is formed in Idx ((Idx)a * b converts a
+// first, so the product is in Idx). The launcher keeps the padded sizes H + 2*ph and W + 2*pw
+// below 2**31, so positions, window starts and covers fit int. Tap offsets (up to the window
+// size, which can pass 2**31 only with uint32 offsets) are formed in unsigned.
 //
 // Variants (pool_kernels.VARIANT picks one; the defaults are the first kernels' default
 // template arguments): Planes > 1 makes a thread handle Planes planes per loop step (planes nc,
@@ -40,8 +44,10 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
-// Two adjacent elements, loaded or stored as one aligned access (the pointer must be aligned
-// to 2 elements).
+// Two adjacent elements, loaded or stored as one aligned access: the pointer must be aligned
+// to 2 elements, or the GPU faults (cudaErrorMisalignedAddress). The launcher runs the kernels
+// that use these only on aligned pointers with an even row pitch; the CPU shim checks every
+// access, records a fault for a misaligned one and then goes element by element.
 template <typename T>
 struct alignas(2 * sizeof(T)) Pair {
     T a, b;
@@ -50,6 +56,10 @@ struct alignas(2 * sizeof(T)) Pair {
 template <typename T>
 __device__ __forceinline__ Pair<T> load_pair(const T* p)
 {
+#ifdef GPULAYERS_CPU_SHIM
+    cuda_shim::check_aligned(p, sizeof(Pair<T>), "load_pair");
+    if (reinterpret_cast<std::uintptr_t>(p) % sizeof(Pair<T>) != 0) return Pair<T>{p[0], p[1]};
+#endif
     return *reinterpret_cast<const Pair<T>*>(p);
 }
 
@@ -59,13 +69,21 @@ __device__ __forceinline__ void store_pair(T* p, A a, A b)
     Pair<T> v;
     store(&v.a, a);
     store(&v.b, b);
+#ifdef GPULAYERS_CPU_SHIM
+    cuda_shim::check_aligned(p, sizeof(Pair<T>), "store_pair");
+    if (reinterpret_cast<std::uintptr_t>(p) % sizeof(Pair<T>) != 0) {
+        p[0] = v.a;
+        p[1] = v.b;
+        return;
+    }
+#endif
     *reinterpret_cast<Pair<T>*>(p) = v;
 }
 
 // Forward rule for tap k with value v (PyTorch's `v > best || isnan(v)`), branch-free; used
 // masks out slots that are not taps of the window.
 template <typename A>
-__device__ __forceinline__ void take_max(A v, int k, bool used, A& best, int& arg)
+__device__ __forceinline__ void take_max(A v, unsigned k, bool used, A& best, unsigned& arg)
 {
     const bool take = used & ((v > best) | isnan(v));
     best = take ? v : best;
@@ -150,7 +168,7 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
         const int nj = imin(kw, (W - 1 - w0) / dw + 1) - j0;
         const Idx first = (Idx)(h0 + i0 * dh) * W + (w0 + j0 * dw);
         const Idx row_step = (Idx)dh * W;
-        const int first_offset = i0 * kw + j0;
+        const unsigned first_offset = (unsigned)i0 * kw + j0;
         const bool small = ni <= Taps && nj <= Taps;
         FOR_PLANE_GROUPS(nc) {
             if (small) {
@@ -173,13 +191,13 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
 #pragma unroll
                 for (int u = 0; u < Planes; ++u) {
                     A best = v[u][0][0];  // the first in-range tap: as good as starting at -inf
-                    int arg = first_offset;
+                    unsigned arg = first_offset;
 #pragma unroll
                     for (int a = 0; a < Taps; ++a) {
 #pragma unroll
                         for (int b = 0; b < Taps; ++b) {
-                            take_max(v[u][a][b], first_offset + a * kw + b, (a < ni) & (b < nj),
-                                     best, arg);
+                            take_max(v[u][a][b], first_offset + (unsigned)a * kw + b,
+                                     (a < ni) & (b < nj), best, arg);
                         }
                     }
                     if (in_group(nc, u, planes)) {
@@ -191,13 +209,13 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
                 for (int u = 0; u < Planes && in_group(nc, u, planes); ++u) {
                     const T* win = x + (nc + u) * in_plane + first;
                     A best = to_acc(win[0]);
-                    int arg = first_offset;
+                    unsigned arg = first_offset;
                     for (int a = 0; a < ni; ++a) {
                         for (int b = 0; b < nj; ++b) {
                             const A v = to_acc(win[a * row_step + b * dw]);
                             if (v > best || isnan(v)) {
                                 best = v;
-                                arg = first_offset + a * kw + b;
+                                arg = first_offset + (unsigned)a * kw + b;
                             }
                         }
                     }
@@ -210,8 +228,9 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
 }
 
 // One thread per output element (n, c, oh, ow) of Planes planes, for 2x2 windows with stride 2,
-// no padding, no dilation, an even W and 2 * Ho <= H (every window inside x): reads its window
-// as two aligned pairs (rows 2 oh and 2 oh + 1) and writes out and offsets as the default kernel.
+// no padding, no dilation, an even W, 2 * Ho <= H (every window inside x) and x aligned to 2
+// elements: reads its window as two aligned pairs (rows 2 oh and 2 oh + 1) and writes out and
+// offsets as the default kernel.
 template <typename T, typename Off, typename Idx, int Planes>
 __global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict__ out,
                                          Off* __restrict__ offsets, Idx planes,
@@ -235,7 +254,7 @@ __global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict_
 #pragma unroll
             for (int u = 0; u < Planes; ++u) {
                 A best = to_acc(r[u][0].a);
-                int arg = 0;
+                unsigned arg = 0;
                 take_max(to_acc(r[u][0].a), 0, true, best, arg);
                 take_max(to_acc(r[u][0].b), 1, true, best, arg);
                 take_max(to_acc(r[u][1].a), 2, true, best, arg);
@@ -269,7 +288,8 @@ __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __res
         // Window (a, b) of the cover: in-plane output index and the offset that names (h, w).
         const Idx q0 = (Idx)rows.win * Wo + cols.win;
         const Idx q_row = (Idx)rows.win_step * Wo;
-        const int k0 = rows.tap * kw + cols.tap, k_row = rows.tap_step * kw;
+        const unsigned k0 = (unsigned)rows.tap * kw + cols.tap;
+        const unsigned k_row = (unsigned)rows.tap_step * kw;
         const bool small = rows.n <= kBackwardWindows && cols.n <= kBackwardWindows;
         FOR_PLANE_GROUPS(nc) {
             if (small) {
@@ -316,8 +336,7 @@ __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __res
                         for (int b = 0; b < cols.n; ++b) {
                             const Idx q = q0 - a * q_row - b * cols.win_step;
                             const A d = to_acc(g[q]);
-                            if ((unsigned)off[q] ==
-                                (unsigned)(k0 + a * k_row + b * cols.tap_step)) {
+                            if ((unsigned)off[q] == k0 + a * k_row + b * cols.tap_step) {
                                 acc += d;
                             }
                         }
@@ -349,7 +368,7 @@ __global__ void max_pool2d_backward_disjoint(const T* __restrict__ dout,
         // An uncovered element reads window 0 and expects kNoOffset, so it writes 0.
         const bool covered = rows.n > 0 && cols.n > 0;
         const Idx q = covered ? (Idx)rows.win * Wo + cols.win : 0;
-        const unsigned k = covered ? (unsigned)(rows.tap * kw + cols.tap) : kNoOffset;
+        const unsigned k = covered ? (unsigned)rows.tap * kw + cols.tap : kNoOffset;
         FOR_PLANE_GROUPS(nc) {
             A d[Planes];
             bool hit[Planes];
@@ -405,7 +424,7 @@ __device__ __forceinline__ BlockCover<S, NW> block_cover(int b, int size, int ke
 // of Planes planes, for stride S on both axes when at most NW windows per axis cover a block:
 // reads those NW x NW windows' dout and offsets once, and writes the block of dx, each element
 // the sum (in Acc<T>, ascending tap order) of the dout whose offset names it. Rows go out as
-// aligned pairs when S == 2 and W is even.
+// aligned pairs when S == 2 and W is even (then dx must be aligned to 2 elements).
 template <typename T, typename Off, typename Idx, int S, int NW, int Planes>
 __global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
                                            const Off* __restrict__ offsets,
@@ -415,7 +434,7 @@ __global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
 {
     typedef typename Acc<T>::type A;
     const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
-    const int Bh = (H + S - 1) / S, Bw = (W + S - 1) / S;
+    const int Bh = (H - 1) / S + 1, Bw = (W - 1) / S + 1;  // H + S - 1 could pass 2**31
     const Idx blocks = (Idx)Bh * Bw;
     const bool pairs = S == 2 && W % 2 == 0;
     for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < blocks;
@@ -456,7 +475,8 @@ __global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
 #pragma unroll
                             for (int c = 0; c < NW; ++c) {
                                 const bool used = rows.tap[i][a] >= 0 && cols.tap[j][c] >= 0;
-                                const unsigned k = used ? rows.tap[i][a] * kw + cols.tap[j][c]
+                                const unsigned k = used ? (unsigned)rows.tap[i][a] * kw +
+                                                              cols.tap[j][c]
                                                         : kNoOffset;
                                 if (o[u][a][c] == k) acc[j] += d[u][a][c];
                             }

@@ -18,11 +18,18 @@ planes per thread and loop step), ``block`` (threads per block), ``blocks_per_sm
 blocks per multiprocessor the grid aims at; None: one y block per plane group). Backward keys:
 ``kernel`` ('element': one thread per dx element; 'blocks': one thread per 2x2 block of dx, for
 stride 2 when at most 2 windows per axis cover a block), ``planes``, ``block``,
-``blocks_per_sm``. A variant that does not fit the geometry falls back to the default kernel
-with the same launch knobs (see :func:`forward_plan`, :func:`backward_plan`).
+``blocks_per_sm``. A variant that does not fit the geometry, or whose vector accesses would
+meet a pointer not aligned to 2 elements (a contiguous view at an odd element offset), falls
+back to the default kernel with the same launch knobs (see :func:`forward_plan`,
+:func:`backward_plan`).
+
+Devices: a launcher runs on the device of its arrays (``compile.device_of``; arrays on two
+devices are a ValueError naming them), allocates its outputs there and compiles and launches
+for that device, whichever device is current.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -31,8 +38,8 @@ from ..shapes import check_floating
 from . import compile as cuda_compile
 
 __all__ = ["max_pool_forward_gpu", "max_pool_backward_gpu", "index_type", "kernel_expression",
-           "launch_config", "scalar_args", "forward_plan", "backward_plan", "VARIANT",
-           "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group"]
+           "launch_config", "scalar_args", "forward_plan", "backward_plan", "pairs_aligned",
+           "VARIANT", "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group"]
 
 SOURCE = "maxpool.cu"
 
@@ -127,12 +134,14 @@ def _plan(kernel, params, plane, planes, options):
             "blocks_per_sm": options["blocks_per_sm"]}
 
 
-def forward_plan(geom, variant=None):
+def forward_plan(geom, variant=None, *, aligned=True):
     """What the forward launcher runs for geom under VARIANT updated by ``variant``: a dict
     with kernel, params (extra template arguments), plane (positions per plane),
     planes_per_step, block and blocks_per_sm. Variants need uint8 offsets; 'pairs' needs
-    2x2 stride-2 unpadded undilated windows, an even W and 2 * Ho <= H; taps 2 needs a window
-    of at most 2x2; otherwise the default kernel (with the launch knobs) runs."""
+    2x2 stride-2 unpadded undilated windows, an even W, 2 * Ho <= H and ``aligned`` (x's data
+    aligned to 2 elements: the launcher passes what it sees, see :func:`pairs_aligned`); taps
+    2 needs a window of at most 2x2; otherwise the default kernel (with the launch knobs)
+    runs."""
     options = _options("forward", variant)
     plane = geom.Ho * geom.Wo
     if options["kernel"] not in ("generic", "pairs"):
@@ -141,7 +150,8 @@ def forward_plan(geom, variant=None):
     if geom.offset_dtype != np.uint8:
         return _plan("max_pool2d_forward", (), plane, 1, options)
     planes = options["planes"]
-    if (options["kernel"] == "pairs" and (geom.kh, geom.kw, geom.sh, geom.sw) == (2, 2, 2, 2)
+    if (options["kernel"] == "pairs" and aligned
+            and (geom.kh, geom.kw, geom.sh, geom.sw) == (2, 2, 2, 2)
             and (geom.ph, geom.pw, geom.dh, geom.dw) == (0, 0, 1, 1) and geom.W % 2 == 0
             and 2 * geom.Ho <= geom.H and 2 * geom.Wo <= geom.W):
         return _plan("max_pool2d_forward_pairs", (planes,), plane, planes, options)
@@ -157,11 +167,13 @@ def _block_windows(kernel, stride, pad, dilation):
     return (pad + stride - 1) // stride + (-(pad - (kernel - 1) * dilation) // stride) + 1
 
 
-def backward_plan(geom, variant=None):
+def backward_plan(geom, variant=None, *, aligned=True):
     """What the backward launcher runs for geom (see :func:`forward_plan`). 'blocks' needs
-    uint8 offsets, stride 2 on both axes and at most 2 windows per axis covering a 2x2 block
-    (e.g. 3x3 stride 2 with any padding, 2x2 stride 2); otherwise the 'element' kernels run:
-    max_pool2d_backward for overlapping windows, max_pool2d_backward_disjoint otherwise."""
+    uint8 offsets, stride 2 on both axes, at most 2 windows per axis covering a 2x2 block
+    (e.g. 3x3 stride 2 with any padding, 2x2 stride 2) and, for an even W (where it stores dx
+    rows as pairs), ``aligned`` (dx's data aligned to 2 elements; it reads dout and offsets
+    element by element); otherwise the 'element' kernels run: max_pool2d_backward for
+    overlapping windows, max_pool2d_backward_disjoint otherwise."""
     options = _options("backward", variant)
     if options["kernel"] not in ("element", "blocks"):
         raise ValueError(f"backward kernel must be 'element' or 'blocks', "
@@ -170,7 +182,7 @@ def backward_plan(geom, variant=None):
     if geom.offset_dtype != np.uint8:
         return _plan(element, (), geom.H * geom.W, 1, options)
     planes = options["planes"]
-    if options["kernel"] == "blocks" and geom.sh == geom.sw == 2:
+    if options["kernel"] == "blocks" and geom.sh == geom.sw == 2 and (aligned or geom.W % 2):
         nw = max(_block_windows(geom.kh, 2, geom.ph, geom.dh),
                  _block_windows(geom.kw, 2, geom.pw, geom.dw))
         if nw <= 2:
@@ -181,11 +193,15 @@ def backward_plan(geom, variant=None):
 
 def scalar_args(geom):
     """The kernels' scalar arguments with their exact C types:
-    planes (Idx), then H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw (int)."""
+    planes (Idx), then H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw (int).
+
+    Raises ValueError when a size or a padded size (H + 2*ph, W + 2*pw: the kernels form
+    padded positions in int) is 2**31 or more."""
     dims = (geom.H, geom.W, geom.Ho, geom.Wo, geom.kh, geom.kw,
             geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw)
-    if max(dims) >= 2**31:
-        raise ValueError(f"max-pool kernels take sizes below 2**31: {geom.describe()}")
+    if max(dims + (geom.H + 2 * geom.ph, geom.W + 2 * geom.pw)) >= 2**31:
+        raise ValueError(f"max-pool kernels take sizes and padded sizes below 2**31: "
+                         f"{geom.describe()}")
     planes = INDEX_TYPES[index_type(geom)](geom.N * geom.C)
     return (planes,) + tuple(np.int32(d) for d in dims)
 
@@ -226,28 +242,57 @@ def _frozen(knobs):
     return tuple(sorted(knobs.items())) if knobs else ()
 
 
+def pairs_aligned(*arrays):
+    """True when every array's data pointer is a multiple of 2 elements (``.data.ptr`` of a
+    CuPy array): what the vector kernels need of the arrays they read or write as pairs."""
+    return all(a.data.ptr % (2 * a.dtype.itemsize) == 0 for a in arrays)
+
+
 @functools.lru_cache(maxsize=256)
-def _prepared(pass_, geom, dtype, current, extra, device_id):
+def _prepared(pass_, geom, dtype, current, extra, device_id, aligned):
     """(function, expression, grid, block, scalar args) of pass_ for geom and dtype under the
-    variant knobs ``current`` (VARIANT[pass_]) updated by ``extra``, both frozen: what a launch
-    needs beyond its arrays, worked out once per geometry instead of on every call."""
+    variant knobs ``current`` (VARIANT[pass_]) updated by ``extra``, both frozen, on device
+    ``device_id``, with the vector kernels' arrays ``aligned`` (see :func:`pairs_aligned`):
+    what a launch needs beyond its arrays, worked out once per geometry instead of on every
+    call."""
     plan_of = forward_plan if pass_ == "forward" else backward_plan
-    plan = plan_of(geom, {pass_: dict(extra)})
+    plan = plan_of(geom, {pass_: dict(extra)}, aligned=aligned)
     expression = kernel_expression(plan["kernel"], dtype, geom, plan["params"])
-    function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression))
+    function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression),
+                                       device_id=device_id)
     grid, block = launch_config(plan["plane"], geom.N * geom.C, _sm_count(device_id),
                                 plan["block"], plan["blocks_per_sm"], plan["planes_per_step"])
     return function, expression, grid, block, scalar_args(geom)
 
 
-def _launch(pass_, variant, dtype, geom, arrays):
+def _launch(pass_, variant, dtype, geom, arrays, device_id, aligned):
     if geom.N * geom.C == 0:
         return
-    import cupy
     function, expression, grid, block, scalars = _prepared(
         pass_, geom, dtype, _frozen(VARIANT[pass_]), _frozen((variant or {}).get(pass_)),
-        cupy.cuda.runtime.getDevice())
-    cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalars)
+        device_id, aligned)
+    cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalars,
+                        device_id=device_id)
+
+
+def _device(**arrays):
+    """The device of the named CuPy arrays (see compile.device_of); ValueError naming them and
+    their devices when they differ."""
+    try:
+        return cuda_compile.device_of(*arrays.values())
+    except ValueError as exc:
+        where = ", ".join(f"{name} {tuple(a.shape)} on device {a.device.id}"
+                          for name, a in arrays.items())
+        raise ValueError(f"arrays on different CUDA devices: {where}; "
+                         "move them to one device first") from exc
+
+
+def _on_device(device_id):
+    """Context that makes device_id current; nothing to do when it already is."""
+    import cupy
+    if device_id == cupy.cuda.runtime.getDevice():
+        return contextlib.nullcontext()
+    return cupy.cuda.Device(device_id)
 
 
 def _check_cupy(a, name):
@@ -265,8 +310,9 @@ def max_pool_forward_gpu(x, geom, variant=None):
     - variant: optional {"forward": {knob: value}} over VARIANT (see the module docstring)
 
     Returns a tuple of:
-    - out: cupy array (N, C, Ho, Wo), dtype of x
-    - offsets: cupy array (N, C, Ho, Wo) of geom.offset_dtype, compact argmax offsets
+    - out: cupy array (N, C, Ho, Wo), dtype of x, on x's device
+    - offsets: cupy array (N, C, Ho, Wo) of geom.offset_dtype, compact argmax offsets, on x's
+      device
     """
     import cupy
     _check_cupy(x, "x")
@@ -274,10 +320,13 @@ def max_pool_forward_gpu(x, geom, variant=None):
     if tuple(x.shape) != geom.input_shape:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected {geom.input_shape}: "
                          f"{geom.describe()}")
-    x = cupy.ascontiguousarray(x)
-    out = cupy.empty(geom.output_shape, dtype=x.dtype)
-    offsets = cupy.empty(geom.output_shape, dtype=geom.offset_dtype)
-    _launch("forward", variant, x.dtype, geom, (x, out, offsets))
+    device_id = _device(x=x)
+    with _on_device(device_id):
+        x = cupy.ascontiguousarray(x)
+        out = cupy.empty(geom.output_shape, dtype=x.dtype)
+        offsets = cupy.empty(geom.output_shape, dtype=geom.offset_dtype)
+        _launch("forward", variant, x.dtype, geom, (x, out, offsets), device_id,
+                pairs_aligned(x))
     return out, offsets
 
 
@@ -287,12 +336,13 @@ def max_pool_backward_gpu(dout, offsets, geom, variant=None):
 
     Inputs:
     - dout: cupy array (N, C, Ho, Wo), float16/32/64, any strides (not modified)
-    - offsets: cupy array (N, C, Ho, Wo) of geom.offset_dtype, from the forward pass
+    - offsets: cupy array (N, C, Ho, Wo) of geom.offset_dtype, from the forward pass, on
+      dout's device (else ValueError)
     - geom: PoolGeometry
     - variant: optional {"backward": {knob: value}} over VARIANT (see the module docstring)
 
     Returns:
-    - dx: cupy array (N, C, H, W), dtype of dout
+    - dx: cupy array (N, C, H, W), dtype of dout, on dout's device
     """
     import cupy
     _check_cupy(dout, "dout")
@@ -305,8 +355,11 @@ def max_pool_backward_gpu(dout, offsets, geom, variant=None):
     if offsets.dtype != geom.offset_dtype:
         raise TypeError(f"offsets must have dtype {geom.offset_dtype} for a "
                         f"{geom.kh}x{geom.kw} window, got {offsets.dtype}")
-    dout = cupy.ascontiguousarray(dout)
-    offsets = cupy.ascontiguousarray(offsets)
-    dx = cupy.empty(geom.input_shape, dtype=dout.dtype)
-    _launch("backward", variant, dout.dtype, geom, (dout, offsets, dx))
+    device_id = _device(dout=dout, offsets=offsets)
+    with _on_device(device_id):
+        dout = cupy.ascontiguousarray(dout)
+        offsets = cupy.ascontiguousarray(offsets)
+        dx = cupy.empty(geom.input_shape, dtype=dout.dtype)
+        _launch("backward", variant, dout.dtype, geom, (dout, offsets, dx), device_id,
+                pairs_aligned(dx))
     return dx
