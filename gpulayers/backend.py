@@ -143,18 +143,21 @@ def get_array_module(*arrays):
     if nd is None:  # the common CPU case: no CuPy at all
         return numpy
     kinds = {}
-    devices = {}
+    on_gpu = []
     for a in arrays:
         if a is not None:
             if isinstance(a, nd):
                 kinds.setdefault("cupy", type(a).__name__)
-                devices.setdefault(a.device.id, tuple(a.shape))
+                on_gpu.append(a)
             else:
                 kinds.setdefault("numpy", type(a).__name__)
     if len(kinds) > 1:
         raise TypeError("arrays of different backends in one call: a numpy "
                         f"{kinds['numpy']} and a cupy {kinds['cupy']}; move them to one "
                         "backend with gpulayers.asarray or gpulayers.to_numpy")
+    devices = {}
+    for a in on_gpu:
+        devices.setdefault(a.device.id, tuple(a.shape))
     if len(devices) > 1:
         where = ", ".join(f"an array of shape {shape} on device {d}"
                           for d, shape in sorted(devices.items()))
