@@ -229,7 +229,7 @@ def run_shape(cp, K, gl, torch, shape, dtype, args, timer, copy_bw, errors, with
 
     # bare launches, default tuning and variants, sharing preallocated outputs
     out = {"y": cp.empty_like(x), "dx": cp.empty_like(x), "y_eval": cp.empty_like(x),
-           "part": cp.empty(2 * C * 512, sd), "stats": cp.empty((len(K.STAT_ROWS), C), sd),
+           "part": cp.empty(K.PART_ROWS * C * 260, sd), "stats": cp.empty((len(K.STAT_ROWS), C), sd),
            "dgamma": cp.empty(C, sd), "dbeta": cp.empty(C, sd), "invstd_eval": cp.empty(C, sd)}
     out["mean"], out["invstd"] = out["stats"][0], out["stats"][2]
     default = dict(K.TUNING)

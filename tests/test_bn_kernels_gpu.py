@@ -1,5 +1,7 @@
 """Batch-norm CUDA kernels (gpulayers/cuda/bn_kernels.py) against float64 NumPy and against
 the NumPy path of gpulayers.batchnorm. Needs CuPy and a CUDA device; skips otherwise.
+Also: the precision cases (an outlying first sample, mean 1e4 with std 0.1, a constant
+channel, backward with mean_lo), misaligned inputs, C > 65535 and two devices.
 
 Errors are normwise, max|a - b| / max|b|: at most 1e-10 for float64, 1e-5 for
 float32, 1e-2 for float16. Outputs are poisoned (the memory pool hands back
@@ -297,3 +299,93 @@ def test_matches_numpy_path_of_gpulayers(rng, shape, dtype):
         assert rel(y, out) < tol
         assert rel(kdx, dx, dx_scale(dout, gamma, backend.to_numpy(invstd))) < tol
         assert rel(kdg, dgamma) < 2 * tol and rel(kdb, dbeta) < 2 * tol
+
+
+# ------------------------------------------------------------------------ precision, alignment,
+# devices (the shim tests in test_cuda_shim_bn.py check the same on the CPU)
+
+def test_outlying_first_sample_float32(rng):
+    """Centred (Welford/Chan) statistics: a first element 1000 sigma out costs no accuracy."""
+    x = (rng.standard_normal((8, 4, 16, 16)) + 0.5).astype(np.float32)
+    x[0, 0, 0, 0], x[0, 1, 0, 0] = 1000.0, -1000.0
+    gamma, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
+    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(*to_gpu(x, gamma, beta), EPS)
+    ry, rmean, rvar, _ = ref_forward(x, gamma, beta, EPS)
+    assert np.max(np.abs(backend.to_numpy(var) - rvar) / rvar) < 1e-6
+    assert rel(y, ry) < 1e-5
+
+
+def test_backward_with_mean_lo_large_mean_float32(rng):
+    """Mean 1e4, std 0.1: with the forward's mean_lo the backward matches float64."""
+    shape = (4, 3, 16, 16)
+    x = (rng.standard_normal(shape) * 0.1 + 1e4).astype(np.float32)
+    dout = rng.standard_normal(shape).astype(np.float32)
+    gamma, beta = (rng.random(3) + 0.5).astype(np.float32), np.zeros(3, np.float32)
+    X, G, B, D = to_gpu(x, gamma, beta, dout)
+    _, stats = bn_kernels.bn_train_forward_block_gpu(X, G, B, EPS, None, None, 0.9, "cs231n")
+    _, rmean, _, rinv = ref_forward(x, gamma, beta, EPS)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, rmean, rinv, True)
+    dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(D, X, G, stats[0], stats[2], True,
+                                                   mean_lo=stats[3])
+    assert rel(dgamma, rdg) < 1e-5 and rel(dbeta, rdb) < 1e-5
+    assert rel(dx, rdx, dx_scale(dout, gamma, rinv)) < 1e-5
+
+
+def test_large_mean_constant_channel_var_is_zero(rng):
+    x = (rng.standard_normal((16, 3, 8, 8)) * 0.1 + 1e4).astype(np.float32)
+    x[:, 1] = np.float32(1e4 + 0.5)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, stats = bn_kernels.bn_train_forward_block_gpu(*to_gpu(x, gamma, beta), EPS, None, None,
+                                                     0.9, "cs231n")
+    stats = backend.to_numpy(stats)
+    _, rmean, rvar, _ = ref_forward(x, gamma, beta, EPS)
+    assert stats[1, 1] == 0 and np.isfinite(stats).all()
+    assert np.abs(stats[0].astype(np.float64) + stats[3] - rmean).max() < 1e-6
+    assert np.max(np.abs(stats[1, [0, 2]] - rvar[[0, 2]]) / rvar[[0, 2]]) < 1e-6
+    assert np.all(backend.to_numpy(y)[:, 1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_unaligned_backward_uses_scalar_loads(rng, dtype):
+    cp = cupy()
+    shape = (4, 6, 8, 8)
+    x, gamma, _ = make(rng, shape, dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    flat = cp.empty(x.size + 1, dtype=dtype)
+    flat[1:] = cp.asarray(dout.reshape(-1))
+    D = flat[1:].reshape(shape)
+    assert D.data.ptr % 16 != 0 and not bn_kernels.vectors_allowed(D)
+    _, mean, _, invstd = ref_forward(x, gamma, gamma, EPS)
+    sd = bn_kernels.stats_dtype(dtype)
+    mean, invstd = mean.astype(sd), invstd.astype(sd)
+    dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(D, *to_gpu(x, gamma, mean, invstd), True)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean, invstd, True)
+    assert rel(dx, rdx, dx_scale(dout, gamma, invstd)) < TOL[np.dtype(dtype)]
+    assert rel(dgamma, rdg) < stats_tol(dtype)
+
+
+def test_supported_and_shapes_beyond_the_grid(rng):
+    assert bn_kernels.supported((2, 3, 4, 4)) is None
+    assert "zero-size" in bn_kernels.supported((0, 3, 4, 4))
+    # more channels than gridDim.y takes: the planes kernels stride over them
+    shape = (1, 65537, 9, 9)
+    x, gamma, beta = make(rng, shape, np.float32)
+    y, mean, var, _ = bn_kernels.bn_train_forward_gpu(*to_gpu(x, gamma, beta), EPS)
+    ry, rmean, rvar, _ = ref_forward(x, gamma, beta, EPS)
+    assert rel(y, ry) < 1e-5 and rel(var, rvar) < 1e-5
+
+
+def test_arrays_on_two_devices_are_rejected(rng):
+    cp = cupy()
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one CUDA device")
+    x, gamma, beta = make(rng, (2, 3, 4, 4), np.float32)
+    X = cp.asarray(x)
+    with cp.cuda.Device(1):
+        G, B = cp.asarray(gamma), cp.asarray(beta)
+    with pytest.raises(ValueError, match="different CUDA devices"):
+        bn_kernels.bn_train_forward_gpu(X, G, B, EPS)
+    with cp.cuda.Device(1):  # the arrays' device, not the current one, decides
+        X1 = cp.asarray(x)
+    y, _, _, _ = bn_kernels.bn_train_forward_gpu(X1, G, B, EPS)
+    assert y.device.id == 1 and rel(y, ref_forward(x, gamma, beta, EPS)[0]) < 1e-5

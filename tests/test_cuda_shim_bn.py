@@ -1,12 +1,15 @@
 """Batch-norm kernels of gpulayers/cuda/batchnorm.cu run on the CPU through the host shim.
 
-The shim (tests/cuda_shim) runs kernels without block-level synchronisation, so
-this covers the elementwise kernels (normalize, train-mode dx) and the two merge
-kernels (statistics, running-statistics update, gradients), in float32 and float64, launched exactly as bn_kernels.py launches them
-(same plan, grid and argument types). The block reductions use shared memory
-and run only on a GPU (tests/test_bn_kernels_gpu.py); here a Python model of
-their partial sums (which block writes which slot) feeds the merge kernels.
+The shim (tests/cuda_shim) runs every thread of a block as an OS thread, so the block
+reductions (shared memory, __syncthreads, warp shuffles) run as written: every kernel --
+statistics, merges, apply, backward reduce and dx -- is launched here exactly as
+bn_kernels.py builds the launches (same plan, grid and argument types), in float32, float64
+and float16 (when the compiler has _Float16), for both layouts and vector widths 1 and 16
+bytes, and compared with float64 NumPy. Outputs and partials start as NaN, so an element
+or slot the kernels skip fails.
 """
+import dataclasses
+import re
 from importlib import resources
 
 import numpy as np
@@ -18,10 +21,9 @@ from gpulayers.cuda.bn_kernels import plan_layout
 cuda_shim = pytest.importorskip("cuda_shim")
 
 THREADS = 256
-CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-VEC = {np.dtype(np.float32): 4, np.dtype(np.float64): 2}
-DTYPES = [np.float32, np.float64]
-TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-13}
+DTYPES = [np.float32, np.float64] + ([np.float16] if cuda_shim.has_half() else [])
+TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-13}
+EPS = 1e-5
 
 SHAPES = [
     (4, 3, 5, 6),      # columns, vector width 1, channels straddle tiles
@@ -37,90 +39,99 @@ SHAPES = [
 ]
 
 
-def _expressions():
-    out = []
-    for ctype, vec in (("float", 4), ("double", 2)):
-        for v in (1, vec):
-            for layout in ("planes", "columns"):
-                out += [f"bn_apply_{layout}<{ctype}, {v}>", f"bn_backward_dx_{layout}<{ctype}, {v}>"]
-        out += [f"bn_stats_merge<{ctype}>", f"bn_backward_merge<{ctype}>"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def lib():
     if cuda_shim.compiler() is None:
         pytest.skip("no C++ compiler for the CPU shim")
     source = resources.files("gpulayers.cuda").joinpath(bn_kernels.SOURCE)
-    expressions = _expressions()
-    assert set(expressions) <= set(bn_kernels.NAME_EXPRESSIONS)
+    expressions = [e for e in bn_kernels.NAME_EXPRESSIONS
+                   if "__half" not in e or cuda_shim.has_half()]
     return cuda_shim.build(str(source), expressions)
 
 
-def rel(a, b):
-    """Normwise relative error max|a - b| / max|b|."""
+def rel(a, b, scale=None):
+    """Normwise relative error max|a - b| / max|b| (or / scale)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+    den = np.max(np.abs(b)) if scale is None else scale
+    return float(np.max(np.abs(a - b)) / max(den, 1e-300))
+
+
+def stats_tol(dtype):
+    """Statistics of float16 input are float32."""
+    return TOL[bn_kernels.stats_dtype(dtype)]
 
 
 def _data(rng, shape, dtype, loc=0.0, scale=1.0):
     return (rng.standard_normal(shape) * scale + loc).astype(dtype)
 
 
-def _expr(kind, plan, dtype):
-    return f"bn_{kind}_{plan.layout}<{CTYPE[np.dtype(dtype)]}, {plan.vec}>"
+def _prepared(shape, dtype, aligned=True):
+    """bn_kernels' launch preparation with name expressions for kernel handles."""
+    return bn_kernels.prepare(shape, np.dtype(dtype), aligned, 132, lambda e: (None, e))
 
 
-def _plan(shape, dtype, aligned=True):
-    return plan_layout(shape, dtype, aligned=aligned, num_sms=132)
+def _run(lib, launches):
+    """Run launches as bn_kernels builds them; the shim checks every argument against the
+    kernel's C signature. Returns the expressions run."""
+    for (_, expression), grid, args in launches:
+        lib.launch(expression, grid, THREADS, args)
+    return [expression for (_, expression), _, _ in launches]
 
 
-def _partials(shape, plan, a, b):
-    """Python model of a block reduction's partial sums: part[0/1][c][slot] = sums of a and
-    of b over the elements each block covers, placed in the slots the kernel writes.
-
-    a, b: float64 arrays of the tensor's shape (N, C, H, W).
-    """
-    N, C, H, W = shape
-    hw = H * W
-    if C == 1:
-        N, hw = 1, N * hw
-    a, b = a.reshape(N, C, hw), b.reshape(N, C, hw)
-    S = plan.grid[0]
-    part = np.full((2, C, plan.slots), np.nan)
-    if plan.layout == "planes":
-        chunk = int(plan.args[4]) * plan.vec
-        for c in range(C):
-            fa, fb = a[:, c, :].reshape(-1), b[:, c, :].reshape(-1)
-            for blk in range(S):
-                part[0, c, blk] = fa[blk * chunk:(blk + 1) * chunk].sum()
-                part[1, c, blk] = fb[blk * chunk:(blk + 1) * chunk].sum()
-        return part
-    tx = 1 << int(plan.args[1])
-    chunk, width = int(plan.args[3]), C * hw
-    span = tx * plan.vec
-    ma, mb = a.reshape(N, width), b.reshape(N, width)
-    for blk in range(S):
-        rows = slice(blk * chunk, (blk + 1) * chunk)
-        for tile in range(plan.grid[1]):
-            t0, t1 = tile * span, min(tile * span + span, width)
-            for c in range(t0 // hw, (t1 - 1) // hw + 1):
-                lo, hi = max(c * hw, t0), min((c + 1) * hw, t1)
-                which = 0 if c * hw >= t0 else 1
-                slot = 2 * blk + which
-                assert np.isnan(part[0, c, slot]), "slot written twice"
-                part[0, c, slot] = ma[rows, lo:hi].sum()
-                part[1, c, slot] = mb[rows, lo:hi].sum()
-                if which == 0 and (c + 1) * hw <= t1:
-                    part[:, c, slot + 1] = 0.0
-    return part
+def forward(lib, x, gamma, beta, p=None, running=(None, None), keep=1.0, take=0.0,
+            unbiased=False, default=0.0):
+    """Train forward (stats, merge, apply) on the shim; returns (y, stats, part)."""
+    p = _prepared(x.shape, x.dtype) if p is None else p
+    C, A = x.shape[1], bn_kernels.stats_dtype(x.dtype)
+    rm, rv = running
+    given = (rm is not None) | (rv is not None) << 1
+    part = np.full(p.part_size, np.nan, A)
+    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, A)
+    y = np.full_like(x, np.nan)
+    launches = bn_kernels._train_forward_launches(p, x, gamma, beta, EPS, rm, rv, given, keep,
+                                                  take, unbiased, default, part, stats, y)
+    assert _run(lib, launches) == [p.kernels[k][1] for k in ("stats", "merge", "apply")]
+    return y, stats, part
 
 
-def _stats(x):
-    x64 = x.astype(np.float64)
-    mean = x64.mean(axis=(0, 2, 3))
-    var = x64.var(axis=(0, 2, 3))
-    return mean, var
+def backward(lib, dout, x, gamma, mean, invstd, train, mean_lo=None, p=None):
+    """Backward (reduce, merge, and dx in train mode) on the shim; returns (dx, dgamma, dbeta)."""
+    p = _prepared(x.shape, x.dtype) if p is None else p
+    C, A = x.shape[1], bn_kernels.stats_dtype(x.dtype)
+    part = np.full(p.part_size, np.nan, A)
+    dx = np.full_like(x, np.nan)
+    dgamma, dbeta = np.full(C, np.nan, A), np.full(C, np.nan, A)
+    launches = bn_kernels._backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx,
+                                             dgamma, dbeta, mean_lo)
+    assert len(_run(lib, launches)) == (3 if train else 2)
+    return dx, dgamma, dbeta
+
+
+def ref_forward(x, gamma, beta):
+    x = x.astype(np.float64)
+    s = (1, -1, 1, 1)
+    mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    invstd = 1 / np.sqrt(var + EPS)
+    y = (x - mean.reshape(s)) * invstd.reshape(s) * gamma.reshape(s) + beta.reshape(s)
+    return y, mean, var, invstd
+
+
+def ref_backward(dout, x, gamma, mean, invstd, train):
+    s = (1, -1, 1, 1)
+    d = dout.astype(np.float64)
+    xhat = (x.astype(np.float64) - mean.reshape(s)) * invstd.reshape(s)
+    dbeta, dgamma = d.sum(axis=(0, 2, 3)), (d * xhat).sum(axis=(0, 2, 3))
+    M = x.size // x.shape[1]
+    if train:
+        dx = (gamma * invstd).reshape(s) / M * (M * d - dbeta.reshape(s) - xhat * dgamma.reshape(s))
+    else:
+        dx = d * (gamma * invstd).reshape(s)
+    return dx, dgamma, dbeta
+
+
+def dx_scale(dout, gamma, invstd):
+    """max|gamma*invstd*dout|: train dx can cancel to ~0, an error relative to it means little."""
+    return float(np.max(np.abs(dout.astype(np.float64) * (gamma * invstd).reshape(1, -1, 1, 1))))
 
 
 # ------------------------------------------------------------------------ plans (pure Python)
@@ -159,6 +170,43 @@ def test_plan_rejects_huge_channels():
         plan_layout((2**16, 2, 2**8, 2**8), np.float32)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 2**15, 2**15 - 1), (2**13, 3, 2**9, 2**8 - 1),
+                                   (2**24, 16, 4, 4 + 3), (2**31 - 1, 4, 1, 1)])
+def test_plan_partial_slots_hold_fewer_than_2_24_values(shape):
+    """Partial counts are float32 in the kernels: exact only below 2**24 values per slot."""
+    for dtype in (np.float32, np.float16):
+        plan = plan_layout(shape, dtype, num_sms=132)
+        if plan.layout == "planes":
+            per_slot = int(plan.args[4]) * plan.vec
+        else:
+            per_slot = int(plan.args[3]) * int(plan.args[0])
+        assert per_slot < 2**24
+        count = shape[0] * shape[2] * shape[3]
+        assert plan.grid[0] * per_slot >= (count if plan.layout == "planes" else 0)
+
+
+def test_plan_many_channels_stride_over_the_grid():
+    plan = plan_layout((2, 70000, 9, 9), np.float32, num_sms=132)
+    assert plan.layout == "planes" and plan.grid[1] == 65535
+
+
+@pytest.mark.parametrize("shape, dtype, match", [
+    ((0, 3, 4, 4), None, "zero-size"), ((2, 0, 4, 4), None, "zero-size"),
+    ((2, 3, 0, 4), None, "zero-size"), ((2**16, 2, 2**8, 2**8), None, "2\\*\\*31"),
+    ((2, 3, 4), None, "\\(N, C, H, W\\)"), ((2, 3, 4, 4), np.int32, "float16"),
+])
+def test_supported_reasons(shape, dtype, match):
+    reason = bn_kernels.supported(shape, dtype)
+    assert isinstance(reason, str) and re.search(match, reason), reason
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 70000, 9, 9), (2**31 - 1, 1, 1, 1),
+                                   (3, 5, 7, 7)])
+def test_supported_shapes(shape):
+    assert bn_kernels.supported(shape) is None
+    assert bn_kernels.supported(shape, np.float16) is None
+
+
 @pytest.mark.parametrize("d", [1, 2, 3, 7, 49, 196, 3136, 12544, 2**20 + 1, 2**31 - 1])
 def test_divider_magic(rng, d):
     magic, shift = bn_kernels._divider(d)
@@ -168,215 +216,129 @@ def test_divider_magic(rng, d):
     assert np.array_equal((hi + n) >> np.uint64(shift), n // np.uint64(d))
 
 
-# ------------------------------------------------------------------------ kernels on the CPU
+def test_test_shapes_cover_both_layouts_and_vector_widths():
+    for dtype in DTYPES:
+        seen = {(p.plan.layout, p.plan.vec > 1) for shape in SHAPES for aligned in (True, False)
+                for p in [_prepared(shape, dtype, aligned)]}
+        assert seen == {("planes", False), ("planes", True), ("columns", False),
+                        ("columns", True)}, (dtype, seen)
 
+
+# ------------------------------------------------------------------------ the shim itself
+
+SYNC_SOURCE = r"""
+// One block: out[0..blockDim) = inclusive prefix sums within each warp (shuffles up),
+// out2[b] = block sum (shared memory + __syncthreads + shuffles down), xor and broadcast.
+template <typename T>
+__global__ void block_ops(const T* x, T* scan, T* sums, T* bcast, T* butterfly) {
+    __shared__ T sm[32];
+    const unsigned t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + t;
+    T v = x[i], s = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const T up = __shfl_up_sync(0xffffffffu, s, o);
+        if ((int)lane >= o) s += up;
+    }
+    scan[i] = s;
+    T b = v;
+    for (int o = 16; o > 0; o >>= 1) b += __shfl_xor_sync(0xffffffffu, b, o);
+    butterfly[i] = b;
+    bcast[i] = __shfl_sync(0xffffffffu, v, 3);
+    T r = v;
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_down_sync(0xffffffffu, r, o);
+    if (lane == 0) sm[warp] = r;
+    __syncthreads();
+    if (warp == 0) {
+        r = lane < blockDim.x / 32 ? sm[lane] : T(0);
+        for (int o = 16; o > 0; o >>= 1) r += __shfl_down_sync(0xffffffffu, r, o);
+        if (lane == 0) sums[blockIdx.x] = r;
+    }
+}
+
+__global__ void elementwise(const float* x, float* y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        y[i] = 2 * x[i];
+}
+
+// Lanes 0-15 shuffle while 16-31 wait in __syncthreads: a deadlock on a GPU too.
+__global__ void deadlock(int* out) {
+    if ((threadIdx.x & 31) < 16) out[threadIdx.x] = __shfl_sync(0xffffffffu, 1, 0);
+    else __syncthreads();
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def sync_lib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("shim") / "sync.cu"
+    path.write_text(SYNC_SOURCE)
+    return cuda_shim.build(str(path), ["block_ops<double>", "block_ops<int>", "elementwise",
+                                       "deadlock"])
+
+
+@pytest.mark.parametrize("ctype, dtype", [("double", np.float64), ("int", np.int32)])
+def test_shim_runs_shared_memory_barriers_and_shuffles(sync_lib, rng, ctype, dtype):
+    blocks, threads = 3, 128
+    x = rng.integers(-50, 50, blocks * threads).astype(dtype)
+    out = [np.zeros_like(x) for _ in range(3)]
+    sums = np.zeros(blocks, dtype)
+    for _ in range(2):  # the second launch, too, runs threaded (the kernel synchronises)
+        sync_lib.launch(f"block_ops<{ctype}>", blocks, threads, (x, out[0], sums, out[1], out[2]))
+        warps = x.reshape(-1, 32)
+        assert np.array_equal(out[0], np.cumsum(warps, axis=1).reshape(-1))
+        assert np.array_equal(sums, x.reshape(blocks, threads).sum(axis=1))
+        assert np.array_equal(out[1], np.repeat(warps[:, 3], 32))
+        assert np.array_equal(out[2], np.repeat(warps.sum(axis=1), 32))
+
+
+def test_shim_fast_path_for_kernels_without_sync(sync_lib):
+    x = np.arange(1000, dtype=np.float32)
+    for _ in range(3):  # first launch probes block 0 threaded, the rest runs sequentially
+        y = np.zeros_like(x)
+        sync_lib.launch("elementwise", 3, 64, (x, y, np.int32(x.size)))
+        assert np.array_equal(y, 2 * x)
+
+
+def test_shim_reports_deadlock(sync_lib, monkeypatch):
+    monkeypatch.setenv("CUDA_SHIM_DEADLOCK_SECONDS", "1")
+    with pytest.raises(cuda_shim.KernelFault, match="deadlock"):
+        sync_lib.launch("deadlock", 1, 64, (np.zeros(64, np.int32),))
+
+
+# ------------------------------------------------------------------------ kernels end to end
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_apply_matches_numpy(lib, rng, shape, dtype):
-    x = _data(rng, shape, dtype, loc=3.0, scale=2.0)
-    C = shape[1]
-    A = np.dtype(dtype)
-    gamma, beta = _data(rng, C, A), _data(rng, C, A)
-    mean, var = _data(rng, C, A), (rng.random(C) + 0.2).astype(A)
-    eps = 1e-5
-    mean_lo = (rng.standard_normal(C) * 1e-3).astype(A)
-    invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(A)
-    bcast = (1, C, 1, 1)
-    x0 = x.copy()
-    plan = _plan(shape, dtype)
-    # train: mean, mean_lo and invstd from the merge's stats block (the other rows and the
-    # running-stat pointers are NaN: read, they would show); invstd_out is not written
-    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, dtype=A)
-    stats[0], stats[2], stats[3] = mean, invstd, mean_lo
-    nans = np.full(C, np.nan, dtype=A)
-    ref = ((x.astype(np.float64) - mean.reshape(bcast) - mean_lo.reshape(bcast))
-           * invstd.reshape(bcast) * gamma.reshape(bcast) + beta.reshape(bcast))
-    y, invstd_out = np.full_like(x, np.nan), nans.copy()
-    lib.launch(_expr("apply", plan, dtype), plan.grid, THREADS,
-               (x, gamma, beta, stats, nans, nans, np.int32(1), np.float64(eps), invstd_out,
-                y, np.int32(C)) + plan.args)
-    assert not np.isnan(y).any(), "outputs left unwritten"
-    assert rel(y, ref) < TOL[A]
-    assert np.isnan(invstd_out).all(), "train mode wrote invstd_out"
-    # test: running mean and var; invstd = 1/sqrt(var + eps) comes back in invstd_out
-    ref = ((x.astype(np.float64) - mean.reshape(bcast))
-           * invstd.reshape(bcast) * gamma.reshape(bcast) + beta.reshape(bcast))
-    y, invstd_out = np.full_like(x, np.nan), nans.copy()
-    stats[:] = np.nan
-    lib.launch(_expr("apply", plan, dtype), plan.grid, THREADS,
-               (x, gamma, beta, stats, mean, var, np.int32(0), np.float64(eps), invstd_out,
-                y, np.int32(C)) + plan.args)
-    assert not np.isnan(y).any(), "outputs left unwritten"
-    assert rel(y, ref) < TOL[A]
-    assert rel(invstd_out, 1 / np.sqrt(var.astype(np.float64) + eps)) < TOL[A]
-    assert np.array_equal(x, x0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_backward_dx_matches_numpy(lib, rng, shape, dtype):
-    x = _data(rng, shape, dtype, loc=-1.0, scale=3.0)
-    dout = _data(rng, shape, dtype)
-    C = shape[1]
-    A = np.dtype(dtype)
-    M = x.size // C
-    gamma = _data(rng, C, A)
-    mean64, var64 = _stats(x)
-    mean, invstd = mean64.astype(A), (1 / np.sqrt(var64 + 1e-5)).astype(A)
-    bcast = (1, C, 1, 1)
-    xhat = (x.astype(np.float64) - mean.reshape(bcast)) * invstd.reshape(bcast)
-    d64 = dout.astype(np.float64)
-    dbeta, dgamma = d64.sum(axis=(0, 2, 3)), (d64 * xhat).sum(axis=(0, 2, 3))
-    ref = ((gamma * invstd).reshape(bcast) / M
-           * (M * d64 - dbeta.reshape(bcast) - xhat * dgamma.reshape(bcast)))
-    inputs = [a.copy() for a in (dout, x)]
-    plan = _plan(shape, dtype)
-    dx = np.full_like(x, np.nan)
-    lib.launch(_expr("backward_dx", plan, dtype), plan.grid, THREADS,
-               (dout, x, gamma, mean, invstd, dgamma.astype(A), dbeta.astype(A),
-                np.float64(M), dx, np.int32(C)) + plan.args)
-    assert not np.isnan(dx).any(), "outputs left unwritten"
-    assert rel(dx, ref) < 10 * TOL[A]
-    assert np.array_equal(dout, inputs[0]) and np.array_equal(x, inputs[1])
-
-
-def _merge_stats(lib, x, plan, part, running=(None, None), keep=1.0, take=0.0, var_factor=1.0,
-                 var_default=0.0):
-    """The merge kernel as bn_kernels launches it; returns its (6, C) block of STAT_ROWS."""
-    N, C, H, W = x.shape
-    A = np.dtype(x.dtype)
-    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, dtype=A)
-    rm, rv = running
-    given = (rm is not None) | (rv is not None) << 1
-    dummy = np.full(C, np.nan, dtype=A)  # passed for an absent running stat: never read
-    lib.launch(f"bn_stats_merge<{CTYPE[A]}>", -(-C // THREADS), THREADS,
-               (x, part.astype(A), np.int32(C), np.int32(plan.slots), np.int64(H * W),
-                np.float64(x.size // C), np.float64(1e-5),
-                dummy if rm is None else rm, dummy if rv is None else rv, np.int32(given),
-                np.float64(keep), np.float64(take), np.float64(var_factor),
-                np.float64(var_default), stats))
-    return stats
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_two_level_stats_merge(lib, rng, shape, dtype):
-    """Partial sums of (x - K) and (x - K)**2 per block (K = x[0, c, 0, 0]), as the stats
-    kernels write them, merged by the merge kernel, give the float64 statistics."""
+def test_train_forward(lib, rng, shape, dtype, aligned):
+    """stats (real block reductions), merge and apply against float64 NumPy."""
     x = _data(rng, shape, dtype, loc=2.0, scale=1.5)
-    C = shape[1]
-    shifted = x.astype(np.float64) - x[0, :, 0, 0].astype(np.float64).reshape(1, C, 1, 1)
-    part = _partials(shape, plan := _plan(shape, dtype), shifted, shifted ** 2)
+    C, A = shape[1], bn_kernels.stats_dtype(dtype)
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    x0 = x.copy()
+    p = _prepared(shape, dtype, aligned)
+    y, stats, part = forward(lib, x, gamma, beta, p)
+    ry, mean64, var64, inv64 = ref_forward(x, gamma, beta)
     assert not np.isnan(part).any(), "a partial slot is never written"
-    mean, var, invstd, mean_lo, _, _ = _merge_stats(lib, x, plan, part)
-    mean64, var64 = _stats(x)
-    assert rel(mean, mean64) < TOL[np.dtype(dtype)]
-    assert rel(mean.astype(np.float64) + mean_lo, mean64) < TOL[np.dtype(dtype)]
-    assert rel(var, var64) < 10 * TOL[np.dtype(dtype)]
-    assert rel(invstd, 1 / np.sqrt(var64 + 1e-5)) < 10 * TOL[np.dtype(dtype)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_merge_large_mean_and_constant_channel(lib, rng, dtype):
-    """float32 data of mean 1e4 and std 0.1 keeps its variance; a constant channel has var 0."""
-    shape = (16, 3, 6, 6)
-    x = _data(rng, shape, dtype, loc=1e4, scale=0.1)
-    x[:, 1] = np.asarray(7.25, dtype)
-    C = shape[1]
-    plan = _plan(shape, dtype)
-    # the kernels sum in the stats dtype: model that rounding per element
-    shifted = x - x[0, :, 0, 0].reshape(1, C, 1, 1)
-    part = _partials(shape, plan, shifted.astype(np.float64),
-                     (shifted * shifted).astype(np.float64))
-    mean, var, invstd, mean_lo, _, _ = _merge_stats(lib, x, plan, part)
-    mean64, var64 = _stats(x)
-    assert var[1] == 0 and mean_lo[1] == 0 and np.isfinite(invstd).all()
-    assert rel(var, var64) < 1e-5
-    # mean + mean_lo keeps what a float32 mean of 1e4 rounds off (up to 5e-4)
-    assert np.abs(mean.astype(np.float64) + mean_lo - mean64).max() < 1e-9 * 1e4
-
-
-@pytest.mark.parametrize("given", [0, 1, 2, 3])
-@pytest.mark.parametrize("convention", ["cs231n", "torch"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_merge_updates_running_stats(lib, rng, dtype, convention, given):
-    """The merge's running rows follow gpulayers.batchnorm's conventions (the factors
-    bn_kernels.bn_train_forward_update_gpu passes), with absent running stats as 0 / 0 or 1."""
-    shape = (6, 5, 3, 4)
-    x = _data(rng, shape, dtype, loc=-2.0, scale=3.0)
-    C, M = shape[1], x.size // shape[1]
-    A = np.dtype(dtype)
-    shifted = x.astype(np.float64) - x[0, :, 0, 0].astype(np.float64).reshape(1, C, 1, 1)
-    plan = _plan(shape, dtype)
-    part = _partials(shape, plan, shifted, shifted ** 2)
-    rm, rv = _data(rng, C, A), (rng.random(C) + 0.5).astype(A)
-    m = 0.9 if convention == "cs231n" else 0.1
-    if convention == "cs231n":
-        keep, take, factor, default = m, 1 - m, 1.0, 0.0
-    else:
-        keep, take, factor, default = 1 - m, m, M / (M - 1), 1.0
-    running = (rm if given & 1 else None, rv if given & 2 else None)
-    stats = _merge_stats(lib, x, plan, part, running, keep, take, factor, default)
-    assert not np.isnan(stats).any()
-    mean64, var64 = _stats(x)
-    rm0 = rm.astype(np.float64) if given & 1 else np.zeros(C)
-    rv0 = rv.astype(np.float64) if given & 2 else np.full(C, default)
-    if convention == "cs231n":
-        ref_m, ref_v = m * rm0 + (1 - m) * mean64, m * rv0 + (1 - m) * var64
-    else:
-        ref_m, ref_v = (1 - m) * rm0 + m * mean64, (1 - m) * rv0 + m * var64 * M / (M - 1)
-    assert rel(stats[4], ref_m) < 10 * TOL[A]
-    assert rel(stats[5], ref_v) < 10 * TOL[A]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES[:6])
-def test_backward_merge(lib, rng, shape, dtype):
-    x = _data(rng, shape, dtype)
-    dout = _data(rng, shape, dtype)
-    C = shape[1]
-    A = np.dtype(dtype)
-    mean64, var64 = _stats(x)
-    mean, invstd = mean64.astype(A), (1 / np.sqrt(var64 + 1e-5)).astype(A)
-    d64 = dout.astype(np.float64)
-    centered = x.astype(np.float64) - mean.reshape(1, C, 1, 1)
-    plan = _plan(shape, dtype)
-    part = _partials(shape, plan, d64, d64 * centered).astype(A)
-    dgamma, dbeta = np.full(C, np.nan, A), np.full(C, np.nan, A)
-    lib.launch(f"bn_backward_merge<{CTYPE[A]}>", -(-C // THREADS), THREADS,
-               (part, np.int32(C), np.int32(plan.slots), invstd, dgamma, dbeta))
-    xhat = centered * invstd.reshape(1, C, 1, 1)
-    assert rel(dbeta, d64.sum(axis=(0, 2, 3))) < TOL[A]
-    assert rel(dgamma, (d64 * xhat).sum(axis=(0, 2, 3))) < TOL[A]
-
-
-# ------------------------------------------------------------------------ launchers' arguments
-
-def _prepared(shape, dtype):
-    """bn_kernels' launch preparation with name expressions for kernel handles."""
-    return bn_kernels.prepare(shape, np.dtype(dtype), True, 132, lambda e: (None, e))
-
-
-def _run_on_shim(lib, launches, skip):
-    """Run the launches (as bn_kernels builds them) on the shim, but the block reductions
-    ``skip`` (their partial sums are modelled by the caller); the shim checks every
-    argument against the kernel's C signature."""
-    ran = []
-    for (_, expression), grid, args in launches:
-        if expression.startswith(skip):
-            continue
-        lib.launch(expression, grid, THREADS, args)
-        ran.append(expression)
-    return ran
+    assert not np.isnan(y).any() and not np.isnan(stats).any(), "outputs left unwritten"
+    assert rel(y, ry) < TOL[np.dtype(dtype)] * (5 if dtype == np.float16 else 10)
+    assert rel(stats[0], mean64) < stats_tol(dtype)
+    assert rel(stats[0].astype(np.float64) + stats[3], mean64) < stats_tol(dtype)
+    assert rel(stats[1], var64) < 5 * stats_tol(dtype)
+    assert rel(stats[2], inv64) < 5 * stats_tol(dtype)
+    assert np.array_equal(x, x0)
+    # deterministic: the same bits again
+    y2, stats2, _ = forward(lib, x, gamma, beta, p)
+    assert np.array_equal(y, y2) and np.array_equal(stats, stats2)
 
 
 @pytest.mark.parametrize("convention, given", [("cs231n", 3), ("torch", 3), ("torch", 0),
                                                ("cs231n", 1)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES[:6])
-def test_train_forward_launches(lib, rng, shape, dtype, convention, given):
-    """bn_kernels._train_forward_launches, run on the shim after modelled stats partials:
-    y, batch statistics and the running-statistics update of either convention."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 8, 16), (64, 12, 1, 1)])
+def test_train_forward_running_stats(lib, rng, shape, dtype, convention, given):
+    """The merge's running rows follow gpulayers.batchnorm's conventions (the factors
+    bn_kernels.bn_train_forward_update_gpu passes), absent running stats as 0 / 0 or 1."""
     x = _data(rng, shape, dtype, loc=1.5, scale=2.0)
     C, A = shape[1], np.dtype(dtype)
     M = x.size // C
@@ -385,21 +347,10 @@ def test_train_forward_launches(lib, rng, shape, dtype, convention, given):
     m = 0.9 if convention == "cs231n" else 0.1
     keep, take, unbiased, default = ((m, 1 - m, False, 0.0) if convention == "cs231n"
                                      else (1 - m, m, True, 1.0))
-    p = _prepared(shape, dtype)
-    part = np.full(p.part_size, np.nan, A)
-    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, A)
-    y = np.full_like(x, np.nan)
-    launches = bn_kernels._train_forward_launches(
-        p, x, gamma, beta, 1e-5, rm if given & 1 else None, rv if given & 2 else None, given,
-        keep, take, unbiased, default, part, stats, y)
-    assert [k[1] for k, _, _ in launches] == [p.kernels[n][1] for n in ("stats", "merge", "apply")]
-    shifted = x.astype(np.float64) - x[0, :, 0, 0].astype(np.float64).reshape(1, C, 1, 1)
-    part[:] = _partials(shape, p.plan, shifted, shifted ** 2).ravel()
-    assert len(_run_on_shim(lib, launches, "bn_stats_" + p.plan.layout)) == 2
-    mean64, var64 = _stats(x)
-    ref, _, _, _ = _ref_forward(x, gamma, beta)
-    assert rel(y, ref) < 10 * TOL[A]
-    assert rel(stats[0], mean64) < TOL[A] and rel(stats[1], var64) < 10 * TOL[A]
+    _, stats, _ = forward(lib, x, gamma, beta, running=(rm if given & 1 else None,
+                                                        rv if given & 2 else None),
+                          keep=keep, take=take, unbiased=unbiased, default=default)
+    _, mean64, var64, _ = ref_forward(x, gamma, beta)
     rm0 = rm.astype(np.float64) if given & 1 else np.zeros(C)
     rv0 = rv.astype(np.float64) if given & 2 else np.full(C, default)
     factor = M / (M - 1) if unbiased else 1.0
@@ -407,66 +358,190 @@ def test_train_forward_launches(lib, rng, shape, dtype, convention, given):
     assert rel(stats[5], keep * rv0 + take * var64 * factor) < 10 * TOL[A]
 
 
-def _ref_forward(x, gamma, beta, eps=1e-5):
-    mean64, var64 = _stats(x)
-    s = (1, -1, 1, 1)
-    invstd = 1 / np.sqrt(var64 + eps)
-    xhat = (x.astype(np.float64) - mean64.reshape(s)) * invstd.reshape(s)
-    return xhat * gamma.reshape(s) + beta.reshape(s), mean64, var64, invstd
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_eval_forward_launches(lib, rng, shape, dtype):
-    """bn_kernels._eval_forward_launches on the shim: y and the invstd that backward needs."""
+def test_eval_forward(lib, rng, shape, dtype):
+    """The apply kernel in test mode: y and the invstd that backward needs."""
     x = _data(rng, shape, dtype, loc=-1.0, scale=2.0)
-    C, A = shape[1], np.dtype(dtype)
+    C, A = shape[1], bn_kernels.stats_dtype(dtype)
     gamma, beta = _data(rng, C, A), _data(rng, C, A)
     mean, var = _data(rng, C, A), (rng.random(C) + 0.2).astype(A)
     p = _prepared(shape, dtype)
     y, invstd = np.full_like(x, np.nan), np.full(C, np.nan, A)
-    launches = bn_kernels._eval_forward_launches(p, x, gamma, beta, mean, var, 1e-5, invstd, y)
-    assert _run_on_shim(lib, launches, "none") == [p.kernels["apply"][1]]
-    inv64 = 1 / np.sqrt(var.astype(np.float64) + 1e-5)
+    launches = bn_kernels._eval_forward_launches(p, x, gamma, beta, mean, var, EPS, invstd, y)
+    assert _run(lib, launches) == [p.kernels["apply"][1]]
+    inv64 = 1 / np.sqrt(var.astype(np.float64) + EPS)
     s = (1, -1, 1, 1)
     ref = (x.astype(np.float64) - mean.reshape(s)) * (inv64 * gamma).reshape(s) + beta.reshape(s)
-    assert rel(y, ref) < TOL[A]
-    assert rel(invstd, inv64) < TOL[A]
+    assert rel(y, ref) < TOL[np.dtype(dtype)]
+    assert rel(invstd, inv64) < stats_tol(dtype)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES[:6])
-def test_backward_launches(lib, rng, shape, dtype, train):
-    """bn_kernels._backward_launches on the shim after modelled reduce partials: dgamma,
-    dbeta and (train) dx."""
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward(lib, rng, shape, dtype, aligned, train):
+    """backward reduce (real block reductions), merge and dx against float64 NumPy."""
     x = _data(rng, shape, dtype, loc=0.5, scale=2.0)
     dout = _data(rng, shape, dtype)
-    C, A = shape[1], np.dtype(dtype)
-    M = x.size // C
+    C, A = shape[1], bn_kernels.stats_dtype(dtype)
     gamma = _data(rng, C, A)
-    mean64, var64 = _stats(x)
-    mean, invstd = mean64.astype(A), (1 / np.sqrt(var64 + 1e-5)).astype(A)
-    p = _prepared(shape, dtype)
-    part = np.full(p.part_size, np.nan, A)
-    dx = np.full_like(x, np.nan)
-    dgamma, dbeta = np.full(C, np.nan, A), np.full(C, np.nan, A)
-    launches = bn_kernels._backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx,
-                                             dgamma, dbeta)
-    assert len(launches) == (3 if train else 2)
-    s = (1, -1, 1, 1)
-    d64 = dout.astype(np.float64)
-    centered = x.astype(np.float64) - mean.reshape(s)
-    part[:] = _partials(shape, p.plan, d64, d64 * centered).ravel()
-    _run_on_shim(lib, launches, "bn_backward_reduce_")
-    xhat = centered * invstd.reshape(s)
-    db, dg = d64.sum(axis=(0, 2, 3)), (d64 * xhat).sum(axis=(0, 2, 3))
-    assert rel(dbeta, db) < TOL[A] and rel(dgamma, dg) < TOL[A]
     if train:
-        ref = (gamma * invstd).reshape(s) / M * (M * d64 - db.reshape(s) - xhat * dg.reshape(s))
-        scale = np.abs(d64 * (gamma * invstd).reshape(s)).max()
-        assert np.abs(dx - ref).max() / scale < 10 * TOL[A]
+        _, mean, _, invstd = ref_forward(x, gamma, gamma)
+    else:
+        mean, invstd = rng.standard_normal(C), 1 / np.sqrt(rng.random(C) + 0.5)
+    mean, invstd = mean.astype(A), invstd.astype(A)
+    inputs = [a.copy() for a in (dout, x)]
+    dx, dgamma, dbeta = backward(lib, dout, x, gamma, mean, invstd, train,
+                                 p=_prepared(shape, dtype, aligned))
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean, invstd, train)
+    assert not np.isnan(dx).any(), "outputs left unwritten"
+    tol = TOL[np.dtype(dtype)]
+    assert rel(dx, rdx, dx_scale(dout, gamma, invstd)) < 10 * tol
+    assert rel(dgamma, rdg) < 10 * stats_tol(dtype) and rel(dbeta, rdb) < 10 * stats_tol(dtype)
+    assert np.array_equal(dout, inputs[0]) and np.array_equal(x, inputs[1])
 
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 16), (3, 5, 9, 11)])
+def test_planes_stride_over_channels(lib, rng, shape):
+    """Planes kernels with fewer grid rows than channels (as for C > 65535) cover them all."""
+    x = _data(rng, shape, np.float32, loc=1.0, scale=2.0)
+    dout = _data(rng, shape, np.float32)
+    C = shape[1]
+    gamma, beta = _data(rng, C, np.float32), _data(rng, C, np.float32)
+    p = _prepared(shape, np.float32)
+    assert p.plan.layout == "planes"
+    p = dataclasses.replace(p, plan=dataclasses.replace(p.plan, grid=(p.plan.grid[0], 2)))
+    y, stats, _ = forward(lib, x, gamma, beta, p)
+    ry, mean64, var64, _ = ref_forward(x, gamma, beta)
+    assert rel(y, ry) < 1e-5 and rel(stats[1], var64) < 1e-5
+    dx, dgamma, dbeta = backward(lib, dout, x, gamma, stats[0], stats[2], True, stats[3], p)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean64, 1 / np.sqrt(var64 + EPS), True)
+    assert rel(dx, rdx, dx_scale(dout, gamma, stats[2])) < 1e-5
+    assert rel(dgamma, rdg) < 1e-5 and rel(dbeta, rdb) < 1e-5
+
+
+# ------------------------------------------------------------------------ precision
+
+PRECISION_SHAPES = [(4, 3, 16, 16), (64, 3, 1, 1), (20, 3, 3, 3)]  # planes, columns, columns
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
+@pytest.mark.parametrize("shape", PRECISION_SHAPES)
+def test_stats_independent_of_an_outlying_first_sample(lib, rng, shape, aligned):
+    """A channel whose first element is 1000 sigma out: the old shift by x[0, c, 0, 0] lost
+    ~1e-4 of the variance in float32; centred (Welford/Chan) merges keep it to 1e-6."""
+    x = _data(rng, shape, np.float32, loc=0.5, scale=1.0)
+    x[0, 0, 0, 0] = 1000.0
+    x[0, 1, 0, 0] = -1000.0
+    C = shape[1]
+    gamma, beta = np.ones(C, np.float32), np.zeros(C, np.float32)
+    y, stats, _ = forward(lib, x, gamma, beta, _prepared(shape, np.float32, aligned))
+    ry, mean64, var64, _ = ref_forward(x, gamma, beta)
+    assert np.max(np.abs(stats[1] - var64) / var64) < 1e-6
+    assert np.max(np.abs(stats[0] + stats[3].astype(np.float64) - mean64)
+                  / np.sqrt(var64)) < 1e-6
+    assert rel(y, ry) < 1e-5
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
+@pytest.mark.parametrize("shape", PRECISION_SHAPES)
+def test_large_mean_and_constant_channel(lib, rng, shape, aligned):
+    """float32 data of mean 1e4 and std 0.1 keeps its variance and (mean + mean_lo) its mean;
+    a constant channel has var 0 exactly, y 0, no NaN."""
+    x = _data(rng, shape, np.float32, loc=1e4, scale=0.1)
+    x[:, 1] = np.float32(1e4 + 0.5)
+    C = shape[1]
+    gamma, beta = np.ones(C, np.float32), np.zeros(C, np.float32)
+    y, stats, _ = forward(lib, x, gamma, beta, _prepared(shape, np.float32, aligned))
+    ry, mean64, var64, _ = ref_forward(x, gamma, beta)
+    assert np.isfinite(stats).all() and np.isfinite(y).all()
+    assert stats[1, 1] == 0 and stats[3, 1] == 0 and np.all(y[:, 1] == 0)
+    live = [0, 2]
+    assert np.max(np.abs(stats[1, live] - var64[live]) / var64[live]) < 1e-6
+    # mean + mean_lo keeps what a float32 mean of 1e4 rounds off (up to 5e-4)
+    assert np.abs(stats[0].astype(np.float64) + stats[3] - mean64).max() < 1e-6
+    assert np.abs(y - ry).max() < 1e-4
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
+@pytest.mark.parametrize("shape", PRECISION_SHAPES)
+def test_backward_uses_mean_lo(lib, rng, shape, aligned):
+    """Mean 1e4, std 0.1, float32: with the forward's mean_lo, dx, dgamma and dbeta match the
+    float64 reference to float32 accuracy (with the rounded mean alone dgamma was off by
+    up to ~1e-2 relative)."""
+    x = _data(rng, shape, np.float32, loc=1e4, scale=0.1)
+    dout = _data(rng, shape, np.float32)
+    C = shape[1]
+    gamma, beta = (rng.random(C) + 0.5).astype(np.float32), np.zeros(C, np.float32)
+    p = _prepared(shape, np.float32, aligned)
+    _, stats, _ = forward(lib, x, gamma, beta, p)
+    _, mean64, var64, inv64 = ref_forward(x, gamma, beta)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean64, inv64, True)
+    dx, dgamma, dbeta = backward(lib, dout, x, gamma, stats[0], stats[2], True, stats[3], p)
+    assert rel(dgamma, rdg) < 1e-5 and rel(dbeta, rdb) < 1e-5
+    assert rel(dx, rdx, dx_scale(dout, gamma, inv64)) < 1e-5
+    # test mode with mean_lo: dgamma uses mean + mean_lo too
+    _, dgamma, _ = backward(lib, dout, x, gamma, stats[0], stats[2], False, stats[3], p)
+    assert rel(dgamma, rdg) < 1e-5
+
+
+# ------------------------------------------------------------------------ alignment
+
+def _misaligned(a):
+    """A C-contiguous copy of ``a`` at an address one element past a 16-byte boundary."""
+    flat = np.empty(a.size + 16 // a.itemsize + 1, a.dtype)
+    skip = (-flat.ctypes.data % 16) // a.itemsize + 1
+    view = flat[skip:skip + a.size].reshape(a.shape)
+    view[...] = a
+    assert view.ctypes.data % 16 == a.itemsize
+    return view
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 16), (64, 12, 1, 1)], ids=["planes", "columns"])
+def test_misaligned_input(lib, rng, shape, dtype):
+    """The vector kernels fault on a misaligned view (every vector load and store checks);
+    vectors_allowed sends such input to the scalar kernels, which give the right results."""
+    x, dout = _data(rng, shape, dtype, 1.0, 2.0), _data(rng, shape, dtype)
+    C, A = shape[1], np.dtype(dtype)
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    xm, dm = _misaligned(x), _misaligned(dout)
+    vec = _prepared(shape, dtype, True)
+    assert vec.plan.vec > 1
+    with pytest.raises(cuda_shim.KernelFault, match="misaligned address: bn::load"):
+        forward(lib, xm, gamma, beta, vec)
+    _, stats, _ = forward(lib, x, gamma, beta, vec)
+    with pytest.raises(cuda_shim.KernelFault, match="misaligned address: bn::load"):
+        backward(lib, dm, x, gamma, stats[0], stats[2], True, stats[3], vec)
+    # a misaligned output is caught at the store
+    y = _misaligned(np.zeros_like(x))
+    with pytest.raises(cuda_shim.KernelFault, match="misaligned address: bn::store"):
+        _run(lib, bn_kernels._eval_forward_launches(vec, x, gamma, beta, stats[0], stats[1],
+                                                    EPS, np.zeros(C, A), y))
+    # the launchers' choice
+    assert bn_kernels.vectors_allowed(x) and bn_kernels.vectors_allowed(x, dout)
+    assert not bn_kernels.vectors_allowed(xm) and not bn_kernels.vectors_allowed(x, dm)
+    scalar = _prepared(shape, dtype, bn_kernels.vectors_allowed(xm, dm))
+    assert scalar.plan.vec == 1
+    y, stats, _ = forward(lib, xm, gamma, beta, scalar)
+    ry, mean64, var64, inv64 = ref_forward(x, gamma, beta)
+    assert rel(y, ry) < 10 * TOL[A] and rel(stats[1], var64) < 10 * TOL[A]
+    dx, dgamma, dbeta = backward(lib, dm, xm, gamma, stats[0], stats[2], True, stats[3], scalar)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean64, inv64, True)
+    assert rel(dx, rdx, dx_scale(dout, gamma, inv64)) < 10 * TOL[A]
+    assert rel(dgamma, rdg) < 10 * TOL[A]
+
+
+def test_vectors_allowed():
+    x = np.zeros(8, np.float32)
+    assert bn_kernels.vectors_allowed(x, None) is True  # NumPy's data are 16-byte aligned
+    assert bn_kernels.vectors_allowed(x[1:]) is False
+    assert bn_kernels.vectors_allowed(x, x[2:]) is False
+
+
+# ------------------------------------------------------------------------ tuning
 
 def test_tuning_knobs():
     plan = plan_layout((256, 2048, 7, 7), np.float16, num_sms=132, columns_blocks_per_sm=8)

@@ -5,21 +5,38 @@
 // Two layouts of the same tensor, chosen by the launcher (gpulayers/cuda/bn_kernels.py):
 //
 // * planes: channel c is N contiguous planes of HW elements, plane n at (n*C + c)*HW.
-//   Grid (S, C): block (b, c) walks chunk b of the channel's N*HW elements, read as
-//   vectors of V elements (V > 1 only when HW % V == 0 and pointers are 16-byte
-//   aligned), plane index by multiply-shift division. Used when HW is large.
+//   Grid (S, min(C, 65535)): block (b, y) walks chunk b of channels y, y + gridDim.y, ...
+//   (N*HW elements each), read as vectors of V elements (V > 1 only when HW % V == 0 and
+//   pointers are 16-byte aligned), plane index by multiply-shift division. Used when HW is
+//   large.
 // * columns: the tensor is a row-major (N, W) matrix, W = C*HW, column j in channel
 //   j / HW. Grid (S, tiles): block (b, t) covers a tile of TX*V consecutive columns and
 //   chunk b of the rows; a thread owns V consecutive columns (its channels and
 //   per-channel constants are fixed) and walks rows. Used when HW is small (HW = 1 is
 //   plain batch norm on (N, D)); a channel then touches at most two tiles.
 //
-// Statistics are two-level: every block writes partial sums to `part`, a small merge
-// kernel adds them per channel and writes one (kStatRows, C) block `stats`: mean, biased
-// var, invstd, mean_lo and the updated running mean and var (see bn::StatRow). Sums are shifted by K = the channel's first element
-// (x[0, c, 0, 0]), so a large mean does not cancel the variance: var = E[(x-K)^2] -
-// E[x-K]^2. Partial layout: part[s][c][k] for s = 0 (sum), 1 (sum of squares or of
-// dout*(x - mean)), k < slots (slots = S for planes, 2*S for columns).
+// Every vector load and store goes through bn::load / bn::store (alignment-checked on the CPU
+// shim).
+//
+// Statistics are two-level and centred throughout, as PyTorch's Welford
+// batch_norm_collect_statistics: no sample is special. Each thread keeps the moments of the
+// values it read -- count n, mean = hi + lo (an unevaluated sum of two acc_t<T>, so a float
+// mean of 1e4 keeps its low bits) and M2 = sum of squared deviations from the mean. Per loaded
+// chunk (up to kUnroll vectors) it computes the chunk's mean and M2 in registers, centred on
+// its running mean (the chunk's first value for the first chunk), and merges them by Chan's
+// formula
+//   delta = mean_b - mean_a,  mean = mean_a + delta*n_b/n,  M2 = M2_a + M2_b + delta^2*n_a*n_b/n
+// (bn::chan); threads merge the same way across a warp (shuffles), the warps of a block and,
+// in the columns layout, the rows of threads and the columns of a channel. Every block writes
+// the moments of its part of a channel to `part`, and a small merge kernel merges them per
+// channel in double and writes one (kStatRows, C) block `stats`: mean, biased var, invstd,
+// mean_lo and the updated running mean and var (see bn::StatRow). Partial layout:
+// part[row][c][k] for row = bn::PartRow (count, mean hi, mean lo, M2) and k < slots (slots = S
+// for planes, 2*S for columns). Counts are exact: the launcher keeps every slot's count
+// below 2**24. The order of every merge is fixed: results are deterministic.
+//
+// Backward sums dout and dout*(x - mean - mean_lo) per channel the same two-level way (plain
+// sums; part[0/1][c][k]).
 //
 // Elementwise kernels visit blocks in reverse order, so the data that the preceding
 // reduction read last (still in L2) is read first.
@@ -44,23 +61,49 @@ template <int V> constexpr int kColumnUnroll = V >= 8 ? 2 : kUnroll;
 // rounding the mean to acc_t<T> lost), new running mean, new running var.
 enum StatRow { kMean = 0, kVar, kInvstd, kMeanLo, kRunMean, kRunVar, kStatRows };
 
+// Rows of the statistics partials part[(row * C + c) * slots + k]: count, mean (hi + lo), M2.
+enum PartRow { kPartCount = 0, kPartHi, kPartLo, kPartM2, kPartRows };
+
 template <typename T> struct AccType { using type = T; };
-#ifndef GPULAYERS_CPU_SHIM
 template <> struct AccType<__half> { using type = float; };
-#endif
 template <typename T> using acc_t = typename AccType<T>::type;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ void from_acc(float& d, float v) { d = v; }
 __device__ __forceinline__ void from_acc(double& d, double v) { d = v; }
-#ifndef GPULAYERS_CPU_SHIM
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ void from_acc(__half& d, float v) { d = __float2half_rn(v); }
-#endif
 
 // V elements loaded or stored as one (16-byte when V*sizeof(T) == 16) access.
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
+
+// Vector i of p: elements p[i*V .. i*V + V-1] as one access. The CPU shim checks that the
+// address is a multiple of the vector's size (a GPU faults otherwise) and copies bytewise.
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load(const T* __restrict__ p, unsigned long long i) {
+    const Vec<T, V>* a = reinterpret_cast<const Vec<T, V>*>(p + i * V);
+#ifdef GPULAYERS_CPU_SHIM
+    cuda_shim::check_aligned(a, sizeof(Vec<T, V>), "bn::load");
+    Vec<T, V> r;
+    std::memcpy(&r, a, sizeof r);
+    return r;
+#else
+    return *a;
+#endif
+}
+
+// Stores r as vector i of p (see load).
+template <typename T, int V>
+__device__ __forceinline__ void store(T* __restrict__ p, unsigned long long i, const Vec<T, V>& r) {
+    Vec<T, V>* a = reinterpret_cast<Vec<T, V>*>(p + i * V);
+#ifdef GPULAYERS_CPU_SHIM
+    cuda_shim::check_aligned(a, sizeof(Vec<T, V>), "bn::store");
+    std::memcpy(a, &r, sizeof r);
+#else
+    *a = r;
+#endif
+}
 
 // Vector j (< 2**31) of a channel in the planes layout: plane n = j / hwv found by
 // multiply and shift (magic and shift from the host), offset in vectors of T*V.
@@ -76,8 +119,153 @@ struct PlaneIndex {
     }
 };
 
-#ifndef GPULAYERS_CPU_SHIM
-// Sums a and b over the block; the totals are valid in thread 0.
+// Moments of some values: mean = hi + lo (|lo| <= ulp(hi)/2 after two_sum), m2 = sum of the
+// squared deviations from the mean. The count is kept (or known) by the caller.
+template <typename A> struct Moments { A hi, lo, m2; };
+
+// hi + lo = a + b exactly, hi = a + b rounded (Knuth's two-sum).
+template <typename A>
+__device__ __forceinline__ void two_sum(A a, A b, A& hi, A& lo) {
+    const A s = a + b, bb = s - a;
+    lo = (a - (s - bb)) + (b - bb);
+    hi = s;
+}
+
+// Chan's merge of b (n_b values) into a (n_a values), given w = n_b/(n_a + n_b) and
+// wn = n_a*w; a_empty (n_a == 0) takes b.
+template <typename A>
+__device__ __forceinline__ void chan(Moments<A>& a, const Moments<A>& b, bool a_empty, A w, A wn) {
+    if (a_empty) {
+        two_sum(b.hi, b.lo, a.hi, a.lo);
+        a.m2 = b.m2;
+        return;
+    }
+    const A delta = (b.hi - a.hi) + (b.lo - a.lo);
+    const A lo = a.lo + delta * w;
+    a.m2 = (a.m2 + b.m2) + delta * delta * wn;
+    two_sum(a.hi, lo, a.hi, a.lo);
+}
+
+// merges (nb, b) into (na, a).
+template <typename A>
+__device__ __forceinline__ void merge(unsigned& na, Moments<A>& a, unsigned nb, const Moments<A>& b) {
+    if (nb == 0) return;
+    const A w = A(nb) / A(na + nb);
+    chan(a, b, na == 0, w, A(na) * w);
+    na += nb;
+}
+
+// Values t, t + step, ... below rows: how many there are.
+__device__ __forceinline__ unsigned strided_count(unsigned rows, unsigned t, unsigned step) {
+    return t < rows ? (rows - 1 - t) / step + 1 : 0u;
+}
+
+// Merges (n, s) over the warp by shuffles; the result is valid in lane 0.
+template <typename A>
+__device__ __forceinline__ void warp_moments(unsigned& n, Moments<A>& s, int width) {
+    for (int o = width / 2; o > 0; o >>= 1) {
+        const unsigned nb = __shfl_down_sync(0xffffffffu, n, o);
+        const Moments<A> b{__shfl_down_sync(0xffffffffu, s.hi, o),
+                           __shfl_down_sync(0xffffffffu, s.lo, o),
+                           __shfl_down_sync(0xffffffffu, s.m2, o)};
+        merge(n, s, nb, b);
+    }
+}
+
+// Merges (n, s) over the block; the result is valid in thread 0. Every thread calls it
+// (also repeatedly: it begins with a barrier).
+template <typename A>
+__device__ __forceinline__ void block_moments(unsigned& n, Moments<A>& s) {
+    __shared__ unsigned smn[kThreads / 32];
+    __shared__ A sm[3][kThreads / 32];
+    warp_moments(n, s, 32);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // an earlier call's reads of sm are over
+    if (lane == 0) {
+        smn[warp] = n;
+        sm[0][warp] = s.hi;
+        sm[1][warp] = s.lo;
+        sm[2][warp] = s.m2;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const bool live = lane < kThreads / 32;
+        n = live ? smn[lane] : 0u;
+        s = live ? Moments<A>{sm[0][lane], sm[1][lane], sm[2][lane]} : Moments<A>{A(0), A(0), A(0)};
+        warp_moments(n, s, kThreads / 32);
+    }
+}
+
+// Writes the moments (n, s) as slot k of channel c in the partials (slots per channel).
+template <typename A>
+__device__ __forceinline__ void write_moments(A* __restrict__ part, int C, int slots, unsigned c,
+                                              int k, unsigned n, const Moments<A>& s) {
+    const unsigned long long row = (unsigned long long)C * slots, at = (unsigned long long)c * slots + k;
+    part[kPartCount * row + at] = A(n);
+    part[kPartHi * row + at] = s.hi;
+    part[kPartLo * row + at] = s.lo;
+    part[kPartM2 * row + at] = s.m2;
+}
+
+// Columns layout: merges the per-thread column moments s (V columns per thread; every
+// thread of row ty of the block saw rows ty, ty + TY, ... of the chunk's `rows`) over the TY
+// rows of threads in shared sm, then the columns of each channel in the tile, and writes
+// its two partial slots (slot 0 from the tile holding the channel's first column, slot 1
+// from the next tile or empty).
+template <typename A, int V>
+__device__ __forceinline__ void columns_moments(
+        const Moments<A> (&s)[V], A (&sm)[3][kThreads * V], A* __restrict__ part, int C,
+        unsigned hw, unsigned W, int tx_log2, int S, int b, unsigned tile, unsigned rows) {
+    const int TX = 1 << tx_log2;
+    const unsigned ty = threadIdx.x >> tx_log2;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        sm[0][threadIdx.x * V + q] = s[q].hi;
+        sm[1][threadIdx.x * V + q] = s[q].lo;
+        sm[2][threadIdx.x * V + q] = s[q].m2;
+    }
+    __syncthreads();
+    // entry ty holds the rows = ty (mod 2h) of the chunk; it takes those of entry ty + h
+    for (int h = (kThreads >> tx_log2) / 2; h > 0; h >>= 1) {
+        if ((int)ty < h) {
+            const unsigned na = strided_count(rows, ty, 2 * h), nb = strided_count(rows, ty + h, 2 * h);
+            if (nb > 0) {
+                const A w = A(nb) / A(na + nb), wn = A(na) * w;
+                const int self = threadIdx.x * V, other = (threadIdx.x + h * TX) * V;
+#pragma unroll
+                for (int q = 0; q < V; ++q) {
+                    Moments<A> a{sm[0][self + q], sm[1][self + q], sm[2][self + q]};
+                    chan(a, Moments<A>{sm[0][other + q], sm[1][other + q], sm[2][other + q]},
+                         na == 0, w, wn);
+                    sm[0][self + q] = a.hi;
+                    sm[1][self + q] = a.lo;
+                    sm[2][self + q] = a.m2;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    const unsigned t0 = tile * TX * V;
+    const unsigned t1 = t0 + TX * V < W ? t0 + TX * V : W;
+    const unsigned c = t0 / hw + threadIdx.x;
+    if (c > (t1 - 1) / hw) return;
+    const unsigned lo = c * hw > t0 ? c * hw : t0;
+    const unsigned hi = (c + 1) * hw < t1 ? (c + 1) * hw : t1;
+    // columns lo .. hi-1 of channel c, `rows` values each, merged in order
+    Moments<A> a{A(0), A(0), A(0)};
+    for (unsigned j = lo; j < hi; ++j) {
+        const unsigned k = j - lo;
+        chan(a, Moments<A>{sm[0][j - t0], sm[1][j - t0], sm[2][j - t0]}, k == 0,
+             A(1) / A(k + 1), A(k) / A(k + 1) * A(rows));
+    }
+    const int which = c * hw >= t0 ? 0 : 1;
+    write_moments(part, C, 2 * S, c, 2 * b + which, rows * (hi - lo), a);
+    if (which == 0 && (c + 1) * hw <= t1)
+        write_moments(part, C, 2 * S, c, 2 * b + 1, 0u, Moments<A>{A(0), A(0), A(0)});
+}
+
+// Sums a and b over the block; the totals are valid in thread 0. Every thread calls it
+// (also repeatedly: it begins with a barrier).
 template <typename A>
 __device__ __forceinline__ void block_sum2(A& a, A& b) {
     __shared__ A sm[2][kThreads / 32];
@@ -87,6 +275,7 @@ __device__ __forceinline__ void block_sum2(A& a, A& b) {
         b += __shfl_down_sync(0xffffffffu, b, o);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // an earlier call's reads of sm are over
     if (lane == 0) {
         sm[0][warp] = a;
         sm[1][warp] = b;
@@ -150,7 +339,6 @@ __device__ __forceinline__ void columns_partials(
         part[second + slot + 1] = A(0);
     }
 }
-#endif  // !GPULAYERS_CPU_SHIM
 
 }  // namespace bn
 
@@ -159,146 +347,168 @@ using bn::kThreads;
 using bn::kUnroll;
 using bn::Vec;
 
-#ifndef GPULAYERS_CPU_SHIM
-
-// Planes, block (b, c): each thread adds (x - K) and (x - K)^2 over its strided vectors
-// of chunk b of channel c; the block writes part[0/1][c][b].
+// Planes, block (b, y): for each of its channels c = y, y + gridDim.y, ..., each thread merges
+// the moments of its strided vectors of chunk b of channel c, one chunk of up to kUnroll
+// vectors at a time; the block writes their moments to slot b of c in `part`.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_stats_planes(
         const T* __restrict__ x, acc_t<T>* __restrict__ part, int C, unsigned hwv,
         unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
     using A = acc_t<T>;
-    const int c = blockIdx.y, b = blockIdx.x, S = gridDim.x;
-    const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
-    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
-    const A k = bn::to_acc(x[at.base * V]);
+    const int b = blockIdx.x, S = gridDim.x;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
-    A s1 = A(0), s2 = A(0);
-    for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
-        Vec<T, V> r[kUnroll];
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+        const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
+        unsigned n = 0;
+        bn::Moments<A> s{A(0), A(0), A(0)};
+        for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
+            Vec<T, V> r[kUnroll];
+            unsigned k = 0;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) r[u] = xv[at(i + u * kThreads)];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-#pragma unroll
-                for (int q = 0; q < V; ++q) {
-                    const A d = bn::to_acc(r[u].v[q]) - k;
-                    s1 += d;
-                    s2 += d * d;
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    r[u] = bn::load<T, V>(x, at(i + u * kThreads));
+                    ++k;
                 }
-            }
-    }
-    bn::block_sum2(s1, s2);
-    if (threadIdx.x == 0) {
-        part[(unsigned long long)c * S + b] = s1;
-        part[(unsigned long long)C * S + (unsigned long long)c * S + b] = s2;
+            // the chunk's mean and M2, centred on the running mean (first chunk: its first value)
+            const A p = n > 0 ? s.hi : bn::to_acc(r[0].v[0]);
+            A sum = A(0), m2 = A(0);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (u < (int)k) {
+#pragma unroll
+                    for (int q = 0; q < V; ++q) sum += bn::to_acc(r[u].v[q]) - p;
+                }
+            const A md = sum / A(k * V);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (u < (int)k) {
+#pragma unroll
+                    for (int q = 0; q < V; ++q) {
+                        const A e = (bn::to_acc(r[u].v[q]) - p) - md;
+                        m2 += e * e;
+                    }
+                }
+            bn::merge(n, s, k * V, bn::Moments<A>{p, md, m2});
+        }
+        bn::block_moments(n, s);
+        if (threadIdx.x == 0) bn::write_moments(part, C, S, c, b, n, s);
     }
 }
 
-// Columns, block (b, tile): each thread adds (x - K_c) and its square for its V columns
-// over its rows of chunk b; the block writes the two slots of each channel in the tile.
+// Columns, block (b, tile): each thread merges the moments of its V columns over its rows
+// of chunk b, kColumnUnroll rows at a time; the block writes the two slots of each channel
+// in the tile.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_stats_columns(
         const T* __restrict__ x, acc_t<T>* __restrict__ part, int C, unsigned hw,
-        int tx_log2, unsigned n, unsigned chunk) {
+        int tx_log2, unsigned n_rows, unsigned chunk) {
     using A = acc_t<T>;
     constexpr int U = bn::kColumnUnroll<V>;
-    __shared__ A sm1[kThreads * V], sm2[kThreads * V];
+    __shared__ A sm[3][kThreads * V];
     const unsigned W = C * hw, tile = blockIdx.y;
     const int b = blockIdx.x, S = gridDim.x, TY = kThreads >> tx_log2;
     const int ty = threadIdx.x >> tx_log2, tx = threadIdx.x & ((1 << tx_log2) - 1);
     const unsigned j0 = ((tile << tx_log2) + tx) * V;
-    const unsigned begin = b * chunk, end = begin + chunk < n ? begin + chunk : n;
-    A s1[V], s2[V], k[V];
+    const unsigned begin = b * chunk, end = begin + chunk < n_rows ? begin + chunk : n_rows;
+    bn::Moments<A> s[V];
 #pragma unroll
-    for (int q = 0; q < V; ++q) {
-        s1[q] = s2[q] = A(0);
-        k[q] = j0 < W ? bn::to_acc(x[(j0 + q) / hw * hw]) : A(0);
-    }
+    for (int q = 0; q < V; ++q) s[q] = bn::Moments<A>{A(0), A(0), A(0)};
     if (j0 < W) {
-        const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x + j0);
         const unsigned wv = W / V;
+        unsigned n = 0;  // rows merged so far (the same for the V columns)
         for (unsigned r = begin + ty; r < end; r += U * TY) {
             Vec<T, V> v[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (r + u * TY < end) v[u] = xv[(unsigned long long)(r + u * TY) * wv];
+            unsigned k = 0;
 #pragma unroll
             for (int u = 0; u < U; ++u)
                 if (r + u * TY < end) {
-#pragma unroll
-                    for (int q = 0; q < V; ++q) {
-                        const A d = bn::to_acc(v[u].v[q]) - k[q];
-                        s1[q] += d;
-                        s2[q] += d * d;
-                    }
+                    v[u] = bn::load<T, V>(x + j0, (unsigned long long)(r + u * TY) * wv);
+                    ++k;
                 }
+            const A inv_k = A(1) / A(k), w = A(k) / A(n + k), wn = A(n) * w;
+#pragma unroll
+            for (int q = 0; q < V; ++q) {
+                const A p = n > 0 ? s[q].hi : bn::to_acc(v[0].v[q]);
+                A sum = A(0), m2 = A(0);
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    if (u < (int)k) sum += bn::to_acc(v[u].v[q]) - p;
+                const A md = sum * inv_k;
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    if (u < (int)k) {
+                        const A e = (bn::to_acc(v[u].v[q]) - p) - md;
+                        m2 += e * e;
+                    }
+                bn::chan(s[q], bn::Moments<A>{p, md, m2}, n == 0, w, wn);
+            }
+            n += k;
         }
     }
-    bn::columns_partials<A, V>(s1, s2, sm1, sm2, part, C, hw, W, tx_log2, S, b, tile);
+    bn::columns_moments<A, V>(s, sm, part, C, hw, W, tx_log2, S, b, tile, end - begin);
 }
 
-// Planes, block (b, c): each thread adds dout and dout*(x - mean) over its strided vectors
-// of chunk b of channel c (and, if WRITE_DX, writes dx = dout*gamma*invstd: the test-mode
+// Planes, block (b, y): for each of its channels c (as bn_stats_planes), each thread adds dout
+// and dout*(x - mean - mean_lo) over its strided vectors of chunk b of channel c (mean_lo
+// read only if with_lo; and, if WRITE_DX, writes dx = dout*gamma*invstd: the test-mode
 // gradient); the block writes part[0/1][c][b].
 template <typename T, int V, bool WRITE_DX>
 __global__ void __launch_bounds__(kThreads, 2) bn_backward_reduce_planes(
         const T* __restrict__ dout, const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-        acc_t<T>* __restrict__ part, T* __restrict__ dx, int C, unsigned hwv,
-        unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
+        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ mean_lo,
+        const acc_t<T>* __restrict__ invstd, acc_t<T>* __restrict__ part, T* __restrict__ dx,
+        int with_lo, int C, unsigned hwv, unsigned magic, unsigned shift, unsigned mv,
+        unsigned chunk) {
     using A = acc_t<T>;
-    const int c = blockIdx.y, b = blockIdx.x, S = gridDim.x;
-    const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
-    const Vec<T, V>* gv = reinterpret_cast<const Vec<T, V>*>(dout);
-    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
-    Vec<T, V>* dxv = reinterpret_cast<Vec<T, V>*>(dx);
-    const A m = mean[c];
-    const A scale = WRITE_DX ? gamma[c] * invstd[c] : A(0);
+    const int b = blockIdx.x, S = gridDim.x;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
-    A s1 = A(0), s2 = A(0);
-    for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
-        Vec<T, V> g[kUnroll], v[kUnroll];
-        unsigned long long o[kUnroll];
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+        const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
+        const A m = mean[c], lo = with_lo ? mean_lo[c] : A(0);
+        const A scale = WRITE_DX ? gamma[c] * invstd[c] : A(0);
+        A s1 = A(0), s2 = A(0);
+        for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
+            Vec<T, V> g[kUnroll], v[kUnroll];
+            unsigned long long o[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-                o[u] = at(i + u * kThreads);
-                g[u] = gv[o[u]];
-                v[u] = xv[o[u]];
-            }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-                Vec<T, V> out;
-#pragma unroll
-                for (int q = 0; q < V; ++q) {
-                    const A gq = bn::to_acc(g[u].v[q]);
-                    s1 += gq;
-                    s2 += gq * (bn::to_acc(v[u].v[q]) - m);
-                    if constexpr (WRITE_DX) bn::from_acc(out.v[q], gq * scale);
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    o[u] = at(i + u * kThreads);
+                    g[u] = bn::load<T, V>(dout, o[u]);
+                    v[u] = bn::load<T, V>(x, o[u]);
                 }
-                if constexpr (WRITE_DX) dxv[o[u]] = out;
-            }
-    }
-    bn::block_sum2(s1, s2);
-    if (threadIdx.x == 0) {
-        part[(unsigned long long)c * S + b] = s1;
-        part[(unsigned long long)C * S + (unsigned long long)c * S + b] = s2;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    Vec<T, V> out;
+#pragma unroll
+                    for (int q = 0; q < V; ++q) {
+                        const A gq = bn::to_acc(g[u].v[q]);
+                        s1 += gq;
+                        s2 += gq * ((bn::to_acc(v[u].v[q]) - m) - lo);
+                        if constexpr (WRITE_DX) bn::from_acc(out.v[q], gq * scale);
+                    }
+                    if constexpr (WRITE_DX) bn::store<T, V>(dx, o[u], out);
+                }
+        }
+        bn::block_sum2(s1, s2);
+        if (threadIdx.x == 0) {
+            part[(unsigned long long)c * S + b] = s1;
+            part[(unsigned long long)C * S + (unsigned long long)c * S + b] = s2;
+        }
     }
 }
 
-// Columns, block (b, tile): each thread adds dout and dout*(x - mean_c) for its V columns
-// over its rows of chunk b (and, if WRITE_DX, writes dx = dout*gamma*invstd); the block
-// writes the two slots of each channel in the tile.
+// Columns, block (b, tile): each thread adds dout and dout*(x - mean_c - mean_lo_c) for its V
+// columns over its rows of chunk b (mean_lo read only if with_lo; and, if WRITE_DX, writes
+// dx = dout*gamma*invstd); the block writes the two slots of each channel in the tile.
 template <typename T, int V, bool WRITE_DX>
 __global__ void __launch_bounds__(kThreads, 2) bn_backward_reduce_columns(
         const T* __restrict__ dout, const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-        acc_t<T>* __restrict__ part, T* __restrict__ dx, int C, unsigned hw,
-        int tx_log2, unsigned n, unsigned chunk) {
+        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ mean_lo,
+        const acc_t<T>* __restrict__ invstd, acc_t<T>* __restrict__ part, T* __restrict__ dx,
+        int with_lo, int C, unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
     using A = acc_t<T>;
     constexpr int U = bn::kColumnUnroll<V>;
     __shared__ A sm1[kThreads * V], sm2[kThreads * V];
@@ -316,17 +526,17 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_reduce_columns(
         scale[q] = WRITE_DX ? gamma[cq] * invstd[cq] : A(0);
     }
     if (j0 < W) {
-        const Vec<T, V>* gv = reinterpret_cast<const Vec<T, V>*>(dout + j0);
-        const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x + j0);
-        Vec<T, V>* dxv = reinterpret_cast<Vec<T, V>*>(dx + j0);
+        A lo[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) lo[q] = with_lo ? mean_lo[(j0 + q) / hw] : A(0);
         const unsigned wv = W / V;
         for (unsigned r = begin + ty; r < end; r += U * TY) {
             Vec<T, V> g[U], v[U];
 #pragma unroll
             for (int u = 0; u < U; ++u)
                 if (r + u * TY < end) {
-                    g[u] = gv[(unsigned long long)(r + u * TY) * wv];
-                    v[u] = xv[(unsigned long long)(r + u * TY) * wv];
+                    g[u] = bn::load<T, V>(dout + j0, (unsigned long long)(r + u * TY) * wv);
+                    v[u] = bn::load<T, V>(x + j0, (unsigned long long)(r + u * TY) * wv);
                 }
 #pragma unroll
             for (int u = 0; u < U; ++u)
@@ -336,66 +546,81 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_reduce_columns(
                     for (int q = 0; q < V; ++q) {
                         const A gq = bn::to_acc(g[u].v[q]);
                         s1[q] += gq;
-                        s2[q] += gq * (bn::to_acc(v[u].v[q]) - m[q]);
+                        s2[q] += gq * ((bn::to_acc(v[u].v[q]) - m[q]) - lo[q]);
                         if constexpr (WRITE_DX) bn::from_acc(out.v[q], gq * scale[q]);
                     }
-                    if constexpr (WRITE_DX) dxv[(unsigned long long)(r + u * TY) * wv] = out;
+                    if constexpr (WRITE_DX)
+                        bn::store<T, V>(dx + j0, (unsigned long long)(r + u * TY) * wv, out);
                 }
         }
     }
     bn::columns_partials<A, V>(s1, s2, sm1, sm2, part, C, hw, W, tx_log2, S, b, tile);
 }
 
-#endif  // !GPULAYERS_CPU_SHIM
+namespace bn {
+// Merges the moments (nb, b) into (n, a), counts in double (Chan, as bn::merge).
+__device__ __forceinline__ void merge_double(double& n, Moments<double>& a, double nb,
+                                             const Moments<double>& b) {
+    if (nb == 0.0) return;
+    const double w = nb / (n + nb);
+    chan(a, b, n == 0.0, w, n * w);
+    n += nb;
+}
 
-// One thread per channel c: adds the `slots` partial sums of c and writes column c of the
+// Merges slot k of the statistics partials p (rows `row` apart, bn::PartRow) into (n, a).
+template <typename A>
+__device__ __forceinline__ void merge_slot(double& n, Moments<double>& a, const A* __restrict__ p,
+                                           unsigned long long row, int k) {
+    merge_double(n, a, (double)p[kPartCount * row + k],
+                 Moments<double>{(double)p[kPartHi * row + k], (double)p[kPartLo * row + k],
+                                 (double)p[kPartM2 * row + k]});
+}
+}  // namespace bn
+
+// One thread per channel c: merges the `slots` partial moments of c in double, the mean as a
+// pair hi + lo (slots 4i + j into accumulator j, the last slots % 4 into accumulator 0,
+// then 0+1, 2+3 and the two: a fixed order), and writes column c of the
 // (kStatRows, C) block `stats`: mean, var (biased), invstd = 1/sqrt(var + eps), mean_lo (the
-// part of the mean that rounding to acc_t<T> lost: a float32 mean of 1e4 is off by up to
-// 5e-4) and the running statistics updated in double precision,
+// part of the mean that rounding to A lost: a float32 mean of 1e4 is off by up to 5e-4) and
+// the running statistics updated in double precision,
 //   running_mean' = keep*running_mean + take*mean
 //   running_var'  = keep*running_var  + take*var*var_factor
 // where running_mean (running_var) is read only when bit 0 (bit 1) of `given` is set, else
-// taken as 0 (var_default). Reads K = x[c*hw].
-template <typename T>
+// taken as 0 (var_default).
+template <typename A>
 __global__ void bn_stats_merge(
-        const T* __restrict__ x, const acc_t<T>* __restrict__ part, int C, int slots,
-        long long hw, double count, double eps, const acc_t<T>* __restrict__ running_mean,
-        const acc_t<T>* __restrict__ running_var, int given, double keep, double take,
-        double var_factor, double var_default, acc_t<T>* __restrict__ stats) {
-    using A = acc_t<T>;
+        const A* __restrict__ part, int C, int slots, double eps,
+        const A* __restrict__ running_mean, const A* __restrict__ running_var, int given,
+        double keep, double take, double var_factor, double var_default,
+        A* __restrict__ stats) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    const A* p1 = part + (unsigned long long)c * slots;
-    const A* p2 = p1 + (unsigned long long)C * slots;
-    double s1[4] = {0.0, 0.0, 0.0, 0.0}, s2[4] = {0.0, 0.0, 0.0, 0.0};
+    const unsigned long long row = (unsigned long long)C * slots;
+    const A* p = part + (unsigned long long)c * slots;
+    double n[4] = {0.0, 0.0, 0.0, 0.0};
+    bn::Moments<double> acc[4] = {};
     int k = 0;
     for (; k + 4 <= slots; k += 4)
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            s1[u] += (double)p1[k + u];
-            s2[u] += (double)p2[k + u];
-        }
-    for (; k < slots; ++k) {
-        s1[0] += (double)p1[k];
-        s2[0] += (double)p2[k];
-    }
-    const double d = ((s1[0] + s1[1]) + (s1[2] + s1[3])) / count;
-    double v = ((s2[0] + s2[1]) + (s2[2] + s2[3])) / count - d * d;
-    v = v > 0.0 ? v : 0.0;
-    const double pivot = (double)bn::to_acc(x[c * hw]);
-    const A m = (A)(pivot + d);
+        for (int u = 0; u < 4; ++u) bn::merge_slot(n[u], acc[u], p, row, k + u);
+    for (; k < slots; ++k) bn::merge_slot(n[0], acc[0], p, row, k);
+    bn::merge_double(n[0], acc[0], n[1], acc[1]);
+    bn::merge_double(n[2], acc[2], n[3], acc[3]);
+    bn::merge_double(n[0], acc[0], n[2], acc[2]);
+    const double mu = acc[0].hi + acc[0].lo, v = n[0] > 0.0 ? acc[0].m2 / n[0] : 0.0;
+    const A m = (A)mu;
     const double rm = (given & 1) ? (double)running_mean[c] : 0.0;
     const double rv = (given & 2) ? (double)running_var[c] : var_default;
     stats[bn::kMean * C + c] = m;
     stats[bn::kVar * C + c] = (A)v;
     stats[bn::kInvstd * C + c] = (A)(1.0 / sqrt(v + eps));
-    stats[bn::kMeanLo * C + c] = (A)((pivot - (double)m) + d);
-    stats[bn::kRunMean * C + c] = (A)(keep * rm + take * (pivot + d));
+    stats[bn::kMeanLo * C + c] = (A)((acc[0].hi - (double)m) + acc[0].lo);
+    stats[bn::kRunMean * C + c] = (A)(keep * rm + take * mu);
     stats[bn::kRunVar * C + c] = (A)(keep * rv + take * (v * var_factor));
 }
 
 // One thread per channel c: adds the `slots` partial sums of c and writes
-// dbeta[c] = sum(dout) and dgamma[c] = invstd[c] * sum(dout*(x - mean)).
+// dbeta[c] = sum(dout) and dgamma[c] = invstd[c] * sum(dout*(x - mean - mean_lo)).
 template <typename A>
 __global__ void bn_backward_merge(
         const A* __restrict__ part, int C, int slots, const A* __restrict__ invstd,
@@ -450,9 +675,10 @@ struct ApplyConstants {
 };
 }  // namespace bn
 
-// Planes, block (S-1-b, C-1-c): each thread writes y = (x - mean - mean_lo)*gamma*invstd +
-// beta for its strided vectors of chunk b of channel c (constants: ApplyConstants; in test
-// mode thread 0 of block b = 0 writes invstd_out[c]).
+// Planes, block (S-1-b, y): for each of its channels c = C-1-y, C-1-y-gridDim.y, ..., each
+// thread writes y = (x - mean - mean_lo)*gamma*invstd + beta for its strided vectors of chunk
+// b of channel c (constants: ApplyConstants; in test mode thread 0 of block b = 0 writes
+// invstd_out[c]).
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
         const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
@@ -461,32 +687,33 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
         int batch_stats, double eps, acc_t<T>* __restrict__ invstd_out, T* __restrict__ y,
         int C, unsigned hwv, unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
     using A = acc_t<T>;
-    const int c = C - 1 - (int)blockIdx.y, b = gridDim.x - 1 - blockIdx.x;
-    const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
-    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
-    Vec<T, V>* yv = reinterpret_cast<Vec<T, V>*>(y);
-    const bn::ApplyConstants<A> k(c, C, gamma, beta, stats, run_mean, run_var, batch_stats, eps,
-                                  invstd_out, b == 0 && threadIdx.x == 0);
-    const A m = k.m, lo = k.lo, scale = k.scale, shift_c = k.shift;
+    const int b = gridDim.x - 1 - blockIdx.x;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
-    for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
-        Vec<T, V> r[kUnroll];
-        unsigned long long o[kUnroll];
+    for (int cy = blockIdx.y; cy < C; cy += gridDim.y) {
+        const int c = C - 1 - cy;
+        const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
+        const bn::ApplyConstants<A> k(c, C, gamma, beta, stats, run_mean, run_var, batch_stats,
+                                      eps, invstd_out, b == 0 && threadIdx.x == 0);
+        const A m = k.m, lo = k.lo, scale = k.scale, shift_c = k.shift;
+        for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
+            Vec<T, V> r[kUnroll];
+            unsigned long long o[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-                o[u] = at(i + u * kThreads);
-                r[u] = xv[o[u]];
-            }
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    o[u] = at(i + u * kThreads);
+                    r[u] = bn::load<T, V>(x, o[u]);
+                }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-                Vec<T, V> out;
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    Vec<T, V> out;
 #pragma unroll
-                for (int q = 0; q < V; ++q)
-                    bn::from_acc(out.v[q], (bn::to_acc(r[u].v[q]) - m - lo) * scale + shift_c);
-                yv[o[u]] = out;
-            }
+                    for (int q = 0; q < V; ++q)
+                        bn::from_acc(out.v[q], ((bn::to_acc(r[u].v[q]) - m) - lo) * scale + shift_c);
+                    bn::store<T, V>(y, o[u], out);
+                }
+        }
     }
 }
 
@@ -520,66 +747,65 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_columns(
         shift_c[q] = k.shift;
     }
     const unsigned begin = b * chunk, end = begin + chunk < n ? begin + chunk : n;
-    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x + j0);
-    Vec<T, V>* yv = reinterpret_cast<Vec<T, V>*>(y + j0);
     const unsigned wv = W / V;
     for (unsigned r = begin + ty; r < end; r += U * TY) {
         Vec<T, V> v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u)
-            if (r + u * TY < end) v[u] = xv[(unsigned long long)(r + u * TY) * wv];
+            if (r + u * TY < end) v[u] = bn::load<T, V>(x + j0, (unsigned long long)(r + u * TY) * wv);
 #pragma unroll
         for (int u = 0; u < U; ++u)
             if (r + u * TY < end) {
                 Vec<T, V> out;
 #pragma unroll
                 for (int q = 0; q < V; ++q)
-                    bn::from_acc(out.v[q], (bn::to_acc(v[u].v[q]) - m[q] - lo[q]) * scale[q] + shift_c[q]);
-                yv[(unsigned long long)(r + u * TY) * wv] = out;
+                    bn::from_acc(out.v[q], ((bn::to_acc(v[u].v[q]) - m[q]) - lo[q]) * scale[q] + shift_c[q]);
+                bn::store<T, V>(y + j0, (unsigned long long)(r + u * TY) * wv, out);
             }
     }
 }
 
-// Planes, block (S-1-b, C-1-c): each thread writes the train-mode gradient
-// dx = a*dout + e*(x - mean) + f (a = gamma*invstd, e = -a*invstd*dgamma/count,
-// f = -a*dbeta/count) for its strided vectors of chunk b of channel c.
+// Planes, block (S-1-b, y): for each of its channels c (as bn_apply_planes), each thread
+// writes the train-mode gradient dx = a*dout + e*(x - mean - mean_lo) + f (a = gamma*invstd,
+// e = -a*invstd*dgamma/count, f = -a*dbeta/count; mean_lo read only if with_lo) for its
+// strided vectors of chunk b of channel c.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_planes(
         const T* __restrict__ dout, const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-        const acc_t<T>* __restrict__ dgamma, const acc_t<T>* __restrict__ dbeta, double count,
-        T* __restrict__ dx, int C, unsigned hwv, unsigned magic, unsigned shift,
-        unsigned mv, unsigned chunk) {
+        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ mean_lo,
+        const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ dgamma,
+        const acc_t<T>* __restrict__ dbeta, double count, T* __restrict__ dx, int with_lo, int C,
+        unsigned hwv, unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
     using A = acc_t<T>;
-    const int c = C - 1 - (int)blockIdx.y, b = gridDim.x - 1 - blockIdx.x;
-    const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
-    const Vec<T, V>* gv = reinterpret_cast<const Vec<T, V>*>(dout);
-    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
-    Vec<T, V>* dxv = reinterpret_cast<Vec<T, V>*>(dx);
-    const A m = mean[c], a = gamma[c] * invstd[c];
-    const A e = (A)(-(double)a * (double)invstd[c] * (double)dgamma[c] / count);
-    const A f = (A)(-(double)a * (double)dbeta[c] / count);
+    const int b = gridDim.x - 1 - blockIdx.x;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
-    for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
-        Vec<T, V> g[kUnroll], v[kUnroll];
-        unsigned long long o[kUnroll];
+    for (int cy = blockIdx.y; cy < C; cy += gridDim.y) {
+        const int c = C - 1 - cy;
+        const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
+        const A m = mean[c], lo = with_lo ? mean_lo[c] : A(0), a = gamma[c] * invstd[c];
+        const A e = (A)(-(double)a * (double)invstd[c] * (double)dgamma[c] / count);
+        const A f = (A)(-(double)a * (double)dbeta[c] / count);
+        for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
+            Vec<T, V> g[kUnroll], v[kUnroll];
+            unsigned long long o[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-                o[u] = at(i + u * kThreads);
-                g[u] = gv[o[u]];
-                v[u] = xv[o[u]];
-            }
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    o[u] = at(i + u * kThreads);
+                    g[u] = bn::load<T, V>(dout, o[u]);
+                    v[u] = bn::load<T, V>(x, o[u]);
+                }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kThreads < end) {
-                Vec<T, V> out;
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kThreads < end) {
+                    Vec<T, V> out;
 #pragma unroll
-                for (int q = 0; q < V; ++q)
-                    bn::from_acc(out.v[q], a * bn::to_acc(g[u].v[q])
-                                           + e * (bn::to_acc(v[u].v[q]) - m) + f);
-                dxv[o[u]] = out;
-            }
+                    for (int q = 0; q < V; ++q)
+                        bn::from_acc(out.v[q], a * bn::to_acc(g[u].v[q])
+                                               + e * ((bn::to_acc(v[u].v[q]) - m) - lo) + f);
+                    bn::store<T, V>(dx, o[u], out);
+                }
+        }
     }
 }
 
@@ -588,9 +814,10 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_planes(
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_columns(
         const T* __restrict__ dout, const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-        const acc_t<T>* __restrict__ dgamma, const acc_t<T>* __restrict__ dbeta, double count,
-        T* __restrict__ dx, int C, unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
+        const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ mean_lo,
+        const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ dgamma,
+        const acc_t<T>* __restrict__ dbeta, double count, T* __restrict__ dx, int with_lo, int C,
+        unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
     using A = acc_t<T>;
     constexpr int U = bn::kColumnUnroll<V>;
     const unsigned W = C * hw, tile = gridDim.y - 1 - blockIdx.y;
@@ -598,27 +825,25 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_columns(
     const int ty = threadIdx.x >> tx_log2, tx = threadIdx.x & ((1 << tx_log2) - 1);
     const unsigned j0 = ((tile << tx_log2) + tx) * V;
     if (j0 >= W) return;
-    A m[V], a[V], e[V], f[V];
+    A m[V], lo[V], a[V], e[V], f[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) {
         const unsigned cq = (j0 + q) / hw;
         m[q] = mean[cq];
+        lo[q] = with_lo ? mean_lo[cq] : A(0);
         a[q] = gamma[cq] * invstd[cq];
         e[q] = (A)(-(double)a[q] * (double)invstd[cq] * (double)dgamma[cq] / count);
         f[q] = (A)(-(double)a[q] * (double)dbeta[cq] / count);
     }
     const unsigned begin = b * chunk, end = begin + chunk < n ? begin + chunk : n;
-    const Vec<T, V>* gv = reinterpret_cast<const Vec<T, V>*>(dout + j0);
-    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x + j0);
-    Vec<T, V>* dxv = reinterpret_cast<Vec<T, V>*>(dx + j0);
     const unsigned wv = W / V;
     for (unsigned r = begin + ty; r < end; r += U * TY) {
         Vec<T, V> g[U], v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u)
             if (r + u * TY < end) {
-                g[u] = gv[(unsigned long long)(r + u * TY) * wv];
-                v[u] = xv[(unsigned long long)(r + u * TY) * wv];
+                g[u] = bn::load<T, V>(dout + j0, (unsigned long long)(r + u * TY) * wv);
+                v[u] = bn::load<T, V>(x + j0, (unsigned long long)(r + u * TY) * wv);
             }
 #pragma unroll
         for (int u = 0; u < U; ++u)
@@ -627,8 +852,8 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_columns(
 #pragma unroll
                 for (int q = 0; q < V; ++q)
                     bn::from_acc(out.v[q], a[q] * bn::to_acc(g[u].v[q])
-                                           + e[q] * (bn::to_acc(v[u].v[q]) - m[q]) + f[q]);
-                dxv[(unsigned long long)(r + u * TY) * wv] = out;
+                                           + e[q] * ((bn::to_acc(v[u].v[q]) - m[q]) - lo[q]) + f[q]);
+                bn::store<T, V>(dx + j0, (unsigned long long)(r + u * TY) * wv, out);
             }
     }
 }

@@ -4,7 +4,23 @@ Importable without CuPy: CuPy is imported by the first launch. Every launcher
 takes x of shape (N, C, H, W) (plain batch norm on (N, D) is passed as
 (N, D, 1, 1)), makes the arrays it reads C-contiguous, never writes to its
 inputs and returns new arrays. Statistics are in the stats dtype: float32 for
-float16 and float32 input, float64 for float64.
+float16 and float32 input, float64 for float64. :func:`supported` says whether
+the kernels take a shape at all (None) or why not.
+
+Statistics are centred everywhere (Welford / Chan merges, as PyTorch's
+batch_norm_collect_statistics): every thread merges the count, mean and M2 of
+its loaded chunks, then threads, warps and blocks merge theirs, and a merge
+kernel merges the blocks' per channel in double. No single sample is a pivot,
+so an outlier or a large mean costs no accuracy. The mean comes back rounded
+(``mean``) plus what rounding lost (``mean_lo``, a row of the stats block);
+the apply kernels and, given ``mean_lo``, the backward kernels use
+mean + mean_lo.
+
+Devices: every launcher runs on the one device that holds its arrays
+(:func:`gpulayers.cuda.compile.device_of`; ValueError when they are on
+several), allocating and launching there, with plans and kernels cached per
+device. Vector (16-byte) loads are used only when x (and dout) are 16-byte
+aligned; a misaligned view gets the scalar kernels.
 
 Passes over memory (x and dout are read, y and dx written, all full-size):
 
@@ -26,11 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compile import get_kernel, launch
+from .compile import device_of, get_kernel, launch
 
 __all__ = [
     "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout", "TUNING", "set_tuning",
-    "STAT_ROWS", "bn_train_forward_gpu", "bn_train_forward_update_gpu",
+    "STAT_ROWS", "PART_ROWS", "supported", "vectors_allowed", "bn_train_forward_gpu",
+    "bn_train_forward_update_gpu",
     "bn_train_forward_block_gpu", "bn_eval_forward_gpu",
     "bn_eval_forward_stats_gpu", "bn_backward_gpu",
 ]
@@ -41,8 +58,12 @@ _CTYPE = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float",
           np.dtype(np.float64): "double"}
 _THREADS = 256   # bn::kThreads
 _UNROLL = 4      # bn::kUnroll
-_MAX_SLOTS = 256  # at most this many partial sums per channel (the merge is one thread per channel)
+_MAX_SLOTS = 256  # about this many partial slots per channel at most (the merge is one thread
+                  # per channel); huge channels may take up to 2 more to respect _MAX_PART_COUNT
+_MAX_PART_COUNT = 2**24  # values behind one partial slot: its count is exact in float32
 _MAX_COLUMN_HW = 64  # larger planes use the planes layout
+_MAX_GRID_Y = 65535  # CUDA's limit of gridDim.y; planes kernels stride over the channels beyond
+PART_ROWS = 4    # rows of the statistics partials (bn::PartRow): count, mean hi, mean lo, M2
 
 # Launch-plan knobs (scripts/tune_bn.py times variants of them); change them with set_tuning.
 # blocks_per_sm: grid target of the planes layout (blocks of all channels per SM);
@@ -66,8 +87,8 @@ def _expressions():
                         f"bn_backward_reduce_{layout}<{ctype}, {vec}, false>",
                         f"bn_backward_reduce_{layout}<{ctype}, {vec}, true>",
                         f"bn_backward_dx_{layout}<{ctype}, {vec}>"]
-        out.append(f"bn_stats_merge<{ctype}>")
-    out += ["bn_backward_merge<float>", "bn_backward_merge<double>"]
+    out += ["bn_stats_merge<float>", "bn_stats_merge<double>",
+            "bn_backward_merge<float>", "bn_backward_merge<double>"]
     return tuple(out)
 
 
@@ -79,14 +100,49 @@ def stats_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def supported(shape, dtype=None):
+    """Whether the kernels can take an (N, C, H, W) tensor: None when they can, else a short
+    reason (the caller then uses the array-module path).
+
+    Inputs:
+    - shape: (N, C, H, W)
+    - dtype: optional; float16, float32 and float64 are supported
+
+    The limits: a non-empty tensor (C >= 1 and N*H*W >= 1), N*H*W < 2**31 values per
+    channel and C < 2**31. Any number of channels fits the grid (the planes kernels stride
+    over channels beyond 65535).
+    """
+    try:
+        dims = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return f"shape must be a tuple of ints (N, C, H, W), got {shape!r}"
+    if len(dims) != 4:
+        return f"the batch-norm kernels take (N, C, H, W) tensors, got shape {dims}"
+    if dtype is not None and np.dtype(dtype) not in _CTYPE:
+        return f"the batch-norm kernels take float16, float32 or float64, got {np.dtype(dtype)}"
+    N, C, H, W = dims
+    if min(dims) < 0:
+        return f"negative size in shape {dims}"
+    count = N * H * W
+    if C < 1 or count < 1:
+        return f"zero-size channel data: C = {C}, N*H*W = {count} (shape {dims})"
+    if count >= 2**31:
+        return (f"N*H*W = {count} values per channel: the batch-norm kernels support "
+                f"N*H*W < 2**31 (shape {dims})")
+    if C >= 2**31:
+        return f"C = {C} channels: the batch-norm kernels support C < 2**31 (shape {dims})"
+    return None
+
+
 @dataclass(frozen=True)
 class LayoutPlan:
     """How the kernels walk one (N, C, H, W) tensor.
 
-    - layout: 'planes' (grid (S, C)) or 'columns' (grid (S, tiles))
+    - layout: 'planes' (grid (S, min(C, 65535))) or 'columns' (grid (S, tiles))
     - vec: elements per load (16 bytes, or 1)
-    - grid: CUDA grid (S, C) or (S, tiles); blocks of 256 threads
-    - slots: partial sums per channel (S, or 2*S for 'columns')
+    - grid: CUDA grid (S, min(C, 65535)) or (S, tiles); blocks of 256 threads
+    - slots: partial slots per channel (S, or 2*S for 'columns'); each covers fewer than
+      2**24 values
     - args: the layout's trailing kernel arguments, exact C types:
       planes (hwv, magic, shift, mv, chunk), columns (hw, tx_log2, n, chunk)
     """
@@ -125,18 +181,16 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
     - blocks_per_sm, columns_blocks_per_sm: that target for the planes and the columns
       layout (default: TUNING's)
 
-    Returns a LayoutPlan. A channel's N*H*W values must be fewer than 2**31.
+    Returns a LayoutPlan. Raises ValueError with supported()'s reason for a shape the kernels
+    cannot take.
     """
+    reason = supported(shape)
+    if reason is not None:
+        raise ValueError(reason)
     N, C, H, W = (int(s) for s in shape)
     hw = H * W
     if C == 1:  # one channel is one contiguous plane
         N, hw = 1, N * hw
-    count = N * hw
-    if count < 1 or C < 1:
-        raise ValueError(f"batch norm kernels need a non-empty tensor, got shape {tuple(shape)}")
-    if count >= 2**31 or C > 65535:
-        raise ValueError(f"batch norm kernels support N*H*W < 2**31 and C <= 65535, got shape "
-                         f"{tuple(shape)} (N*H*W = {count})")
     vmax = 16 // np.dtype(dtype).itemsize
     blocks_per_sm = TUNING["blocks_per_sm"] if blocks_per_sm is None else blocks_per_sm
     columns_blocks_per_sm = (TUNING["columns_blocks_per_sm"] if columns_blocks_per_sm is None
@@ -151,6 +205,9 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
         parts = min(columns_blocks_per_sm * num_sms // tiles, -(-N // (ty * _UNROLL)),
                     _MAX_SLOTS // 2)
         chunk, S = _split(N, parts, ty)
+        if chunk * hw >= _MAX_PART_COUNT:  # a slot holds chunk rows of at most hw columns
+            chunk = (_MAX_PART_COUNT - 1) // hw // ty * ty
+            S = -(-N // chunk)
         args = (np.uint32(hw), np.int32(tx.bit_length() - 1), np.uint32(N), np.uint32(chunk))
         return LayoutPlan("columns", vec, (S, tiles), 2 * S, args)
 
@@ -159,17 +216,20 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
     mv = N * hwv
     parts = min(blocks_per_sm * num_sms // C, -(-mv // (_THREADS * _UNROLL)), _MAX_SLOTS)
     chunk, S = _split(mv, parts, _THREADS)
+    if chunk * vec >= _MAX_PART_COUNT:
+        chunk = (_MAX_PART_COUNT - 1) // vec // _THREADS * _THREADS
+        S = -(-mv // chunk)
     magic, shift = _divider(hwv)
     args = (np.uint32(hwv), np.uint32(magic), np.uint32(shift), np.uint32(mv), np.uint32(chunk))
-    return LayoutPlan("planes", vec, (S, C), S, args)
+    return LayoutPlan("planes", vec, (S, min(C, _MAX_GRID_Y)), S, args)
 
 
 # ------------------------------------------------------------------------ launching
 #
 # For tensors of a few MB the host time of a call matters as much as the kernels: all that
 # depends only on (shape, dtype, alignment, device, TUNING) -- plan, kernel handles, grids,
-# scalar arguments -- is computed once (_prepared); a call checks its arguments, allocates
-# its outputs and launches. No call synchronizes with the device.
+# scalar arguments -- is computed once (_prepared); a call checks its arguments, finds their
+# device, allocates its outputs there and launches. No call synchronizes with the device.
 
 _BLOCK = (_THREADS,)
 
@@ -193,10 +253,10 @@ def _num_sms(device_id):
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
-@functools.lru_cache(maxsize=None)
 def _function(expression, device_id):
-    """(RawKernel, expression) of one instantiation on the current device ``device_id``."""
-    return get_kernel(SOURCE, expression, NAME_EXPRESSIONS), expression
+    """(RawKernel, expression) of one instantiation on device ``device_id`` (compile.py keeps
+    the compiled module per device; _prepared keeps the handles)."""
+    return get_kernel(SOURCE, expression, NAME_EXPRESSIONS, device_id=device_id), expression
 
 
 @dataclass(frozen=True)
@@ -206,11 +266,10 @@ class _Prepared:
     plan: LayoutPlan
     C: np.int32
     slots: np.int32
-    hw: np.int64         # H*W: the merge's shift of channel c is x[c*hw]
     count: np.float64    # values per channel
     unbiased: float      # count/(count - 1), torch's running-variance factor (1 if count == 1)
     merge_grid: tuple
-    part_size: int       # 2*C*slots partial sums
+    part_size: int       # PART_ROWS*C*slots partials (statistics; backward uses 2*C*slots)
     kernels: dict        # kind -> (kernel handle, name expression)
 
 
@@ -229,33 +288,75 @@ def prepare(shape, dtype, aligned, num_sms, get_kernel):
 
     def expr(kind, *extra):
         return f"bn_{kind}_{plan.layout}<{', '.join([ctype, str(plan.vec), *extra])}>"
-    names = {"stats": expr("stats"), "merge": f"bn_stats_merge<{ctype}>", "apply": expr("apply"),
+    stats_ctype = _CTYPE[stats_dtype(dtype)]
+    names = {"stats": expr("stats"), "merge": f"bn_stats_merge<{stats_ctype}>",
+             "apply": expr("apply"),
              "reduce_train": expr("backward_reduce", "false"),
              "reduce_test": expr("backward_reduce", "true"),
-             "backward_merge": f"bn_backward_merge<{_CTYPE[stats_dtype(dtype)]}>",
+             "backward_merge": f"bn_backward_merge<{stats_ctype}>",
              "dx": expr("backward_dx")}
     count = N * H * W
-    return _Prepared(plan, np.int32(C), np.int32(plan.slots), np.int64(H * W), np.float64(count),
+    return _Prepared(plan, np.int32(C), np.int32(plan.slots), np.float64(count),
                      count / (count - 1) if count > 1 else 1.0, (-(-C // _THREADS),),
-                     2 * C * plan.slots,
+                     PART_ROWS * C * plan.slots,
                      {kind: get_kernel(name) for kind, name in names.items()})
 
 
-def _prepare(x, dout=None):
-    """_Prepared for input x (and dout). Outputs come from CuPy's pool, 256-byte aligned:
-    only the inputs decide whether 16-byte vector loads are allowed."""
+def _address(a):
+    """Data pointer of a CuPy or NumPy array."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+def vectors_allowed(*arrays):
+    """Whether the kernels may read every array of ``arrays`` (x, and dout for backward) with
+    16-byte vector loads: every data pointer is a multiple of 16. Outputs come from CuPy's
+    pool, 256-byte aligned; the planes' row pitch (H*W) and the columns' (C*H*W) are checked
+    by plan_layout. CuPy or NumPy arrays (the CPU shim tests use NumPy); None is skipped.
+
+    Raises ValueError when a pointer is not even a multiple of the element size (no kernel
+    can read that array).
+    """
+    ok = True
+    for a in arrays:
+        if a is None:
+            continue
+        address = _address(a)
+        if address % a.dtype.itemsize:
+            raise ValueError(f"array of shape {tuple(a.shape)} and dtype {a.dtype} starts at "
+                             f"address {address:#x}, not a multiple of its element size")
+        ok = ok and address % 16 == 0
+    return ok
+
+
+def _prepare(x, dout=None, device_id=None):
+    """_Prepared for input x (and dout) on device ``device_id`` (default: theirs); only the
+    inputs decide whether 16-byte vector loads are allowed (vectors_allowed)."""
+    if device_id is None:
+        device_id = device_of(x, dout)
+    return _prepared(x.shape, x.dtype, vectors_allowed(x, dout), device_id)
+
+
+def _device(*arrays):
+    """(device id of the arrays, context that makes it current): device_of, and no switch when
+    it already is current."""
+    import contextlib
+
     import cupy
-    aligned = x.data.ptr % 16 == 0 and (dout is None or dout.data.ptr % 16 == 0)
-    return _prepared(x.shape, x.dtype, aligned, cupy.cuda.runtime.getDevice())
+    dev = device_of(*arrays)
+    if dev == cupy.cuda.runtime.getDevice():
+        return dev, contextlib.nullcontext()
+    return dev, cupy.cuda.Device(dev)
 
 
-def _run(launches):
-    """Launch each (kernel, grid, args) of ``launches`` in order, 256-thread blocks."""
+def _run(launches, device_id):
+    """Launch each (kernel, grid, args) of ``launches`` in order, 256-thread blocks, on device
+    ``device_id`` (the current one)."""
     for kernel, grid, args in launches:
-        launch(kernel[0], kernel[1], grid, _BLOCK, args)
+        launch(kernel[0], kernel[1], grid, _BLOCK, args, device_id=device_id)
 
 
 def _check_x(x, what):
+    """x's type, rank and dtype checked (not its device or contiguity)."""
     import cupy
     if not isinstance(x, cupy.ndarray):
         raise TypeError(f"{what} must be a cupy.ndarray, got {type(x).__name__}")
@@ -263,6 +364,15 @@ def _check_x(x, what):
         raise ValueError(f"{what} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in _CTYPE:
         raise TypeError(f"{what} must be float16, float32 or float64, got {x.dtype}")
+    reason = supported(x.shape)
+    if reason is not None:
+        raise ValueError(f"{what}: {reason}")
+    return x
+
+
+def _contiguous(x):
+    """x, or a C-contiguous copy on the current device."""
+    import cupy
     return x if x.flags.c_contiguous else cupy.ascontiguousarray(x)
 
 
@@ -283,22 +393,25 @@ def _train_forward(x, gamma, beta, eps, running_mean=None, running_var=None, kee
     """Three launches (stats, merge, apply); returns (y, stats), stats the (6, C) block of
     STAT_ROWS. The running rows are keep*running + take*batch (var: unbiased if asked)."""
     import cupy
-    x = _check_x(x, "x")
-    C = x.shape[1]
-    sd = stats_dtype(x.dtype)
-    gamma = _channel_param(gamma, C, sd, "gamma")
-    beta = _channel_param(beta, C, sd, "beta")
-    p = _prepare(x)
-    part = cupy.ndarray((p.part_size,), sd)
-    given = 0
-    if running_mean is not None:
-        running_mean, given = _channel_param(running_mean, C, sd, "running_mean"), 1
-    if running_var is not None:
-        running_var, given = _channel_param(running_var, C, sd, "running_var"), given | 2
-    y = cupy.ndarray(x.shape, x.dtype)
-    stats = cupy.ndarray((len(STAT_ROWS), C), sd)
-    _run(_train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, given, keep,
-                                 take, unbiased, var_default, part, stats, y))
+    _check_x(x, "x")
+    dev, on_device = _device(x, gamma, beta, running_mean, running_var)
+    with on_device:
+        x = _contiguous(x)
+        C = x.shape[1]
+        sd = stats_dtype(x.dtype)
+        gamma = _channel_param(gamma, C, sd, "gamma")
+        beta = _channel_param(beta, C, sd, "beta")
+        p = _prepare(x, device_id=dev)
+        part = cupy.ndarray((p.part_size,), sd)
+        given = 0
+        if running_mean is not None:
+            running_mean, given = _channel_param(running_mean, C, sd, "running_mean"), 1
+        if running_var is not None:
+            running_var, given = _channel_param(running_var, C, sd, "running_var"), given | 2
+        y = cupy.ndarray(x.shape, x.dtype)
+        stats = cupy.ndarray((len(STAT_ROWS), C), sd)
+        _run(_train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, given,
+                                     keep, take, unbiased, var_default, part, stats, y), dev)
     return y, stats
 
 
@@ -308,7 +421,7 @@ def _train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, g
     eps = np.float64(eps)
     return ((p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args),
             (p.kernels["merge"], p.merge_grid,
-             (x, part, p.C, p.slots, p.hw, p.count, eps,
+             (part, p.C, p.slots, eps,
               part if running_mean is None else running_mean,   # not read unless given
               part if running_var is None else running_var, np.int32(given), np.float64(keep),
               np.float64(take), np.float64(p.unbiased if unbiased else 1.0),
@@ -393,15 +506,19 @@ def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
     - invstd: new array (C,), 1/sqrt(var + eps) in the stats dtype
     """
     import cupy
-    x = _check_x(x, "x")
-    C = x.shape[1]
-    sd = stats_dtype(x.dtype)
-    gamma, beta, mean, var = (_channel_param(a, C, sd, name) for a, name in
-                              ((gamma, "gamma"), (beta, "beta"), (mean, "mean"), (var, "var")))
-    p = _prepare(x)
-    y = cupy.ndarray(x.shape, x.dtype)
-    invstd = cupy.ndarray((C,), sd)
-    _run(_eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y))
+    _check_x(x, "x")
+    dev, on_device = _device(x, gamma, beta, mean, var)
+    with on_device:
+        x = _contiguous(x)
+        C = x.shape[1]
+        sd = stats_dtype(x.dtype)
+        gamma, beta, mean, var = (_channel_param(a, C, sd, name) for a, name in
+                                  ((gamma, "gamma"), (beta, "beta"), (mean, "mean"),
+                                   (var, "var")))
+        p = _prepare(x, device_id=dev)
+        y = cupy.ndarray(x.shape, x.dtype)
+        invstd = cupy.ndarray((C,), sd)
+        _run(_eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y), dev)
     return y, mean, invstd
 
 
@@ -426,7 +543,7 @@ def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
     return bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps)[0]
 
 
-def bn_backward_gpu(dout, x, gamma, mean, invstd, train):
+def bn_backward_gpu(dout, x, gamma, mean, invstd, train, mean_lo=None):
     """Batch norm backward.
 
     Inputs:
@@ -436,37 +553,51 @@ def bn_backward_gpu(dout, x, gamma, mean, invstd, train):
     - mean, invstd: arrays (C,): the batch statistics (train) or the running
       mean and 1/sqrt(running_var + eps) (test)
     - train: bool; in test mode the statistics are constants
+    - mean_lo: None (no correction) or array (C,): what rounding ``mean`` lost, the
+      forward's mean_lo row (STAT_ROWS); the kernels then use mean + mean_lo, as the
+      forward's apply does (a float32 mean of 1e4 is off by up to 5e-4, which with a
+      small std shows in dgamma and dx)
 
     Returns a tuple of:
     - dx: array (N, C, H, W), dtype of x
     - dgamma, dbeta: arrays (C,) in the stats dtype
     """
     import cupy
-    x = _check_x(x, "x")
-    dout = _check_x(dout, "dout")
+    _check_x(x, "x")
+    _check_x(dout, "dout")
     if dout.shape != x.shape or dout.dtype != x.dtype:
         raise ValueError(f"dout must match x: got dout {tuple(dout.shape)} {dout.dtype}, "
                          f"x {tuple(x.shape)} {x.dtype}")
-    C = x.shape[1]
-    sd = stats_dtype(x.dtype)
-    gamma, mean, invstd = (_channel_param(a, C, sd, name) for a, name in
-                           ((gamma, "gamma"), (mean, "mean"), (invstd, "invstd")))
-    p = _prepare(x, dout)
-    dx = cupy.ndarray(x.shape, x.dtype)
-    part = cupy.ndarray((p.part_size,), sd)
-    dgamma, dbeta = cupy.ndarray((C,), sd), cupy.ndarray((C,), sd)
-    _run(_backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta))
+    dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo)
+    with on_device:
+        x, dout = _contiguous(x), _contiguous(dout)
+        C = x.shape[1]
+        sd = stats_dtype(x.dtype)
+        gamma, mean, invstd = (_channel_param(a, C, sd, name) for a, name in
+                               ((gamma, "gamma"), (mean, "mean"), (invstd, "invstd")))
+        if mean_lo is not None:
+            mean_lo = _channel_param(mean_lo, C, sd, "mean_lo")
+        p = _prepare(x, dout, dev)
+        dx = cupy.ndarray(x.shape, x.dtype)
+        part = cupy.ndarray((p.part_size,), sd)
+        dgamma, dbeta = cupy.ndarray((C,), sd), cupy.ndarray((C,), sd)
+        _run(_backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta,
+                                mean_lo), dev)
     return dx, dgamma, dbeta
 
 
-def _backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta):
-    """The (kernel, grid, args) of a backward: 3 launches (train) or 2 (test)."""
+def _backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta,
+                       mean_lo=None):
+    """The (kernel, grid, args) of a backward: 3 launches (train) or 2 (test); mean_lo (or
+    None: not read, mean is passed in its place) corrects mean."""
+    with_lo = np.int32(mean_lo is not None)
+    lo = mean if mean_lo is None else mean_lo
     launches = ((p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
-                 (dout, x, gamma, mean, invstd, part, dx, p.C) + p.plan.args),
+                 (dout, x, gamma, mean, lo, invstd, part, dx, with_lo, p.C) + p.plan.args),
                 (p.kernels["backward_merge"], p.merge_grid,
                  (part, p.C, p.slots, invstd, dgamma, dbeta)))
     if train:
         launches += ((p.kernels["dx"], p.plan.grid,
-                      (dout, x, gamma, mean, invstd, dgamma, dbeta, p.count, dx, p.C)
-                      + p.plan.args),)
+                      (dout, x, gamma, mean, lo, invstd, dgamma, dbeta, p.count, dx, with_lo,
+                       p.C) + p.plan.args),)
     return launches

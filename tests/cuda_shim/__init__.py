@@ -7,10 +7,13 @@ through ``extern "C"`` entry points. :meth:`Library.launch` then runs one the
 way ``cuLaunchKernel`` would: every thread of ``grid x block`` in turn, with
 arguments passed by address; a fault the kernel reports (``cuda_shim::fault``, e.g. a
 misaligned vector access seen by ``cuda_shim::check_aligned``) is raised as
-:class:`KernelFault`. Kernels must not use ``__shared__`` or
-``__syncthreads`` (grid-stride elementwise, gather and reduction-by-loop
-kernels are fine). The .cu file guards its CUDA-only includes with
-``#ifndef GPULAYERS_CPU_SHIM``.
+:class:`KernelFault`. Blocks run one after another; the threads of a block run
+as OS threads, so ``__shared__`` memory, ``__syncthreads()`` and the warp
+shuffles (``__shfl_down_sync`` and kin, every lane of a warp calling them
+together) work; kernels that never synchronise take a faster single-thread path
+after their first launch (``CUDA_SHIM_THREADS=1`` forces threads). The header
+comment of ``cuda_shim.h`` has the details. The .cu file guards its CUDA-only
+includes with ``#ifndef GPULAYERS_CPU_SHIM``.
 
 Arguments are checked against the kernel's C signature: a pointer parameter
 takes a C-contiguous NumPy array whose itemsize is the pointee's size, a
@@ -43,7 +46,7 @@ import numpy as np
 __all__ = ["build", "compiler", "has_half", "Library", "KernelFault", "SHIM_HEADER"]
 
 SHIM_HEADER = Path(__file__).with_name("cuda_shim.h")
-_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off")
+_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
 
 
 class KernelFault(RuntimeError):
