@@ -339,8 +339,11 @@ def _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps, mo
     fast = None
     if kernels and xp is np and ndim == 4 and comm is None:
         # NumPy fast path: blocked and threaded; the cache keeps x, not a normalized copy
-        fast = (numpy_fast.bn_train_forward(x, g, b, eps, sd) if train
-                else (numpy_fast.bn_eval_forward(x, g, b, mean, invstd, sd), mean, None, invstd))
+        if train:
+            fast = numpy_fast.bn_train_forward(x, g, b, eps, sd)
+        else:
+            y = numpy_fast.bn_eval_forward(x, g, b, mean, invstd, sd)
+            fast = None if y is None else (y, mean, None, invstd)
     if fast is not None:
         y, mean, var, invstd = fast
         if train:

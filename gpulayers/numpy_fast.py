@@ -23,7 +23,14 @@ three:
   PyTorch's rules -- last NaN, first in-range element -- differ from the
   comparisons above), or whose dout is not finite, is recomputed by the
   general path, so the results are those of the general path bit for bit
-  (backward sums in the same tap order).
+  (backward sums in the same tap order); ``np.maximum`` may return either
+  operand of a tie, so zeros in the output are taken from the input at their
+  argmax (-0.0 and +0.0 keep the first in window order, as the general path);
+- **small inputs**: below measured sizes (``MAX_POOL_FORWARD_MIN`` and the
+  other ``*_MIN`` constants) the setup of blocks and threads costs more than it
+  saves, and each op runs a simple single-threaded vectorised path instead
+  (the general xp path itself for small max-pool forwards; BN train forward
+  declines the smallest inputs to the caller's general path).
 
 Batch norm keeps ``x`` itself in the cache instead of a normalized copy and
 computes per-plane (mean, M2) pairs in cache-sized blocks, merged per channel
@@ -47,6 +54,55 @@ __all__ = ["max_pool_forward", "max_pool_backward", "bn_train_forward", "bn_eval
 
 #: target bytes of one block's intermediates (measured best on a 2-core EPYC, 1 MiB L2, 32 MiB L3)
 BLOCK_BYTES = int(os.environ.get("GPULAYERS_BLOCK_BYTES", 1 << 21))
+
+# Below these sizes (elements of x, the op's input (N, C, H, W)) the blocked, threaded code
+# loses to plain vectorised NumPy: its setup (block plan, scratch buffers, thread hand-off,
+# guards) costs tens of microseconds, and a second thread gains nothing until the arrays
+# outgrow the caches. Each op then takes its simple single-threaded path, with the general
+# xp path's results (bit for bit for pooling; BN within the tests' tolerances).
+#
+# Measured 2026-12-01 on the 2-core AMD EPYC (1 MiB L2, 32 MiB L3), numpy 2.4.6, float32,
+# working tree on commit effaf13, by two runs of
+#     python scripts/bench.py --crossover
+# (two passes each; load average 0.9-1.1 and 2.1-2.2, other sessions on the cores): per op
+# and size the public call with its threshold forced to 0 (blocked) and to infinity
+# (simple), alternating rounds, medians after warm-up. The numbers below are blocked /
+# simple time, the median of the four passes; each threshold lies between the last size
+# where that was above 1 and the first from which it stayed <= 1. Sizes are elements of
+# (N, C, 28, 28) and (N, C, 56, 56) inputs; 100k = (8, 16, 28, 28), 6.4M = (32, 64, 56, 56).
+#: max-pool forward: the general xp path below, for windows of at most
+#: MAX_POOL_FORWARD_SMALL_WINDOW taps (2x2/2: 1.04 at 16 and 120 elements, 1.00 at 384,
+#: 0.92 at 2048; also at (2, 3, 4, 5), one ad-hoc run: 1x2/2 1.07, 3x1/1 1.06). Larger
+#: windows are blocked at every size (3x3/2: 0.86 at 16; 2x3/2, 3x2/2: 0.94-0.96 at 120)
+MAX_POOL_FORWARD_MIN = 2048
+MAX_POOL_FORWARD_SMALL_WINDOW = 4
+#: max-pool backward: _max_pool_backward_small below (2x2/2: 1.12 at 100k, 0.96 at 200k,
+#: 0.40 at 6.4M; 3x3/2: 1.01 at 200k, 0.93 at 400k, 0.51 at 6.4M)
+MAX_POOL_BACKWARD_MIN = 300_000
+#: BN train forward: _bn_train_small below BN_TRAIN_FORWARD_MIN (1.09 at 800k, 1.03 at
+#: 1.6M, 1.01 at 3.2M, 0.98 at 6.4M), and None -- the caller's general path -- below
+#: BN_TRAIN_SMALL_MIN, where the general backward from its cached xhat (one pass fewer)
+#: beats any backward from x (x-based / general backward: 1.65 at 120, 1.27 at 12.5k,
+#: 1.07 at 50k, 1.00 at 75k, 0.96 at 100k, 0.92 at 150k)
+BN_TRAIN_FORWARD_MIN = 4_000_000
+BN_TRAIN_SMALL_MIN = 65_536
+#: BN test-mode forward: _bn_eval_small below (1.21 at 100k, 1.00 at 200k, 0.93 at 400k,
+#: 0.59 at 6.4M)
+BN_EVAL_FORWARD_MIN = 300_000
+#: BN test-mode forward declines (returns None: the caller's general path, whose backward
+#: from the cached xhat is one pass fewer) below this, for the reason and at the size of
+#: BN_TRAIN_SMALL_MIN (that measurement; not measured separately for test mode)
+BN_EVAL_SMALL_MIN = BN_TRAIN_SMALL_MIN
+#: BN train-mode backward: _bn_backward_small below (1.19 at 800k, 1.10 at 1.6M, 1.04 at
+#: 3.2M, 0.81 at 6.4M)
+BN_BACKWARD_MIN = 4_000_000
+#: BN test-mode backward: _bn_backward_small below (second run, this simple path: 1.18 at
+#: 400k, 0.98 at 800k, 0.85 at 1.6M, 0.80 at 6.4M; first run, a slower simple path, 1.03
+#: at 800k, 0.98 at 1.6M)
+BN_EVAL_BACKWARD_MIN = 1_200_000
+#: how the thresholds above were measured
+SMALL_MEASUREMENT = ("2026-12-01, 2-core AMD EPYC, numpy 2.4.6, float32: "
+                     "python scripts/bench.py --crossover")
 
 _pool = None
 _pool_size = 0
@@ -150,10 +206,19 @@ def max_pool_forward(x, geom, general):
     has dilation (the caller then uses the general path).
 
     ``general(xb, geom_b)`` is the exact general implementation, used for
-    blocks holding NaN or -inf. Returns (out, offsets) like it.
+    inputs of fewer than ``MAX_POOL_FORWARD_MIN`` elements with windows of at
+    most ``MAX_POOL_FORWARD_SMALL_WINDOW`` taps, and for blocks holding NaN or
+    -inf. Returns (out, offsets) like it.
+
+    ``out`` is bitwise the input element at the reported argmax: ``np.maximum``
+    may return either operand of a tie, so a block whose output holds zeros
+    takes each zero from the input at its argmax (-0.0 and +0.0 tie; the first
+    in window order wins, as in the general path).
     """
     if geom.dh != 1 or geom.dw != 1:
         return None
+    if x.size < MAX_POOL_FORWARD_MIN and geom.window_size <= MAX_POOL_FORWARD_SMALL_WINDOW:
+        return general(x, geom)
     x = np.ascontiguousarray(x)
     N, C, H, W = geom.input_shape
     kh, kw, sh, sw, ph, pw = geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw
@@ -229,6 +294,7 @@ def max_pool_forward(x, geom, general):
         ob, fb = out[s:e], off[s:e]
         np.copyto(ob, o.reshape(n, Hr, Wq)[:, 0:last:sh, :Wo])
         np.copyto(fb, of.reshape(n, Hr, Wq)[:, 0:last:sh, :Wo])
+        _zeros_from_argmax(ob, fb, xr[s:e], geom, scr)
         total = np.add.reduce(ob.reshape(-1), dtype=acc)
         if not np.isfinite(total) and (np.isnan(ob).any() or (ob == -np.inf).any()):
             gb = dataclasses.replace(geom, N=n, C=1)
@@ -238,6 +304,24 @@ def max_pool_forward(x, geom, general):
 
     _run_blocks(NC, per_plane, work)
     return out.reshape(geom.output_shape), off.reshape(geom.output_shape)
+
+
+def _zeros_from_argmax(ob, fb, xb, geom, scr):
+    """Give every zero of ``ob`` (n, Ho, Wo) the sign of the input element at its
+    argmax ``fb`` (compact offsets) in ``xb`` (n, H, W); no dilation. Only zeros can
+    differ: a tie of non-zero values is one bit pattern."""
+    flat = ob.reshape(-1)
+    z = scr.get("zero?", geom.Ho * geom.Wo, np.bool_)[:flat.size]
+    np.equal(flat, 0, out=z)
+    if not z.any():
+        return
+    k = np.flatnonzero(z)
+    Q = geom.Ho * geom.Wo
+    plane, r = np.divmod(k, Q)
+    oh, ow = np.divmod(r, geom.Wo)
+    t = fb.reshape(-1)[k].astype(np.intp)
+    ti, tj = np.divmod(t, geom.kw)
+    flat[k] = xb[plane, oh * geom.sh - geom.ph + ti, ow * geom.sw - geom.pw + tj]
 
 
 def _windows_share(k, s, d):
@@ -264,7 +348,13 @@ def max_pool_backward(dout, offsets, geom, general=None):
       ``i*kw + j`` from zero, exactly like the general path
       (``pooling._max_pool_backward_xp``): the results are equal bit for bit,
       NaN/inf in dout included. float16 sums in float32, as there.
+
+    Inputs of fewer than ``MAX_POOL_BACKWARD_MIN`` elements (x's size) take
+    :func:`_max_pool_backward_small`: the same targets and sums in one block,
+    without the block plan, scratch buffers or threads.
     """
+    if int(np.prod(geom.input_shape)) < MAX_POOL_BACKWARD_MIN:
+        return _max_pool_backward_small(dout, offsets, geom)
     N, C, H, W = geom.input_shape
     kh, kw, sh, sw, dh, dw = geom.kh, geom.kw, geom.sh, geom.sw, geom.dh, geom.dw
     Ho, Wo = geom.Ho, geom.Wo
@@ -322,6 +412,36 @@ def max_pool_backward(dout, offsets, geom, general=None):
     return dx.reshape(geom.input_shape)
 
 
+def _max_pool_backward_small(dout, offsets, geom):
+    """max_pool_backward in one block, single-threaded: flat target ``plane*H*W +
+    base[oh, ow] + (t // kw) * (dh*W - kw*dw) + t*dw`` of every window's offset t (intp),
+    then one fancy assignment (windows share no element) or ``np.add.at`` in descending
+    window order (ascending tap order per element, as the general path adds)."""
+    N, C, H, W = geom.input_shape
+    kh, kw, sh, sw, dh, dw = geom.kh, geom.kw, geom.sh, geom.sw, geom.dh, geom.dw
+    NC, P = N * C, H * W
+    t = np.asarray(offsets).reshape(-1).astype(np.intp)
+    oh = np.arange(geom.Ho, dtype=np.intp)[:, None] * (sh * W) - geom.ph * W
+    ow = np.arange(geom.Wo, dtype=np.intp) * sw - geom.pw
+    idx = t // kw
+    idx *= dh * W - kw * dw
+    if dw != 1:
+        t *= dw
+    idx += t
+    planes = idx.reshape(NC, geom.Ho * geom.Wo)
+    planes += (oh + ow).reshape(-1)                           # base[oh, ow]
+    planes += (np.arange(NC, dtype=np.intp) * P)[:, None]     # plane * H*W
+    d = np.asarray(dout).reshape(-1)
+    if not (_windows_share(kh, sh, dh) or _windows_share(kw, sw, dw)):
+        dx = np.zeros(NC * P, dout.dtype)
+        dx[idx] = d + dout.dtype.type(0)   # -0.0 -> +0.0, as the general path's zero start
+        return dx.reshape(geom.input_shape)
+    acc = np.dtype(np.float32) if dout.dtype == np.float16 else dout.dtype
+    dx = np.zeros(NC * P, acc)
+    np.add.at(dx, idx[::-1], d[::-1])
+    return dx.reshape(geom.input_shape).astype(dout.dtype, copy=False)
+
+
 # --------------------------------------------------------------------- batch norm
 
 
@@ -357,10 +477,21 @@ def bn_train_forward(x, gamma, beta, eps, sd):
 
     ``gamma``, ``beta`` are (C,) in the stats dtype ``sd``.
 
-    Returns (out, mean, var, invstd), out in x's dtype; or None when some
-    channel's |mean| / std exceeds ``_MEAN_OVER_STD_MAX`` (the caller then
-    uses the general path, which centres without rounding the mean first).
+    Below ``BN_TRAIN_FORWARD_MIN`` elements, :func:`_bn_train_small` (the general
+    path's arithmetic, single-threaded).
+
+    Returns (out, mean, var, invstd), out in x's dtype; or None -- the caller
+    then uses the general path -- below ``BN_TRAIN_SMALL_MIN`` elements (its
+    backward from the cached xhat is the faster one there), or when some
+    channel's |mean| / std exceeds ``_MEAN_OVER_STD_MAX`` (the general path
+    centres without rounding the mean first).
+
+    Every memory layout of x gives the bits of its C-contiguous copy.
     """
+    if x.size < BN_TRAIN_SMALL_MIN:
+        return None
+    if x.size < BN_TRAIN_FORWARD_MIN:
+        return _bn_train_small(x, gamma, beta, eps, sd)
     x = np.ascontiguousarray(x)
     N, C, H, W = x.shape
     P = H * W
@@ -436,8 +567,86 @@ def _affine(x, mean, scale, shift, sd, invstd):
 
 
 def bn_eval_forward(x, gamma, beta, mean, invstd, sd):
-    """Spatial BN test-mode forward: (x - mean) * gamma * invstd + beta."""
+    """Spatial BN test-mode forward: (x - mean) * gamma * invstd + beta, dtype of x
+    (by :func:`_bn_eval_small` below ``BN_EVAL_FORWARD_MIN`` elements), or None below
+    ``BN_EVAL_SMALL_MIN`` elements: then the caller's general path runs."""
+    if x.size < BN_EVAL_SMALL_MIN:
+        return None
+    if x.size < BN_EVAL_FORWARD_MIN:
+        return _bn_eval_small(x, gamma, beta, mean, invstd, sd)
     return _affine(x, mean, gamma * invstd, beta, sd, invstd)
+
+
+def _planes3(a):
+    """C-contiguous (N, C, H*W) of a (N, C, H, W) array (so every layout gives the same bits)."""
+    N, C, H, W = a.shape
+    return np.ascontiguousarray(a).reshape(N, C, H * W)
+
+
+def _channel_dots(a, b):
+    """(N, C, P), (N, C, P) -> (C,): sum over n and p of a * b, as per-plane row dot
+    products summed over N (the blocked path's order of operations)."""
+    N, C, P = a.shape
+    return _row_dots(a.reshape(N * C, P), b.reshape(N * C, P)).reshape(N, C).sum(axis=0)
+
+
+def _bn_train_small(x, gamma, beta, eps, sd):
+    """bn_train_forward single-threaded on the whole array, as the general path computes:
+    shift by the pivot (each channel's first sample), subtract the shifted mean, M2 by row
+    dot products; out = centred * (gamma * invstd) + beta."""
+    x3 = _planes3(x)
+    count = x3.shape[0] * x3.shape[2]
+    pivot = x3[0, :, 0].astype(sd)
+    t = np.subtract(x3, pivot[:, None], dtype=sd)
+    shift_mean = (np.add.reduce(t, axis=(0, 2)) / count).astype(sd, copy=False)
+    t -= shift_mean[:, None]
+    var = (_channel_dots(t, t) / count).astype(sd, copy=False)
+    mean = pivot + shift_mean
+    invstd = (1 / np.sqrt(var + eps)).astype(sd, copy=False)
+    t *= (gamma * invstd)[:, None]
+    t += beta[:, None]
+    return t.reshape(x.shape).astype(x.dtype, copy=False), mean, var, invstd
+
+
+def _bn_eval_small(x, gamma, beta, mean, invstd, sd):
+    """bn_eval_forward in three single-threaded ufunc passes: (x - mean) * scale + beta."""
+    t = np.subtract(_planes3(x), mean[:, None], dtype=sd)
+    t *= (gamma * invstd)[:, None]
+    t += beta[:, None]
+    return t.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def _bn_backward_small(dout, x, gamma, mean, invstd, count, train, sd):
+    """bn_backward single-threaded on the whole arrays: dbeta = sum(dout), dgamma =
+    sum(dout * (x - mean)) * invstd by row dot products, then dx = scale * dout (test) or
+    scale * dout + (x - mean) * k2 + k3 (train), k2 = -scale * invstd * dgamma / count,
+    k3 = -scale * dbeta / count. In train mode where ``_foldable`` and all dtypes agree,
+    without a centred copy, as the blocked path: sum(dout * x) - mean * sum(dout), and
+    dx = scale * dout + x * k2 + (k3 - mean * k2); test mode always centres (one pass
+    fewer than the folded train form, and no check of the fold's condition)."""
+    x3 = _planes3(x)
+    d3 = _planes3(dout)
+    raw = train and x3.dtype == d3.dtype == np.dtype(sd) and _foldable(mean, invstd)
+    if d3.dtype != sd:
+        d3 = d3.astype(sd)
+    dbeta = np.add.reduce(d3, axis=(0, 2))
+    if raw:
+        xc = x3
+        dgamma = (_channel_dots(d3, x3).astype(np.float64)
+                  - mean.astype(np.float64) * dbeta).astype(sd) * invstd
+    else:
+        xc = np.subtract(x3, mean[:, None], dtype=sd)
+        dgamma = _channel_dots(d3, xc) * invstd
+    scale = gamma * invstd
+    dx = d3 * scale[:, None]
+    if train:
+        k2 = -scale * invstd * dgamma / count
+        k3 = -scale * dbeta / count
+        if raw:
+            k3 = (k3.astype(np.float64) - mean.astype(np.float64) * k2.astype(np.float64))
+        dx += np.multiply(xc, k2.astype(sd)[:, None], out=None if raw else xc)
+        dx += k3.astype(sd)[:, None]
+    return dx.reshape(dout.shape).astype(dout.dtype, copy=False), dgamma, dbeta
 
 
 def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
@@ -449,8 +658,14 @@ def bn_backward(dout, x, gamma, mean, invstd, count, train, sd):
     + k3 (train; as scale * dout + x * k2 + (k3 - mean * k2) when
     ``_foldable``) or scale * dout (test), with scale = gamma * invstd.
 
+    Below ``BN_BACKWARD_MIN`` (train) or ``BN_EVAL_BACKWARD_MIN`` (test)
+    elements, :func:`_bn_backward_small`. Every memory layout of x and dout
+    gives the bits of their C-contiguous copies.
+
     Returns (dx in dout's dtype, dgamma, dbeta in ``sd``).
     """
+    if x.size < (BN_BACKWARD_MIN if train else BN_EVAL_BACKWARD_MIN):
+        return _bn_backward_small(dout, x, gamma, mean, invstd, count, train, sd)
     N, C, H, W = x.shape
     P, NC = H * W, N * C
     xr = np.ascontiguousarray(x).reshape(NC, P)

@@ -5,6 +5,8 @@
     python scripts/bench.py                      # the CPU target shapes
     python scripts/bench.py --sweep --plot sweep.png
     python scripts/bench.py --device gpu --json benchmarks/results/mine.json
+    python scripts/bench.py --small              # public vs general on small inputs (NumPy)
+    python scripts/bench.py --crossover          # where the NumPy blocked paths start to win
 
 How the numbers are made (so they can be trusted):
 
@@ -25,6 +27,13 @@ How the numbers are made (so they can be trusted):
 
 The article's naive loops run only on inputs up to ``--naive-max-elems``
 elements (3 samples); ``--naive`` runs them everywhere.
+
+``--small`` times the public NumPy calls against their ``_general`` twins on
+small inputs (the ratio must stay <= 1.10); ``--crossover`` times each
+``gpulayers.numpy_fast`` op with its size threshold forced to 0 (blocked,
+threaded) and to infinity (the simple path), the measurement behind the
+thresholds in ``numpy_fast``. Both: NumPy only, no PyTorch, alternating rounds,
+medians after warm-up.
 """
 from __future__ import annotations
 
@@ -87,6 +96,11 @@ def parse_args(argv=None):
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes, few reps (< 1 min on 2 cores)")
     size.add_argument("--smoke", action="store_true", help="tiny shapes, 2 reps: checks the script runs")
+    size.add_argument("--small", action="store_true",
+                      help="public vs _general on small NumPy inputs, with a ratio column")
+    size.add_argument("--crossover", action="store_true",
+                      help="numpy_fast blocked vs simple path by size (behind its thresholds)")
+    ap.add_argument("--passes", type=int, default=2, help="--crossover: passes over the sizes")
     ap.add_argument("--device", choices=("cpu", "gpu"), default=None,
                     help="cpu (NumPy) or gpu (CuPy); default gpu when CuPy is usable")
     ap.add_argument("--ops", nargs="+", choices=ALL_OPS, default=None, help="ops to run (default all)")
@@ -383,8 +397,215 @@ def plot_sweep(results, base, path):
     print(f"\nplot written to {path}")
 
 
+# ------------------------------------------------------- small inputs and crossovers
+
+SMALL_SHAPES = [(2, 3, 4, 5), (2, 3, 8, 8), (4, 16, 14, 14), (8, 32, 28, 28)]
+SMALL_OPS = [("max_pool_forward", MP2), ("max_pool_forward", MP3),
+             ("max_pool_backward", MP2), ("max_pool_backward", MP3),
+             ("spatial_batchnorm_forward", BN), ("spatial_batchnorm_backward", BN),
+             ("spatial_batchnorm_eval_forward", BN), ("spatial_batchnorm_eval_backward", BN)]
+_NEVER = 1 << 62
+
+
+def _thresholds():
+    from gpulayers import numpy_fast
+    return {k: v for k, v in vars(numpy_fast).items()
+            if k.endswith(("_MIN", "_WINDOW")) and isinstance(v, int)}
+
+
+class _Thresholds:
+    """Context: set numpy_fast's size thresholds (name -> value), restore them after."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __enter__(self):
+        from gpulayers import numpy_fast
+        self.saved = _thresholds()
+        for k, v in self.values.items():
+            setattr(numpy_fast, k, v)
+
+    def __exit__(self, *exc):
+        from gpulayers import numpy_fast
+        for k, v in self.saved.items():
+            setattr(numpy_fast, k, v)
+
+
+def _ab_entries(case, impl_settings, rng, check=True):
+    """One Timed per (label, impl, thresholds): the case built and run under those thresholds."""
+    entries = []
+    for label, impl, values in impl_settings:
+        c = B.Case(case.op, case.shape, case.dtype, dict(case.params))
+        with _Thresholds(values):
+            B.build_case(c, np, [impl], B.CPUClock(), rng=np.random.default_rng(case.seed),
+                         check=check)
+        if not c.entries:
+            raise RuntimeError(f"{label}: {'; '.join(c.notes)}")
+        fn = c.entries[0].fn
+
+        def timed(fn=fn, values=values):
+            with _Thresholds(values):
+                return fn()
+        entries.append(B.Timed(label, timed, B.CPUClock()))
+    return entries
+
+
+def _reps_for(entries, budget_s, lo=21, hi=401):
+    t = min(B.CPUClock().time_ms(e.fn) for e in entries) * 1e-3
+    return int(min(hi, max(lo, budget_s / max(t, 1e-6) / len(entries))))
+
+
+def run_small(args):
+    """Public NumPy calls against their _general twins on small inputs."""
+    rng = np.random.default_rng(args.seed)
+    print(f"device: cpu: {cpu_name()} ({os.cpu_count()} cores), numpy {np.__version__}, "
+          f"{args.dtype}, load average {os.getloadavg()[0]:.2f}")
+    print(f"thresholds: {_thresholds()}")
+    print("public = gpulayers.<op> (numpy_fast dispatch); general = <op>_general; "
+          "ratio = public / general (target <= 1.10)")
+    print(f"  {'op':<31}{'shape':<17}{'params':<17}{'public us':>10}{'general us':>11}"
+          f"{'ratio':>7}{'n':>5}")
+    worst = 0.0
+    for op, params in SMALL_OPS:
+        if args.ops and op not in args.ops and not (op.endswith("eval_backward")
+                                                    and "spatial_batchnorm_backward" in args.ops):
+            continue
+        for shape in SMALL_SHAPES:
+            eval_bwd = op == "spatial_batchnorm_eval_backward"
+            case = B.Case("spatial_batchnorm_backward" if eval_bwd else op, shape, args.dtype,
+                          dict(params))
+            case.seed = int(rng.integers(2**31))
+            pair = [("public", "fast", {}), ("general", "general", {})]
+            entries = (_eval_backward_entries(case, pair) if eval_bwd
+                       else _ab_entries(case, pair, rng))
+            reps = args.reps or _reps_for(entries, 0.4)
+            B.round_robin(entries, reps, args.warmup if args.warmup is not None else 10)
+            pub, gen = (B.median(e.samples) * 1e3 for e in entries)
+            worst = max(worst, pub / gen)
+            pstr = (case.params_str() if case.family in ("max", "avg")
+                    else "eval" if eval_bwd else case.params_str().split()[0])
+            print(f"  {op:<31}{str(shape):<17}{pstr:<17}{pub:>10.1f}{gen:>11.1f}{pub / gen:>7.2f}"
+                  f"{reps:>5}", flush=True)
+    print(f"worst public / general: {worst:.2f}")
+    return worst
+
+
+# (op, params, which thresholds the blocked/simple pair sets, sizes)
+_XO_POOL_FWD = [(1, 1, 4, 4), (2, 3, 4, 5), (2, 3, 8, 8), (4, 8, 8, 8), (4, 8, 14, 14)]
+_XO_LARGE = [(8, 16, 28, 28), (8, 32, 28, 28), (16, 32, 28, 28), (16, 64, 28, 28),
+             (32, 64, 28, 28), (16, 64, 56, 56), (32, 64, 56, 56)]
+_XO_DECLINE = [(2, 3, 4, 5), (4, 16, 14, 14), (4, 32, 14, 14), (4, 16, 28, 28),
+               (6, 16, 28, 28), (8, 16, 28, 28), (12, 16, 28, 28)]
+CROSSOVER = [
+    ("max_pool_forward", MP2, "MAX_POOL_FORWARD_MIN", _XO_POOL_FWD),
+    ("max_pool_forward", MP3, "MAX_POOL_FORWARD_MIN", _XO_POOL_FWD),
+    ("max_pool_backward", MP2, "MAX_POOL_BACKWARD_MIN", _XO_LARGE),
+    ("max_pool_backward", MP3, "MAX_POOL_BACKWARD_MIN", _XO_LARGE),
+    ("spatial_batchnorm_forward", BN, "BN_TRAIN_FORWARD_MIN", _XO_LARGE),
+    ("spatial_batchnorm_backward", BN, "BN_BACKWARD_MIN", _XO_LARGE),
+    ("spatial_batchnorm_eval_forward", BN, "BN_EVAL_FORWARD_MIN", _XO_LARGE),
+    ("spatial_batchnorm_eval_backward", BN, "BN_EVAL_BACKWARD_MIN", _XO_LARGE),
+    ("spatial_batchnorm_backward", BN, "BN_TRAIN_SMALL_MIN", _XO_DECLINE),
+]
+
+
+def _crossover_pair(op, name):
+    """(label, impl, thresholds) of the two sides compared for threshold ``name``."""
+    off = {k: _NEVER for k in _thresholds()}   # incl. MAX_POOL_FORWARD_SMALL_WINDOW
+    off["BN_TRAIN_SMALL_MIN"] = 0          # the simple BN paths answer, no general fallback
+    if name == "BN_TRAIN_SMALL_MIN":       # backward from x (simple) vs general from xhat
+        return [("x-based", "fast", off), ("general", "general", off)]
+    on = dict(off, **{name: 0})
+    if name.startswith("BN") and "BACKWARD" in name:   # caches made by the blocked forward
+        on = dict(on, BN_TRAIN_FORWARD_MIN=0, BN_EVAL_FORWARD_MIN=0)
+    return [("blocked", "fast", on), ("simple", "fast", off)]
+
+
+def _derive(sizes, ratios):
+    """Smallest size from which the median ratio over the passes is <= 1 at it and at
+    every larger size (None: not even at the largest)."""
+    ok = None
+    for size in sorted(sizes, reverse=True):
+        if B.median(ratios[size]) > 1.0:
+            break
+        ok = size
+    return ok
+
+
+def run_crossover(args):
+    """numpy_fast blocked vs simple path by size: the measurement behind its thresholds."""
+    rng = np.random.default_rng(args.seed)
+    print(f"device: cpu: {cpu_name()} ({os.cpu_count()} cores), numpy {np.__version__}, "
+          f"{args.dtype}, {args.passes} passes, load average {os.getloadavg()[0]:.2f}")
+    print("ratio = first / second (medians of alternating rounds); crossover = smallest size "
+          "from which the median ratio over the passes is <= 1 at it and every larger size")
+    results = {}
+    for p in range(args.passes):
+        print(f"\npass {p + 1} (load average {os.getloadavg()[0]:.2f})")
+        for op, params, name, sizes in CROSSOVER:
+            eval_bwd = op == "spatial_batchnorm_eval_backward"
+            for shape in sizes:
+                real_op = "spatial_batchnorm_backward" if eval_bwd else op
+                case = B.Case(real_op, shape, args.dtype, dict(params))
+                case.seed = int(rng.integers(2**31))
+                pair = _crossover_pair(op, name)
+                if eval_bwd:
+                    entries = _eval_backward_entries(case, pair)
+                else:
+                    entries = _ab_entries(case, pair, rng, check=False)
+                reps = args.reps or _reps_for(entries, 0.8, lo=15)
+                B.round_robin(entries, reps, args.warmup if args.warmup is not None else 3)
+                a, b = (B.median(e.samples) for e in entries)
+                key = (op, B.pool_params_str(params) if op.startswith("max") else "", name)
+                results.setdefault(key, {}).setdefault(int(np.prod(shape)), []).append(a / b)
+                print(f"  {op:<32}{key[1]:<15}{str(shape):<18}{entries[0].name} {a:9.3f} ms  "
+                      f"{entries[1].name} {b:9.3f} ms  ratio {a / b:5.2f}", flush=True)
+    print("\ncrossover (median ratio per size over the passes; current threshold in numpy_fast)")
+    current = _thresholds()
+    for (op, pstr, name), ratios in results.items():
+        found = _derive(ratios.keys(), ratios)
+        meds = " ".join(f"{B.median(ratios[k]):.2f}" for k in sorted(ratios))
+        print(f"  {name:<23}{op:<32}{pstr:<15}at {found if found else '> largest size'}"
+              f"  (now {current.get(name)}; {meds})")
+    return results
+
+
+def _eval_backward_entries(case, pair):
+    """Test-mode BN backward (bench.py's ops time only train mode's): caches from the
+    test-mode forward (impl 'general': spatial_batchnorm_forward_general, else the public
+    one), data made as build_case makes them."""
+    entries = []
+    r = np.random.default_rng(case.seed)
+    x = B._random(np, case.shape, np.dtype(case.dtype), r)
+    C = case.shape[1]
+    g = (1.0 + 0.1 * B._random(np, (C,), np.float32, r))
+    b = 0.1 * B._random(np, (C,), np.float32, r)
+    dout = B._random(np, case.shape, np.dtype(case.dtype), r)
+    bp = dict(mode="test", running_mean=np.full(C, 0.1, np.float32),
+              running_var=np.full(C, 1.5, np.float32))
+    for label, impl, values in pair:
+        general = impl == "general"
+        fwd = (gpulayers.spatial_batchnorm_forward_general if general
+               else gpulayers.spatial_batchnorm_forward)
+        bwd = (gpulayers.spatial_batchnorm_backward_general if general
+               else gpulayers.spatial_batchnorm_backward)
+        with _Thresholds(values):
+            _, cache = fwd(x, g, b, dict(bp))
+
+        def fn(cache=cache, values=values, bwd=bwd):
+            with _Thresholds(values):
+                return bwd(dout, cache)
+        entries.append(B.Timed(label, fn, B.CPUClock()))
+    return entries
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.small or args.crossover:
+        if args.device == "gpu":
+            sys.exit("--small and --crossover time the NumPy paths; use --device cpu")
+        (run_small if args.small else run_crossover)(args)
+        return 0
     setup = Setup(args)
     rng = np.random.default_rng(args.seed)
     preset, cases = make_cases(args, setup)
