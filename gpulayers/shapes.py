@@ -1,14 +1,18 @@
-"""Pooling geometry: parameter parsing, output sizes and validity checks.
+"""Pooling geometry: parameter parsing, output sizes and validity checks, for 1, 2
+and 3 spatial axes.
 
 This is the one home of the shape rules (PyTorch keeps its equivalents in
 ``aten/src/ATen/native/Pool.h``). Every pooling implementation -- the naive
 loops, the reshape trick, the general xp path and the CUDA kernels -- takes a
-:class:`PoolGeometry` built here, so all of them agree on which windows exist.
+:class:`PoolGeometry` (or, for adaptive pooling, an :class:`AdaptiveGeometry`)
+built here, so all of them agree on which windows exist. The rank d is taken from
+x: (N, C, L), (N, C, H, W) or (N, C, D, H, W).
 
-Window ``(oh, ow)`` covers the input rows ``oh*sh - ph + i*dh`` for
+In 2-D, window ``(oh, ow)`` covers the input rows ``oh*sh - ph + i*dh`` for
 ``i in range(kh)`` and the columns ``ow*sw - pw + j*dw`` for ``j in range(kw)``.
 Its element ``(i, j)`` has the *compact offset* ``i*kw + j``: the number that
-the max-pool cache stores per output element.
+the max-pool cache stores per output element. Other ranks likewise, row-major
+over the kernel's axes.
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ import numpy as np
 __all__ = [
     "PoolGeometry",
     "pool_geometry",
+    "AdaptiveGeometry",
+    "adaptive_geometry",
+    "adaptive_bounds",
+    "check_pool_options",
     "pool_output_size",
     "offset_dtype",
     "check_floating",
@@ -26,22 +34,25 @@ __all__ = [
 ]
 
 
+def _ints(value, name, d):
+    """A d-tuple from an int or a d-sequence of ints (NumPy's too); ValueError otherwise."""
+    what = "an int" if d == 1 else f"an int or a tuple of {d} ints"
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"pool_param[{name!r}] must be {what}, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * d
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"pool_param[{name!r}] must be {what}, got {value!r}")
+    items = tuple(value)
+    if len(items) != d or any(isinstance(v, (bool, np.bool_))
+                              or not isinstance(v, (int, np.integer)) for v in items):
+        raise ValueError(f"pool_param[{name!r}] must be {what} for {d}-D pooling, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
 def _pair(value, name):
     """Return ``(a, b)`` from an int or a pair of ints; ValueError otherwise."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"pool_param[{name!r}] must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    try:
-        a, b = value
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"pool_param[{name!r}] must be an int or a pair of ints, got {value!r}") from None
-    for v in (a, b):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-            raise ValueError(
-                f"pool_param[{name!r}] must be an int or a pair of ints, got {value!r}")
-    return int(a), int(b)
+    return _ints(value, name, 2)
 
 
 def _int(value, name):
@@ -88,41 +99,98 @@ def check_floating(x, name="x"):
             f"got {dtype} with shape {tuple(x.shape)}")
 
 
+_SPATIAL = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+_AXES = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
 @dataclass(frozen=True)
 class PoolGeometry:
-    """Everything that decides which input elements each pooling window sees.
+    """Everything that decides which input elements each pooling window sees, for
+    d = 1, 2 or 3 spatial axes.
 
-    Attributes: input ``N, C, H, W``; kernel ``kh, kw``; stride ``sh, sw``;
-    padding ``ph, pw``; dilation ``dh, dw``; ``ceil_mode``; output ``Ho, Wo``.
+    Attributes: ``N, C``; per spatial axis (d-tuples) the input ``size``, ``kernel``,
+    ``stride``, ``pad``, ``dilation`` and the output ``out``; ``ceil_mode``.
+
+    Window ``o`` (a d-index) covers, along axis a, the input positions
+    ``o[a]*stride[a] - pad[a] + t*dilation[a]`` for taps ``t < kernel[a]``; its tap
+    ``(t_0, .., t_{d-1})`` has the *compact offset* ``t`` in row-major order over
+    ``kernel`` (``i*kw + j`` in 2-D): the number the max-pool cache stores.
+
+    2-D geometries also answer PyTorch-style scalar names: ``H, W, kh, kw, sh, sw, ph,
+    pw, dh, dw, Ho, Wo`` (what the 2-D kernels take); :meth:`as_2d` gives a 1-D
+    geometry's equivalent 2-D one (an input row of height 1).
     """
 
     N: int
     C: int
-    H: int
-    W: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    ph: int
-    pw: int
-    dh: int
-    dw: int
+    size: tuple
+    kernel: tuple
+    stride: tuple
+    pad: tuple
+    dilation: tuple
     ceil_mode: bool
-    Ho: int
-    Wo: int
+    out: tuple
+
+    @classmethod
+    def from_2d(cls, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode, Ho, Wo):
+        """A 2-D geometry from the scalar sizes (no checks: see :func:`pool_geometry`)."""
+        return cls(N, C, (H, W), (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, (Ho, Wo))
+
+    @property
+    def d(self):
+        """Number of spatial axes."""
+        return len(self.size)
+
+    def _axis2(self, field, i):
+        if self.d != 2:
+            raise AttributeError(f"2-D size names are for 2-D geometries; this one is {self.d}-D "
+                                 f"(use .{field}, or as_2d() for 1-D): {self.describe()}")
+        return getattr(self, field)[i]
+
+    H = property(lambda self: self._axis2("size", 0))
+    W = property(lambda self: self._axis2("size", 1))
+    kh = property(lambda self: self._axis2("kernel", 0))
+    kw = property(lambda self: self._axis2("kernel", 1))
+    sh = property(lambda self: self._axis2("stride", 0))
+    sw = property(lambda self: self._axis2("stride", 1))
+    ph = property(lambda self: self._axis2("pad", 0))
+    pw = property(lambda self: self._axis2("pad", 1))
+    dh = property(lambda self: self._axis2("dilation", 0))
+    dw = property(lambda self: self._axis2("dilation", 1))
+    Ho = property(lambda self: self._axis2("out", 0))
+    Wo = property(lambda self: self._axis2("out", 1))
+
+    def as_2d(self):
+        """This geometry as a 2-D one: itself for d = 2; for d = 1, the same windows over
+        an input of shape (N, C, 1, L) (kernel, stride and dilation 1 and no padding along
+        the new axis), whose compact offsets and flat indices equal the 1-D ones. None
+        for d = 3."""
+        if self.d == 2:
+            return self
+        if self.d != 1:
+            return None
+        return PoolGeometry(self.N, self.C, (1,) + self.size, (1,) + self.kernel,
+                            (1,) + self.stride, (0,) + self.pad, (1,) + self.dilation,
+                            self.ceil_mode, (1,) + self.out)
 
     @property
     def input_shape(self):
-        return (self.N, self.C, self.H, self.W)
+        return (self.N, self.C) + tuple(self.size)
 
     @property
     def output_shape(self):
-        return (self.N, self.C, self.Ho, self.Wo)
+        return (self.N, self.C) + tuple(self.out)
 
     @property
     def window_size(self):
-        return self.kh * self.kw
+        return _prod(self.kernel)
 
     @property
     def offset_dtype(self):
@@ -130,36 +198,48 @@ class PoolGeometry:
 
     @property
     def padded_shape(self):
-        """(Hp, Wp): rows/cols a padded buffer needs so every window fits,
-        including the ceil_mode overhang past the right padding."""
-        hp = max(self.H + 2 * self.ph, (self.Ho - 1) * self.sh + self.dh * (self.kh - 1) + 1)
-        wp = max(self.W + 2 * self.pw, (self.Wo - 1) * self.sw + self.dw * (self.kw - 1) + 1)
-        return hp, wp
+        """Per axis, the positions a padded buffer needs so every window fits, including
+        the ceil_mode overhang past the right padding."""
+        return tuple(max(n + 2 * p, (o - 1) * s + dl * (k - 1) + 1)
+                     for n, k, s, p, dl, o in zip(self.size, self.kernel, self.stride,
+                                                  self.pad, self.dilation, self.out))
+
+    @property
+    def extent(self):
+        """Per axis, the span of one window: (kernel - 1)*dilation + 1."""
+        return tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel, self.dilation))
 
     @property
     def overlapping(self):
         """True when two windows can share an input element."""
-        return (self.sh < self.dh * (self.kh - 1) + 1) or (self.sw < self.dw * (self.kw - 1) + 1)
+        return any(s < e for s, e in zip(self.stride, self.extent))
 
     @property
     def tiles(self):
         """True when the windows tile the input exactly (the reshape precondition)."""
-        return (self.kh == self.sh and self.kw == self.sw and self.ph == 0 and self.pw == 0
-                and self.dh == 1 and self.dw == 1
-                and self.H % self.kh == 0 and self.W % self.kw == 0)
+        return all(k == s and p == 0 and dl == 1 and n % k == 0
+                   for n, k, s, p, dl in zip(self.size, self.kernel, self.stride, self.pad,
+                                             self.dilation))
 
     def describe(self):
-        return (f"input (N, C, H, W) = {self.input_shape}, kernel = ({self.kh}, {self.kw}), "
-                f"stride = ({self.sh}, {self.sw}), pad = ({self.ph}, {self.pw}), "
-                f"dilation = ({self.dh}, {self.dw}), ceil_mode = {self.ceil_mode}, "
-                f"output (Ho, Wo) = ({self.Ho}, {self.Wo})")
+        d = self.d
+        shape = _SPATIAL.get(d, "(N, C, ...)")
+        return (f"input {shape} = {self.input_shape}, kernel = {tuple(self.kernel)}, "
+                f"stride = {tuple(self.stride)}, pad = {tuple(self.pad)}, "
+                f"dilation = {tuple(self.dilation)}, ceil_mode = {self.ceil_mode}, "
+                f"output ({_AXES.get(d, '...')}) = {tuple(self.out)}")
 
     def first_valid_offset(self):
-        """int64 array (Ho, Wo): compact offset of each window's first element
+        """int64 array of shape ``out``: compact offset of each window's first tap
         (row-major) that lies inside the input, not in the padding."""
-        i0 = _first_valid(self.Ho, self.sh, self.ph, self.dh, self.kh, self.H)
-        j0 = _first_valid(self.Wo, self.sw, self.pw, self.dw, self.kw, self.W)
-        return i0[:, None] * self.kw + j0[None, :]
+        firsts = [_first_valid(o, s, p, dl, k, n) for n, k, s, p, dl, o in
+                  zip(self.size, self.kernel, self.stride, self.pad, self.dilation, self.out)]
+        total = np.zeros(tuple(self.out), dtype=np.int64)
+        for a, first in enumerate(firsts):
+            shape = [1] * self.d
+            shape[a] = -1
+            total = total + first.reshape(shape) * _prod(self.kernel[a + 1:])
+        return total
 
 
 def _first_valid(n_out, stride, pad, dilation, kernel, size):
@@ -172,12 +252,15 @@ def _first_valid(n_out, stride, pad, dilation, kernel, size):
     return first.astype(np.int64)
 
 
-# pool_param keys each op takes (PyTorch's max_pool2d has dilation, avg_pool2d
-# count_include_pad); a key of another op is an error, not silently ignored.
-_COMMON_KEYS = ("pool_height", "pool_width", "stride", "pad", "ceil_mode")
+# pool_param keys each op takes (PyTorch's max_pool has dilation, avg_pool
+# count_include_pad and divisor_override); a key of another op is an error, not
+# silently ignored. 'kernel_size' (PyTorch's name) works for every rank; the CS231n
+# names 'pool_height'/'pool_width' for 2-D only.
+_COMMON_KEYS = ("kernel_size", "pool_height", "pool_width", "stride", "pad", "ceil_mode")
 _POOL_KEYS = {"max": frozenset(_COMMON_KEYS + ("dilation",)),
-              "avg": frozenset(_COMMON_KEYS + ("count_include_pad",))}
-_OP_NAMES = {"max": "max pooling", "avg": "average pooling"}
+              "avg": frozenset(_COMMON_KEYS + ("count_include_pad", "divisor_override")),
+              "sum": frozenset(_COMMON_KEYS)}
+_OP_NAMES = {"max": "max pooling", "avg": "average pooling", "sum": "sum pooling"}
 
 
 def _hashable(value):
@@ -227,6 +310,45 @@ def _cached_geometry(x_shape, key, pool_param, op):
 _GEOMETRIES = {}
 
 
+def _kernel(pool_param, d, shape):
+    """The d-tuple kernel from 'kernel_size' or, in 2-D, 'pool_height'/'pool_width'."""
+    cs231n = [k for k in ("pool_height", "pool_width") if k in pool_param]
+    if "kernel_size" in pool_param and cs231n:
+        raise ValueError(f"pool_param gives the window twice: 'kernel_size' and {cs231n}; "
+                         f"use one spelling (input of shape {shape})")
+    if cs231n:
+        if d != 2:
+            raise ValueError(f"pool_param {cs231n} name a 2-D window, but x of shape {shape} "
+                             f"has {d} spatial axes: use 'kernel_size' (an int or a tuple of "
+                             f"{d} ints)")
+        for key in ("pool_height", "pool_width"):
+            if key not in pool_param:
+                raise ValueError(f"pool_param needs {key!r} with {cs231n} (or 'kernel_size'); "
+                                 f"got keys {sorted(pool_param)}")
+        return (_int(pool_param["pool_height"], "pool_height"),
+                _int(pool_param["pool_width"], "pool_width"))
+    if "kernel_size" not in pool_param:
+        names = "'kernel_size'" + (" (or 'pool_height' and 'pool_width')" if d == 2 else "")
+        raise ValueError(f"pool_param needs {names}; got keys {sorted(pool_param)} for x of "
+                         f"shape {shape}")
+    return _ints(pool_param["kernel_size"], "kernel_size", d)
+
+
+def check_pool_options(pool_param, op, shape):
+    """The op's options that do not change which windows exist: (count_include_pad,
+    divisor_override) for 'avg' (True, None by default); ValueError naming them."""
+    cip = pool_param.get("count_include_pad", True)
+    if not isinstance(cip, (bool, np.bool_)):
+        raise ValueError(f"pool_param['count_include_pad'] must be a bool, got {cip!r} "
+                         f"(input of shape {shape})")
+    div = pool_param.get("divisor_override")
+    if div is not None and (isinstance(div, (bool, np.bool_))
+                            or not isinstance(div, (int, np.integer)) or div <= 0):
+        raise ValueError(f"pool_param['divisor_override'] must be a positive int or None, got "
+                         f"{div!r} (input of shape {shape})")
+    return bool(cip), (None if div is None else int(div))
+
+
 def _pool_geometry(x_shape, pool_param, op):
     shape = tuple(int(s) for s in x_shape)
     if not isinstance(pool_param, dict):
@@ -240,59 +362,157 @@ def _pool_geometry(x_shape, pool_param, op):
         why = (f"{other} belong to another pooling op, not {_OP_NAMES[op]}; " if other else "")
         raise ValueError(f"unknown pool_param keys {sorted(unknown)} for {_OP_NAMES[op]} of an "
                          f"input of shape {shape}: {why}{_OP_NAMES[op]} takes {sorted(keys)}")
-    if len(shape) != 4:
-        raise ValueError(f"pooling expects x of shape (N, C, H, W), got {len(shape)}-D shape {shape}")
-    N, C, H, W = shape
-    if C <= 0 or H <= 0 or W <= 0:
-        raise ValueError(f"pooling expects non-zero C, H and W, got x of shape {shape}")
-    for key in ("pool_height", "pool_width"):
-        if key not in pool_param:
-            raise ValueError(f"pool_param needs {key!r}; got keys {sorted(pool_param)}")
-    kh = _int(pool_param["pool_height"], "pool_height")
-    kw = _int(pool_param["pool_width"], "pool_width")
+    if len(shape) not in (3, 4, 5):
+        raise ValueError(f"pooling expects x of shape (N, C, L), (N, C, H, W) or "
+                         f"(N, C, D, H, W), got {len(shape)}-D shape {shape}")
+    d = len(shape) - 2
+    N, C, size = shape[0], shape[1], shape[2:]
+    if C <= 0 or min(size) <= 0:
+        raise ValueError(f"pooling expects non-zero C and {_AXES[d]}, got x of shape {shape}")
+    kernel = _kernel(pool_param, d, shape)
     stride = pool_param.get("stride")
-    sh, sw = (kh, kw) if stride is None else _pair(stride, "stride")
-    ph, pw = _pair(pool_param.get("pad", 0), "pad")
-    dh, dw = _pair(pool_param.get("dilation", 1), "dilation")
+    stride = kernel if stride is None else _ints(stride, "stride", d)
+    pad = _ints(pool_param.get("pad", 0), "pad", d)
+    dilation = _ints(pool_param.get("dilation", 1), "dilation", d)
     ceil_mode = pool_param.get("ceil_mode", False)
     if not isinstance(ceil_mode, (bool, np.bool_)):
         raise ValueError(f"pool_param['ceil_mode'] must be a bool, got {ceil_mode!r} "
                          f"(input of shape {shape})")
     ceil_mode = bool(ceil_mode)
-    cip = pool_param.get("count_include_pad", True)  # only avg gets here with the key
-    if not isinstance(cip, (bool, np.bool_)):
-        raise ValueError(f"pool_param['count_include_pad'] must be a bool, got {cip!r} "
-                         f"(input of shape {shape})")
+    if op == "avg":
+        check_pool_options(pool_param, op, shape)
 
-    params = (f"kernel = ({kh}, {kw}), stride = ({sh}, {sw}), pad = ({ph}, {pw}), "
-              f"dilation = ({dh}, {dw}), ceil_mode = {ceil_mode}")
-    where = f"input (N, C, H, W) = {shape}, {params}"
-    if kh <= 0 or kw <= 0:
+    where = (f"input {_SPATIAL[d]} = {shape}, kernel = {kernel}, stride = {stride}, "
+             f"pad = {pad}, dilation = {dilation}, ceil_mode = {ceil_mode}")
+    if min(kernel) <= 0:
         raise ValueError(f"kernel size must be > 0: {where}")
-    if sh <= 0 or sw <= 0:
+    if min(stride) <= 0:
         raise ValueError(f"stride must be > 0: {where}")
-    if dh <= 0 or dw <= 0:
+    if min(dilation) <= 0:
         raise ValueError(f"dilation must be > 0: {where}")
-    if ph < 0 or pw < 0:
+    if min(pad) < 0:
         raise ValueError(f"pad must be >= 0: {where}")
-    if op == "avg" and (dh != 1 or dw != 1):
-        raise ValueError(f"avg pooling takes no dilation (it must be 1): {where}")
-    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    if ph > eh // 2 or pw > ew // 2:
+    extent = tuple(dl * (k - 1) + 1 for k, dl in zip(kernel, dilation))
+    if any(p > e // 2 for p, e in zip(pad, extent)):
         raise ValueError(
             f"pad should be at most half of the effective kernel size "
-            f"({eh // 2}, {ew // 2}) = ((k-1)*dilation+1)//2: {where}")
-    Ho = pool_output_size(H, kh, sh, ph, dh, ceil_mode)
-    Wo = pool_output_size(W, kw, sw, pw, dw, ceil_mode)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"output size is too small: {where}, output (Ho, Wo) = ({Ho}, {Wo})")
-    geom = PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode, Ho, Wo)
-    i0 = _first_valid(Ho, sh, ph, dh, kh, H)
-    j0 = _first_valid(Wo, sw, pw, dw, kw, W)
-    if (i0 == kh).any() or (j0 == kw).any():
-        rows = np.flatnonzero(i0 == kh).tolist()
-        cols = np.flatnonzero(j0 == kw).tolist()
-        raise ValueError(
-            f"a pooling window covers only padding (output rows {rows}, output cols {cols}): "
-            f"{geom.describe()}")
+            f"{tuple(e // 2 for e in extent)} = ((k-1)*dilation+1)//2: {where}")
+    out = tuple(pool_output_size(n, k, st, p, dl, ceil_mode)
+                for n, k, st, p, dl in zip(size, kernel, stride, pad, dilation))
+    if min(out) < 1:
+        raise ValueError(f"output size is too small: {where}, output ({_AXES[d]}) = {out}")
+    geom = PoolGeometry(N, C, size, kernel, stride, pad, dilation, ceil_mode, out)
+    for a in range(d):
+        first = _first_valid(out[a], stride[a], pad[a], dilation[a], kernel[a], size[a])
+        if (first == kernel[a]).any():
+            raise ValueError(
+                f"a pooling window covers only padding (axis {a}, output positions "
+                f"{np.flatnonzero(first == kernel[a]).tolist()}): {geom.describe()}")
     return geom
+
+
+# --------------------------------------------------------------------- adaptive pooling
+
+def adaptive_bounds(size, out):
+    """int64 arrays (start, end) of the ``out`` windows along an axis of ``size``
+    positions, by PyTorch's rule: start = floor(i*size/out), end = ceil((i+1)*size/out)."""
+    i = np.arange(out, dtype=np.int64)
+    return (i * size) // out, -((-(i + 1) * size) // out)
+
+
+@dataclass(frozen=True)
+class AdaptiveGeometry:
+    """Windows of adaptive pooling over d = 1, 2 or 3 spatial axes.
+
+    Output position ``o`` covers, along axis a, the input positions
+    ``[start_a(o[a]), end_a(o[a]))`` (:func:`adaptive_bounds`); windows of one axis
+    may differ in length by one and may overlap. ``window`` is the largest window per
+    axis; a tap ``t`` of window o (``t[a] < end - start``) has the compact offset ``t`` in
+    row-major order over ``window``: what the adaptive max-pool cache stores, in
+    ``offset_dtype``.
+
+    Attributes: ``N, C``, input ``size`` and output ``out`` (d-tuples).
+    """
+
+    N: int
+    C: int
+    size: tuple
+    out: tuple
+
+    @property
+    def d(self):
+        return len(self.size)
+
+    @property
+    def input_shape(self):
+        return (self.N, self.C) + tuple(self.size)
+
+    @property
+    def output_shape(self):
+        return (self.N, self.C) + tuple(self.out)
+
+    def bounds(self, axis):
+        """(start, end) int64 arrays of the windows along spatial axis ``axis``."""
+        return adaptive_bounds(self.size[axis], self.out[axis])
+
+    @property
+    def window(self):
+        """Largest window length per axis."""
+        out = []
+        for a in range(self.d):
+            start, end = self.bounds(a)
+            out.append(int((end - start).max()))
+        return tuple(out)
+
+    @property
+    def window_size(self):
+        return _prod(self.window)
+
+    @property
+    def offset_dtype(self):
+        return offset_dtype(self.window_size)
+
+    def describe(self):
+        d = self.d
+        return (f"input {_SPATIAL.get(d, '(N, C, ...)')} = {self.input_shape}, "
+                f"output ({_AXES.get(d, '...')}) = {tuple(self.out)}")
+
+
+def adaptive_geometry(x_shape, output_size):
+    """Check ``x_shape`` and ``output_size`` and return an :class:`AdaptiveGeometry`.
+
+    Inputs:
+    - x_shape: (N, C, L), (N, C, H, W) or (N, C, D, H, W)
+    - output_size: an int (every axis) or a d-tuple of ints and None (None keeps that
+      axis's input size); global pooling is output_size=1
+
+    Raises TypeError for output sizes that are not ints or None, ValueError naming the
+    sizes otherwise.
+    """
+    shape = tuple(int(s) for s in x_shape)
+    if len(shape) not in (3, 4, 5):
+        raise ValueError(f"adaptive pooling expects x of shape (N, C, L), (N, C, H, W) or "
+                         f"(N, C, D, H, W), got {len(shape)}-D shape {shape}")
+    d = len(shape) - 2
+    size = shape[2:]
+    if shape[1] <= 0 or min(size) <= 0:
+        raise ValueError(f"adaptive pooling expects non-zero C and {_AXES[d]}, got x of "
+                         f"shape {shape}")
+
+    def entry(v):
+        return v is None or (isinstance(v, (int, np.integer))
+                             and not isinstance(v, (bool, np.bool_)))
+    if entry(output_size) and output_size is not None:
+        out = (int(output_size),) * d
+    elif (not isinstance(output_size, (str, bytes)) and hasattr(output_size, "__len__")
+          and all(entry(v) for v in output_size)):
+        if len(output_size) != d:
+            raise ValueError(f"output_size {tuple(output_size)} must give {d} sizes for x of "
+                             f"shape {shape}")
+        out = tuple(n if v is None else int(v) for v, n in zip(output_size, size))
+    else:
+        raise TypeError(f"output_size must be an int or a tuple of {d} ints or None, got "
+                        f"{output_size!r} for x of shape {shape}")
+    if min(out) <= 0:
+        raise ValueError(f"output_size must be positive, got {out} for x of shape {shape}")
+    return AdaptiveGeometry(shape[0], shape[1], size, out)

@@ -483,7 +483,7 @@ def test_pool_kernel_fallback_reason():
     from gpulayers.shapes import PoolGeometry, pool_geometry
     assert kernel_fallback_reason(pool_geometry((2, 3, 8, 8), POOL)) is None
     # built directly: checking such a geometry would allocate per-window tables
-    huge = PoolGeometry(1, 1, 2, 2**31, 2, 2, 2, 2, 0, 0, 1, 1, False, 1, 2**30)
+    huge = PoolGeometry.from_2d(1, 1, 2, 2**31, 2, 2, 2, 2, 0, 0, 1, 1, False, 1, 2**30)
     assert "2**31" in kernel_fallback_reason(huge)
 
 

@@ -616,7 +616,7 @@ def test_launchers_reject_arrays_on_two_devices(shim_launchers, rng):
 def fake_geometry(N, C, H, W, k=2, s=2, p=0):
     """A PoolGeometry without an array behind it, for sizes too large to allocate."""
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    return PoolGeometry(N, C, H, W, k, k, s, s, p, p, 1, 1, False, Ho, Wo)
+    return PoolGeometry.from_2d(N, C, H, W, k, k, s, s, p, p, 1, 1, False, Ho, Wo)
 
 
 @pytest.mark.parametrize("geom, expected", [

@@ -370,7 +370,8 @@ def test_unpool_errors():
 # ----------------------------------------------------------------------- bad input
 
 BAD = [
-    ((2, 3, 8), {}, "shape \\(N, C, H, W\\)"),
+    ((2, 3, 8, 8, 8, 8), {}, "\\(N, C, L\\), \\(N, C, H, W\\) or \\(N, C, D, H, W\\), got 6-D"),
+    ((2, 3, 8), {}, "name a 2-D window.*1 spatial axes.*kernel_size"),
     ((2, 0, 8, 8), {}, "non-zero"),
     ((2, 3, 0, 8), {}, "non-zero"),
     ((2, 3, 8, 8), dict(pool_height=0), "kernel size"),
@@ -399,7 +400,7 @@ def test_error_messages_name_sizes():
     with pytest.raises(ValueError) as err:
         G.max_pool_forward(np.ones((2, 3, 2, 2)), dict(pool_height=3, pool_width=3))
     msg = str(err.value)
-    assert "(2, 3, 2, 2)" in msg and "kernel = (3, 3)" in msg and "output (Ho, Wo) = (0, 0)" in msg
+    assert "(2, 3, 2, 2)" in msg and "kernel = (3, 3)" in msg and "output (H, W) = (0, 0)" in msg
 
 
 def test_non_floating_dtype_raises_type_error():
