@@ -1,7 +1,9 @@
-"""Batch norm for (N, D) inputs and spatial batch norm for (N, C, H, W) inputs.
+"""Batch norm for (N, D) inputs and spatial batch norm for (N, C, L), (N, C, H, W)
+and (N, C, D, H, W) inputs.
 
-Statistics are per feature / channel, over axis 0 for (N, D) and over axes
-(0, 2, 3) for (N, C, H, W) -- reduced directly, with no transposed copies.
+Statistics are per feature / channel, over axis 0 for (N, D) and over every axis
+but 1 for the spatial inputs ((0, 2, 3) for (N, C, H, W)) -- reduced directly, with
+no transposed copies.
 (The article's spatial BN normalized the un-reshaped x and transposed back
 with ``(0, 1, 2, 3)``, which is no transpose at all; both bugs are gone.)
 
@@ -125,7 +127,11 @@ def _check_comm(comm):
                         f"without {', '.join(missing) or 'a callable allreduce_sum'}")
 
 
-def _parse(x, gamma, beta, bn_param, ndim, what):
+_LAYOUTS = {2: "(N, D)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+_RANKS = {"batchnorm_forward": (2,), "spatial_batchnorm_forward": (3, 4, 5)}
+
+
+def _parse(x, gamma, beta, bn_param, op, what):
     """Check every input of a BN forward.
 
     Returns (xp, mode, eps, momentum, convention, comm, gamma, beta): integer gamma/beta
@@ -146,12 +152,14 @@ def _parse(x, gamma, beta, bn_param, ndim, what):
                             f"with shape {tuple(a.shape)}")
         params.append(a)
     gamma, beta = params
-    layout = {2: "(N, D)", 4: "(N, C, H, W)"}[ndim]
-    if len(shape) != ndim:
-        raise ValueError(f"{what} expects x of shape {layout}, got {len(shape)}-D shape {shape}")
+    ranks = _RANKS[op]
+    if len(shape) not in ranks:
+        layouts = " or ".join(_LAYOUTS[r] for r in ranks)
+        raise ValueError(f"{what} expects x of shape {layouts}, got {len(shape)}-D shape {shape}")
     C = shape[1]
     if C == 0 or any(s == 0 for s in shape[2:]):
-        raise ValueError(f"{what} expects non-zero C{', H and W' if ndim == 4 else ''}, "
+        spatial = _LAYOUTS[len(shape)][len("(N, C, "):-1] if len(shape) > 2 else ""
+        raise ValueError(f"{what} expects non-zero C{spatial and ' and ' + spatial}, "
                          f"got x of shape {shape}")
     for name, a in (("gamma", gamma), ("beta", beta)):
         if tuple(a.shape) != (C,):
@@ -279,8 +287,19 @@ def _use_kernels(xp, comm):
 
 
 def _as4(shape):
-    """(N, C, H, W) of an (N, C, H, W) or (N, D) shape (the latter as (N, D, 1, 1))."""
-    return tuple(shape) if len(shape) == 4 else tuple(shape) + (1, 1)
+    """The (N, C, H, W) shape the 2-D kernels and fast paths see for BN input of ``shape``:
+    itself in 2-D, (N, D, 1, 1) for (N, D), (N, C, 1, L) for (N, C, L) and
+    (N, C, 1, D*H*W) for (N, C, D, H, W) (every axis but 1 is reduced, so the spatial axes
+    may be flattened)."""
+    shape = tuple(shape)
+    if len(shape) == 4:
+        return shape
+    if len(shape) == 2:
+        return shape + (1, 1)
+    rest = 1
+    for n in shape[2:]:
+        rest *= int(n)
+    return shape[:2] + (1, rest)
 
 
 def kernel_fallback_reason(shape):
@@ -290,19 +309,19 @@ def kernel_fallback_reason(shape):
     return bn_kernels.supported(_as4(shape))
 
 
-def _forward(x, gamma, beta, bn_param, ndim, what, kernels):
+def _forward(x, gamma, beta, bn_param, op, what, kernels):
     xp, mode, eps, momentum, convention, comm, gamma, beta = _parse(x, gamma, beta, bn_param,
-                                                                    ndim, what)
+                                                                    op, what)
     with device_scope(x):
-        return _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps,
+        return _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps,
                            momentum, convention, comm)
 
 
-def _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps, momentum,
+def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, momentum,
                 convention, comm):
-    op = _OPS[ndim]
+    ndim = x.ndim
     train = mode == "train"
-    axes = (0,) if ndim == 2 else (0, 2, 3)
+    axes = (0,) + tuple(range(2, ndim))
     C = x.shape[1]
     sd = _stats_dtype(x.dtype)
     total = x.size // C
@@ -337,15 +356,17 @@ def _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps, mo
         invstd = 1 / xp.sqrt(xp.asarray(rv, dtype=sd) + eps)
 
     fast = None
-    if kernels and xp is np and ndim == 4 and comm is None:
+    if kernels and xp is np and ndim >= 3 and comm is None:
         # NumPy fast path: blocked and threaded; the cache keeps x, not a normalized copy
+        x4 = x.reshape(_as4(x.shape))
         if train:
-            fast = numpy_fast.bn_train_forward(x, g, b, eps, sd)
+            fast = numpy_fast.bn_train_forward(x4, g, b, eps, sd)
         else:
-            y = numpy_fast.bn_eval_forward(x, g, b, mean, invstd, sd)
+            y = numpy_fast.bn_eval_forward(x4, g, b, mean, invstd, sd)
             fast = None if y is None else (y, mean, None, invstd)
     if fast is not None:
         y, mean, var, invstd = fast
+        y = y.reshape(x.shape)
         if train:
             _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
         cache = BatchNormCache(op, "numpy_fast", axes, train, np.dtype(x.dtype), g, invstd,
@@ -370,15 +391,12 @@ def _forward_on(xp, x, gamma, beta, bn_param, ndim, what, kernels, mode, eps, mo
     return out.astype(x.dtype, copy=False), cache
 
 
-_OPS = {2: "batchnorm_forward", 4: "spatial_batchnorm_forward"}
-
-
-def _backward(dout, cache, ndim, what):
+def _backward(dout, cache, op, what):
     if not isinstance(cache, BatchNormCache):
-        raise TypeError(f"{what}: cache must be the BatchNormCache returned by {_OPS[ndim]}, "
+        raise TypeError(f"{what}: cache must be the BatchNormCache returned by {op}, "
                         f"got {type(cache).__name__}")
-    if cache.op != _OPS[ndim]:
-        raise TypeError(f"{what} needs the cache of {_OPS[ndim]}, got the cache of {cache.op} "
+    if cache.op != op:
+        raise TypeError(f"{what} needs the cache of {op}, got the cache of {cache.op} "
                         f"(use the backward of the forward that made it)")
     check_array(dout, "dout")
     check_floating(dout, "dout")
@@ -388,7 +406,7 @@ def _backward(dout, cache, ndim, what):
                          f"had shape {tuple(ref.shape)}")
     xp = get_array_module(dout, ref)
     with device_scope(dout):
-        dx, dgamma, dbeta = _backward_on(xp, dout, cache, ndim)
+        dx, dgamma, dbeta = _backward_on(xp, dout, cache, len(ref.shape))
     return (dx.astype(cache.dtype, copy=False), dgamma.astype(cache.gamma_dtype, copy=False),
             dbeta.astype(cache.beta_dtype, copy=False))
 
@@ -396,9 +414,12 @@ def _backward(dout, cache, ndim, what):
 def _backward_on(xp, dout, cache, ndim):
     sd = cache.gamma.dtype
     if cache.path == "numpy_fast":
-        dout = np.ascontiguousarray(dout, dtype=cache.dtype)
-        return numpy_fast.bn_backward(dout, cache.x, cache.gamma, cache.mean, cache.invstd,
-                                      cache.count, cache.train, sd)
+        shape4 = _as4(cache.x.shape)
+        dout = np.ascontiguousarray(dout, dtype=cache.dtype).reshape(shape4)
+        dx, dgamma, dbeta = numpy_fast.bn_backward(dout, cache.x.reshape(shape4), cache.gamma,
+                                                   cache.mean, cache.invstd, cache.count,
+                                                   cache.train, sd)
+        return dx.reshape(cache.x.shape), dgamma, dbeta
     if cache.path == "cuda":
         from .cuda import bn_kernels
         x4 = cache.x.reshape(_as4(cache.x.shape))
@@ -442,7 +463,8 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     - out: array (N, D), dtype of x
     - cache: BatchNormCache for batchnorm_backward
     """
-    return _forward(x, gamma, beta, bn_param, 2, "batchnorm_forward", kernels=True)
+    return _forward(x, gamma, beta, bn_param, "batchnorm_forward", "batchnorm_forward",
+                    kernels=True)
 
 
 def batchnorm_backward(dout, cache):
@@ -457,40 +479,44 @@ def batchnorm_backward(dout, cache):
     - dgamma: array (D,)
     - dbeta: array (D,)
     """
-    return _backward(dout, cache, 2, "batchnorm_backward")
+    return _backward(dout, cache, "batchnorm_forward", "batchnorm_backward")
+
+
+_SPATIAL = "spatial_batchnorm_forward"
 
 
 def spatial_batchnorm_forward(x, gamma, beta, bn_param):
-    """Forward pass of spatial batch norm: per channel, over N, H and W.
+    """Forward pass of spatial batch norm: per channel, over every axis but 1
+    (N and the 1, 2 or 3 spatial axes).
 
     Uses the fused CUDA kernels for CuPy inputs (without a communicator).
 
     Inputs:
-    - x: array (N, C, H, W), float16/32/64
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
     - gamma: scale, array (C,)
     - beta: shift, array (C,)
     - bn_param: dict, see the module docstring ('mode' required)
 
     Returns a tuple of:
-    - out: array (N, C, H, W), dtype of x
+    - out: array shaped like x, dtype of x
     - cache: BatchNormCache for spatial_batchnorm_backward
     """
-    return _forward(x, gamma, beta, bn_param, 4, "spatial_batchnorm_forward", kernels=True)
+    return _forward(x, gamma, beta, bn_param, _SPATIAL, _SPATIAL, kernels=True)
 
 
 def spatial_batchnorm_backward(dout, cache):
     """Backward pass of spatial batch norm.
 
     Inputs:
-    - dout: array (N, C, H, W)
+    - dout: array shaped like the forward input x
     - cache: BatchNormCache from spatial_batchnorm_forward(_general)
 
     Returns a tuple of:
-    - dx: array (N, C, H, W)
+    - dx: array shaped like x, dtype of x
     - dgamma: array (C,)
     - dbeta: array (C,)
     """
-    return _backward(dout, cache, 4, "spatial_batchnorm_backward")
+    return _backward(dout, cache, "spatial_batchnorm_forward", "spatial_batchnorm_backward")
 
 
 def spatial_batchnorm_forward_general(x, gamma, beta, bn_param):
@@ -499,7 +525,7 @@ def spatial_batchnorm_forward_general(x, gamma, beta, bn_param):
 
     Inputs and returns as spatial_batchnorm_forward.
     """
-    return _forward(x, gamma, beta, bn_param, 4, "spatial_batchnorm_forward", kernels=False)
+    return _forward(x, gamma, beta, bn_param, _SPATIAL, _SPATIAL, kernels=False)
 
 
 def spatial_batchnorm_backward_general(dout, cache):
@@ -508,4 +534,4 @@ def spatial_batchnorm_backward_general(dout, cache):
 
     Inputs and returns as spatial_batchnorm_backward.
     """
-    return _backward(dout, cache, 4, "spatial_batchnorm_backward")
+    return _backward(dout, cache, "spatial_batchnorm_forward", "spatial_batchnorm_backward")

@@ -15,7 +15,12 @@ import numpy as np
 
 from . import backend, batchnorm, pooling
 
-__all__ = ["Layer", "MaxPool2d", "AvgPool2d", "MaxUnpool2d", "BatchNorm1d", "BatchNorm2d"]
+__all__ = ["Layer",
+           "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+           "MaxUnpool1d", "MaxUnpool2d", "MaxUnpool3d",
+           "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+           "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
 class Layer:
@@ -79,84 +84,243 @@ class Layer:
         return self.forward(x)
 
 
-def _window(kernel_size):
-    """(kh, kw) of an int (NumPy's too) or a pair; ValueError naming the value otherwise."""
-    if isinstance(kernel_size, (int, np.integer)) and not isinstance(kernel_size, (bool, np.bool_)):
-        return int(kernel_size), int(kernel_size)
-    try:
-        kh, kw = kernel_size
-    except (TypeError, ValueError):
-        raise ValueError(f"kernel_size must be an int or a pair of ints, got {kernel_size!r}") \
-            from None
-    return kh, kw
+_SHAPES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+
+
+def _sizes(value, name, d):
+    """An int (NumPy's too) or a d-sequence of ints, as given; ValueError naming the value
+    otherwise (the pooling functions check the values themselves)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != d:
+        what = "an int" if d == 1 else f"an int or a tuple of {d} ints"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return tuple(value)
+
+
+def _check_rank(layer, x, d):
+    ndim = getattr(x, "ndim", None)
+    if ndim != d + 2:
+        raise ValueError(f"{type(layer).__name__} expects x of shape {_SHAPES[d]}, got "
+                         f"{'a ' + type(x).__name__ if ndim is None else f'{ndim}-D shape'} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
 
 
 class _Pool(Layer):
+    """Shared part of the pooling layers of rank ``_d``: PyTorch's kernel_size, stride
+    and padding as pool_param."""
+
+    _d = 2
+
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
         super().__init__()
-        kh, kw = _window(kernel_size)
-        self.pool_param = {"pool_height": kh, "pool_width": kw,
-                           "stride": stride if stride is not None else (kh, kw),
-                           "pad": padding, "ceil_mode": ceil_mode}
+        d = self._d
+        kernel = _sizes(kernel_size, "kernel_size", d)
+        self.pool_param = {"kernel_size": kernel,
+                           "stride": kernel if stride is None else _sizes(stride, "stride", d),
+                           "pad": _sizes(padding, "padding", d), "ceil_mode": ceil_mode}
+
+    def _check(self, x):
+        _check_rank(self, x, self._d)
 
 
-class MaxPool2d(_Pool):
-    """Max pooling layer (PyTorch's nn.MaxPool2d arguments).
-
-    After forward, ``indices`` holds PyTorch-style flat indices when
-    ``return_indices`` is True (for MaxUnpool2d).
-    """
-
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                 return_indices=False):
+class _MaxPool(_Pool):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
+                 ceil_mode=False):
         super().__init__(kernel_size, stride, padding, ceil_mode)
-        self.pool_param["dilation"] = dilation
+        self.pool_param["dilation"] = _sizes(dilation, "dilation", self._d)
         self.return_indices = return_indices
         self.indices = None
 
     def forward(self, x):
-        """x: (N, C, H, W) -> out (N, C, Ho, Wo)."""
+        """x of this layer's rank -> out; ``indices`` holds PyTorch's flat indices when
+        ``return_indices`` is True (for MaxUnpool)."""
+        self._check(x)
         out, self.cache = pooling.max_pool_forward(x, self.pool_param)
         self.indices = pooling.max_pool_indices(self.cache) if self.return_indices else None
         return out
 
     def backward(self, dout):
-        """dout: (N, C, Ho, Wo) -> dx (N, C, H, W)."""
+        """dout shaped like out -> dx shaped like x."""
         return pooling.max_pool_backward(dout, self._need_cache())
 
 
-class AvgPool2d(_Pool):
-    """Average pooling layer (PyTorch's nn.AvgPool2d arguments)."""
+class MaxPool1d(_MaxPool):
+    """Max pooling over (N, C, L) (PyTorch's nn.MaxPool1d arguments, in its order)."""
+    _d = 1
 
+
+class MaxPool2d(_MaxPool):
+    """Max pooling over (N, C, H, W) (PyTorch's nn.MaxPool2d arguments, in its order).
+
+    After forward, ``indices`` holds PyTorch-style flat indices when
+    ``return_indices`` is True (for MaxUnpool2d).
+    """
+    _d = 2
+
+
+class MaxPool3d(_MaxPool):
+    """Max pooling over (N, C, D, H, W) (PyTorch's nn.MaxPool3d arguments, in its order)."""
+    _d = 3
+
+
+class _AvgPool(_Pool):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
-                 count_include_pad=True):
+                 count_include_pad=True, divisor_override=None):
         super().__init__(kernel_size, stride, padding, ceil_mode)
         self.pool_param["count_include_pad"] = count_include_pad
+        if divisor_override is not None:
+            self.pool_param["divisor_override"] = divisor_override
 
     def forward(self, x):
-        """x: (N, C, H, W) -> out (N, C, Ho, Wo)."""
+        """x of this layer's rank -> out."""
+        self._check(x)
         out, self.cache = pooling.avg_pool_forward(x, self.pool_param)
         return out
 
     def backward(self, dout):
-        """dout: (N, C, Ho, Wo) -> dx (N, C, H, W)."""
+        """dout shaped like out -> dx shaped like x."""
         return pooling.avg_pool_backward(dout, self._need_cache())
 
 
-class MaxUnpool2d(Layer):
-    """Max unpooling layer: ``forward(x, indices, output_size)``."""
+class AvgPool1d(_AvgPool):
+    """Average pooling over (N, C, L) (PyTorch's nn.AvgPool1d arguments: no divisor_override)."""
+    _d = 1
 
-    def forward(self, x, indices, output_size):
-        """x, indices: (N, C, Ho, Wo); output_size (H, W) -> out (N, C, H, W)."""
-        out, self.cache = pooling.max_unpool_forward(x, indices, output_size)
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True):
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad)
+
+
+class AvgPool2d(_AvgPool):
+    """Average pooling over (N, C, H, W) (PyTorch's nn.AvgPool2d arguments)."""
+    _d = 2
+
+
+class AvgPool3d(_AvgPool):
+    """Average pooling over (N, C, D, H, W) (PyTorch's nn.AvgPool3d arguments)."""
+    _d = 3
+
+
+class _MaxUnpool(Layer):
+    """Max unpooling of rank ``_d``: ``forward(x, indices, output_size=None)``. As in
+    PyTorch, the default output size is (in - 1)*stride - 2*padding + kernel_size per axis;
+    a layer made without kernel_size needs output_size."""
+
+    _d = 2
+
+    def __init__(self, kernel_size=None, stride=None, padding=0):
+        super().__init__()
+        d = self._d
+        self.kernel_size = None if kernel_size is None else _sizes(kernel_size, "kernel_size", d)
+        self.stride = self.kernel_size if stride is None else _sizes(stride, "stride", d)
+        self.padding = _sizes(padding, "padding", d)
+
+    def _default_size(self, x):
+        if self.kernel_size is None:
+            raise ValueError(f"{type(self).__name__} made without kernel_size needs output_size")
+        d = self._d
+        k, s, p = ((v,) * d if isinstance(v, int) else v
+                   for v in (self.kernel_size, self.stride, self.padding))
+        return tuple((n - 1) * s_ - 2 * p_ + k_ for n, k_, s_, p_ in zip(x.shape[2:], k, s, p))
+
+    def forward(self, x, indices, output_size=None):
+        """x, indices: (N, C, *in); output_size: the d spatial sizes or the full shape
+        (default: from kernel_size, stride, padding) -> out (N, C, *output_size)."""
+        _check_rank(self, x, self._d)
+        size = self._default_size(x) if output_size is None else output_size
+        out, self.cache = pooling.max_unpool_forward(x, indices, size)
         return out
 
-    def __call__(self, x, indices, output_size):
+    def __call__(self, x, indices, output_size=None):
         return self.forward(x, indices, output_size)
 
     def backward(self, dout):
-        """dout: (N, C, H, W) -> dx (N, C, Ho, Wo)."""
+        """dout shaped like out -> dx shaped like x."""
         return pooling.max_unpool_backward(dout, self._need_cache())
+
+
+class MaxUnpool1d(_MaxUnpool):
+    """Max unpooling over (N, C, L) (PyTorch's nn.MaxUnpool1d)."""
+    _d = 1
+
+
+class MaxUnpool2d(_MaxUnpool):
+    """Max unpooling over (N, C, H, W) (PyTorch's nn.MaxUnpool2d)."""
+    _d = 2
+
+
+class MaxUnpool3d(_MaxUnpool):
+    """Max unpooling over (N, C, D, H, W) (PyTorch's nn.MaxUnpool3d)."""
+    _d = 3
+
+
+class _AdaptivePool(Layer):
+    _d = 2
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+
+class _AdaptiveAvgPool(_AdaptivePool):
+    def forward(self, x):
+        """x of this layer's rank -> out (N, C, *output_size)."""
+        _check_rank(self, x, self._d)
+        out, self.cache = pooling.adaptive_avg_pool_forward(x, self.output_size)
+        return out
+
+    def backward(self, dout):
+        """dout shaped like out -> dx shaped like x."""
+        return pooling.adaptive_avg_pool_backward(dout, self._need_cache())
+
+
+class _AdaptiveMaxPool(_AdaptivePool):
+    def __init__(self, output_size, return_indices=False):
+        super().__init__(output_size)
+        self.return_indices = return_indices
+        self.indices = None
+
+    def forward(self, x):
+        """x of this layer's rank -> out (N, C, *output_size); ``indices`` as MaxPool's."""
+        _check_rank(self, x, self._d)
+        out, self.cache = pooling.adaptive_max_pool_forward(x, self.output_size)
+        self.indices = pooling.max_pool_indices(self.cache) if self.return_indices else None
+        return out
+
+    def backward(self, dout):
+        """dout shaped like out -> dx shaped like x."""
+        return pooling.adaptive_max_pool_backward(dout, self._need_cache())
+
+
+class AdaptiveAvgPool1d(_AdaptiveAvgPool):
+    """Adaptive average pooling over (N, C, L) (PyTorch's nn.AdaptiveAvgPool1d)."""
+    _d = 1
+
+
+class AdaptiveAvgPool2d(_AdaptiveAvgPool):
+    """Adaptive average pooling over (N, C, H, W); output_size=1 is global average pooling."""
+    _d = 2
+
+
+class AdaptiveAvgPool3d(_AdaptiveAvgPool):
+    """Adaptive average pooling over (N, C, D, H, W) (PyTorch's nn.AdaptiveAvgPool3d)."""
+    _d = 3
+
+
+class AdaptiveMaxPool1d(_AdaptiveMaxPool):
+    """Adaptive max pooling over (N, C, L) (PyTorch's nn.AdaptiveMaxPool1d)."""
+    _d = 1
+
+
+class AdaptiveMaxPool2d(_AdaptiveMaxPool):
+    """Adaptive max pooling over (N, C, H, W) (PyTorch's nn.AdaptiveMaxPool2d)."""
+    _d = 2
+
+
+class AdaptiveMaxPool3d(_AdaptiveMaxPool):
+    """Adaptive max pooling over (N, C, D, H, W) (PyTorch's nn.AdaptiveMaxPool3d)."""
+    _d = 3
 
 
 class _BatchNorm(Layer):
@@ -166,8 +330,7 @@ class _BatchNorm(Layer):
     ``torch.nn.BatchNorm2d(C).eval()``. ``convention='cs231n'`` gives the function API's
     default. ``affine=False`` has no gamma/beta parameters (the layer uses ones and zeros)."""
 
-    _forward = None
-    _backward = None
+    _ranks = {}   # input ndim -> (forward, backward) functions
 
     def __init__(self, num_features, eps=1e-5, momentum=None, affine=True,
                  track_running_stats=True, convention="torch", comm=None, dtype=np.float32):
@@ -215,32 +378,47 @@ class _BatchNorm(Layer):
                 xp.zeros(self.num_features, dtype=self.dtype))
 
     def forward(self, x):
+        ndim = getattr(x, "ndim", None)
+        if ndim not in self._ranks:
+            shapes = " or ".join({2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)",
+                                  5: "(N, C, D, H, W)"}[r] for r in self._ranks)
+            raise ValueError(f"{type(self).__name__} expects x of shape {shapes}, got "
+                             f"{ndim}-D shape {tuple(getattr(x, 'shape', ()))}")
+        forward, self._backward_fn = self._ranks[ndim]
         p = self._bn_param()
         gamma, beta = self._affine()
-        out, self.cache = type(self)._forward(x, gamma, beta, p)
+        out, self.cache = forward(x, gamma, beta, p)
         if self.track_running_stats and p["mode"] == "train":
             self.buffers["running_mean"] = p["running_mean"]
             self.buffers["running_var"] = p["running_var"]
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = type(self)._backward(dout, self._need_cache())
+        cache = self._need_cache()
+        dx, dgamma, dbeta = self._backward_fn(dout, cache)
         if self.affine:
             self.grads = {"gamma": dgamma, "beta": dbeta}
         return dx
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, D) inputs (PyTorch's nn.BatchNorm1d arguments and defaults,
-    plus ``convention`` ('torch' by default) and ``comm``; momentum defaults by convention)."""
+    """Batch norm over (N, C) or (N, C, L) inputs (PyTorch's nn.BatchNorm1d arguments and
+    defaults, plus ``convention`` ('torch' by default) and ``comm``; momentum defaults by
+    convention)."""
 
-    _forward = staticmethod(batchnorm.batchnorm_forward)
-    _backward = staticmethod(batchnorm.batchnorm_backward)
+    _ranks = {2: (batchnorm.batchnorm_forward, batchnorm.batchnorm_backward),
+              3: (batchnorm.spatial_batchnorm_forward, batchnorm.spatial_batchnorm_backward)}
 
 
 class BatchNorm2d(_BatchNorm):
     """Spatial batch norm over (N, C, H, W) inputs (PyTorch's nn.BatchNorm2d
     arguments and defaults, plus ``convention`` ('torch' by default) and ``comm``)."""
 
-    _forward = staticmethod(batchnorm.spatial_batchnorm_forward)
-    _backward = staticmethod(batchnorm.spatial_batchnorm_backward)
+    _ranks = {4: (batchnorm.spatial_batchnorm_forward, batchnorm.spatial_batchnorm_backward)}
+
+
+class BatchNorm3d(_BatchNorm):
+    """Spatial batch norm over (N, C, D, H, W) inputs (PyTorch's nn.BatchNorm3d
+    arguments and defaults, plus ``convention`` ('torch' by default) and ``comm``)."""
+
+    _ranks = {5: (batchnorm.spatial_batchnorm_forward, batchnorm.spatial_batchnorm_backward)}

@@ -221,8 +221,9 @@ def test_non_contiguous_input(xp, rng):
 
 
 BAD = [
-    (dict(x=(2, 3)), "spatial", "\\(N, C, H, W\\), got 2-D"),
-    (dict(x=(2, 3, 4, 4, 1)), "spatial", "5-D"),
+    (dict(x=(2, 3)), "spatial", "\\(N, C, L\\) or \\(N, C, H, W\\) or \\(N, C, D, H, W\\), got 2-D"),
+    (dict(x=(2, 3, 4, 4, 1, 1)), "spatial", "6-D"),
+    (dict(x=(2, 3, 0)), "spatial", "non-zero C and L"),
     (dict(x=(2, 3, 4)), "plain", "3-D"),
     (dict(gamma=(4,)), "spatial", "gamma must have shape \\(3,\\)"),
     (dict(beta=(3, 1)), "spatial", "beta must have shape"),
