@@ -110,8 +110,25 @@ def _prod(values):
     return out
 
 
+class _Sizes:
+    """What every pooling geometry answers from N, C and the spatial ``size``/``out``."""
+
+    @property
+    def d(self):
+        """Number of spatial axes."""
+        return len(self.size)
+
+    @property
+    def input_shape(self):
+        return (self.N, self.C) + tuple(self.size)
+
+    @property
+    def output_shape(self):
+        return (self.N, self.C) + tuple(self.out)
+
+
 @dataclass(frozen=True)
-class PoolGeometry:
+class PoolGeometry(_Sizes):
     """Everything that decides which input elements each pooling window sees, for
     d = 1, 2 or 3 spatial axes.
 
@@ -142,11 +159,6 @@ class PoolGeometry:
     def from_2d(cls, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode, Ho, Wo):
         """A 2-D geometry from the scalar sizes (no checks: see :func:`pool_geometry`)."""
         return cls(N, C, (H, W), (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode, (Ho, Wo))
-
-    @property
-    def d(self):
-        """Number of spatial axes."""
-        return len(self.size)
 
     def _axis2(self, field, i):
         if self.d != 2:
@@ -179,14 +191,6 @@ class PoolGeometry:
         return PoolGeometry(self.N, self.C, (1,) + self.size, (1,) + self.kernel,
                             (1,) + self.stride, (0,) + self.pad, (1,) + self.dilation,
                             self.ceil_mode, (1,) + self.out)
-
-    @property
-    def input_shape(self):
-        return (self.N, self.C) + tuple(self.size)
-
-    @property
-    def output_shape(self):
-        return (self.N, self.C) + tuple(self.out)
 
     @property
     def window_size(self):
@@ -421,7 +425,7 @@ def adaptive_bounds(size, out):
 
 
 @dataclass(frozen=True)
-class AdaptiveGeometry:
+class AdaptiveGeometry(_Sizes):
     """Windows of adaptive pooling over d = 1, 2 or 3 spatial axes.
 
     Output position ``o`` covers, along axis a, the input positions
@@ -438,18 +442,6 @@ class AdaptiveGeometry:
     C: int
     size: tuple
     out: tuple
-
-    @property
-    def d(self):
-        return len(self.size)
-
-    @property
-    def input_shape(self):
-        return (self.N, self.C) + tuple(self.size)
-
-    @property
-    def output_shape(self):
-        return (self.N, self.C) + tuple(self.out)
 
     def bounds(self, axis):
         """(start, end) int64 arrays of the windows along spatial axis ``axis``."""
