@@ -1,10 +1,13 @@
-"""Max and average pooling, and max unpooling: forward and backward passes.
+"""Max, average, sum and adaptive pooling, and max unpooling, over 1, 2 or 3 spatial
+axes: forward and backward passes.
 
 Every function follows the CS231n contract: ``out, cache = *_forward(x, ...)``
 and ``dx = *_backward(dout, cache)``, and computes with the array module of
-its inputs (NumPy or CuPy).
+its inputs (NumPy or CuPy). The rank d comes from x: (N, C, L), (N, C, H, W) or
+(N, C, D, H, W); pool_param is parsed by :func:`gpulayers.shapes.pool_geometry`.
 
-Max pooling keeps PyTorch's semantics, which the article's code gets wrong:
+Max pooling (fixed windows and adaptive) keeps PyTorch's semantics, which the
+article's code gets wrong:
 
 - the gradient of a window goes to exactly ONE element, its first maximum in
   row-major window order (the article's backward sends it to every tied
@@ -13,23 +16,34 @@ Max pooling keeps PyTorch's semantics, which the article's code gets wrong:
   order (PyTorch's ``v > best || isnan(v)``);
 - an all -inf window outputs -inf with the index of its first in-range element.
 
-The max-pool cache holds neither the input nor the output: one compact
-in-window offset per output element (``i*kw + j``, uint8 for windows of up to
-256 elements), from which the backward pass and :func:`max_pool_indices`
+The max-pool caches hold neither the input nor the output: one compact
+in-window offset per output element (row-major over the kernel, ``i*kw + j`` in
+2-D; over ``AdaptiveGeometry.window`` for adaptive pooling; uint8 for windows of
+up to 256 elements), from which the backward pass and :func:`max_pool_indices`
 recover positions.
 
-Implementations, all sharing that cache and those semantics:
+Max-pool implementations, all sharing that cache and those semantics:
 
 - ``*_naive``: the article's loop over output positions, fixed;
 - ``*_reshape``: the article's reshape trick, when the windows tile the input;
 - ``*_general``: plain xp code for every kernel/stride/pad/dilation/ceil_mode,
-  looping over the kh*kw window taps only, so it runs unchanged on CuPy;
-- ``*_fast`` and the plain entry points pick the fastest correct one (the CUDA
-  kernels for CuPy inputs).
+  looping over the window taps only, so it runs unchanged on CuPy;
+- ``*_fast`` and the plain entry points pick the fastest correct one: the CUDA
+  kernels for CuPy inputs; on NumPy the blocked paths of ``numpy_fast`` (1-D as a
+  2-D input of height 1; 3-D as 2-D pooling of every depth slice, then one pass
+  over the depth axis, which gives the same bits: a max over a product of
+  intervals taken axis by axis, with strict ``>`` and the NaN rule, finds the same
+  element as one row-major scan).
+
+Average and sum pooling sum axis by axis (separable passes of strided views);
+adaptive pooling loops over the taps of the largest window per axis, with masks
+where the windows of an axis differ in length. Every backward is deterministic
+(a fixed order of sums, no atomics) and accumulates float16 in float32.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -37,10 +51,12 @@ import numpy as np
 
 from . import numpy_fast
 from .backend import device_scope, get_array_module
-from .shapes import PoolGeometry, check_array, check_floating, pool_geometry
+from .shapes import (AdaptiveGeometry, PoolGeometry, adaptive_geometry, check_array,
+                     check_floating, check_pool_options, pool_geometry)
 
 __all__ = [
-    "MaxPoolCache", "AvgPoolCache", "UnpoolCache",
+    "MaxPoolCache", "AvgPoolCache", "SumPoolCache", "AdaptiveAvgPoolCache",
+    "AdaptiveMaxPoolCache", "UnpoolCache", "UnpoolKernelCache",
     "max_pool_forward", "max_pool_backward",
     "max_pool_forward_naive", "max_pool_backward_naive",
     "max_pool_forward_reshape", "max_pool_backward_reshape",
@@ -48,14 +64,19 @@ __all__ = [
     "max_pool_forward_fast", "max_pool_backward_fast",
     "max_pool_indices",
     "avg_pool_forward", "avg_pool_backward",
+    "sum_pool_forward", "sum_pool_backward",
+    "adaptive_avg_pool_forward", "adaptive_avg_pool_backward",
+    "adaptive_max_pool_forward", "adaptive_max_pool_backward",
     "max_unpool_forward", "max_unpool_backward",
 ]
 
 
+# ----------------------------------------------------------------------------- caches
+
 @dataclass(frozen=True)
 class MaxPoolCache:
     """What max-pool backward needs: the geometry, the input dtype and the
-    compact in-window argmax offsets, array (N, C, Ho, Wo) of ``geom.offset_dtype``."""
+    compact in-window argmax offsets, array (N, C, *out) of ``geom.offset_dtype``."""
 
     geom: PoolGeometry
     dtype: np.dtype
@@ -64,18 +85,48 @@ class MaxPoolCache:
 
 @dataclass(frozen=True)
 class AvgPoolCache:
-    """What avg-pool backward needs: the geometry, the input dtype and the
-    divisor of each window, float64 array (Ho, Wo) on the host."""
+    """What avg-pool backward needs: the geometry, the input dtype, the divisor of
+    each window (float64 array of shape ``geom.out`` on the host, read-only) and the
+    options it came from (for the CUDA kernels)."""
 
     geom: PoolGeometry
     dtype: np.dtype
     divisor: np.ndarray
+    count_include_pad: bool = True
+    divisor_override: object = None
+
+
+@dataclass(frozen=True)
+class SumPoolCache:
+    """What sum-pool backward needs: the geometry and the input dtype."""
+
+    geom: PoolGeometry
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPoolCache:
+    """What adaptive avg-pool backward needs: the adaptive geometry and the input dtype."""
+
+    geom: AdaptiveGeometry
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class AdaptiveMaxPoolCache:
+    """What adaptive max-pool backward needs: the adaptive geometry, the input dtype and
+    the compact argmax offsets over ``geom.window`` (row-major), array (N, C, *out) of
+    ``geom.offset_dtype``."""
+
+    geom: AdaptiveGeometry
+    dtype: np.dtype
+    offsets: object
 
 
 @dataclass(frozen=True)
 class UnpoolCache:
-    """What max-unpool backward needs: input shape and dtype, flat target
-    positions (int64, one per input element) and which of them won a shared
+    """What max-unpool backward needs (made by the xp path): input shape and dtype, flat
+    target positions (int64, one per input element) and which of them won a shared
     target (bool, same shape)."""
 
     x_shape: tuple
@@ -83,6 +134,27 @@ class UnpoolCache:
     targets: object
     winners: object
     out_shape: tuple
+
+
+@dataclass(frozen=True)
+class UnpoolKernelCache:
+    """What max-unpool backward needs (made by the CUDA kernel path): input shape and
+    dtype, the indices (a contiguous int64 copy, shaped like x), the forward's winners
+    (per output element the flat index of the input that won it, or -1: the backward is a
+    gather with them, no atomics) and the output shape."""
+
+    x_shape: tuple
+    dtype: np.dtype
+    indices: object
+    winners: object
+    out_shape: tuple
+
+
+# Which forward makes each cache (for the error messages of the backward passes).
+_MADE_BY = {MaxPoolCache: "max_pool_forward*", AvgPoolCache: "avg_pool_forward",
+            SumPoolCache: "sum_pool_forward", AdaptiveAvgPoolCache: "adaptive_avg_pool_forward",
+            AdaptiveMaxPoolCache: "adaptive_max_pool_forward",
+            UnpoolCache: "max_unpool_forward", UnpoolKernelCache: "max_unpool_forward"}
 
 
 # --------------------------------------------------------------------------- checks
@@ -111,20 +183,25 @@ def _check_dout(dout, geom):
                          f"{geom.output_shape}: {geom.describe()}")
 
 
-def _backward_inputs(dout, cache, cls):
-    """Check a backward call's cache (a ``cls``) and dout; return (geom, xp, dout), dout
-    in the forward input's dtype (so dx comes back in it, whatever dout's dtype)."""
-    _check_cache(cache, cls)
+def _backward_inputs(dout, cache, *classes):
+    """Check a backward call's cache (one of ``classes``) and dout; return (geom, xp, dout),
+    dout in the forward input's dtype (so dx comes back in it, whatever dout's dtype)."""
+    _check_cache(cache, *classes)
     _check_dout(dout, cache.geom)
-    arrays = (dout, cache.offsets) if cls is MaxPoolCache else (dout,)
-    xp = get_array_module(*arrays)
+    offsets = getattr(cache, "offsets", None)
+    xp = get_array_module(dout) if offsets is None else get_array_module(dout, offsets)
     return cache.geom, xp, dout.astype(cache.dtype, copy=False)
 
 
-def _check_cache(cache, cls):
-    if not isinstance(cache, cls):
-        raise TypeError(f"cache must be the {cls.__name__} returned by the forward pass, "
-                        f"got {type(cache).__name__}")
+def _check_cache(cache, *classes):
+    if not isinstance(cache, classes):
+        names = " or ".join(c.__name__ for c in classes)
+        makers = sorted({_MADE_BY[c] for c in classes})
+        got = type(cache).__name__
+        if type(cache) in _MADE_BY:
+            got += f" (from {_MADE_BY[type(cache)]})"
+        raise TypeError(f"cache must be the {names} returned by {' or '.join(makers)}, "
+                        f"got {got}")
 
 
 def _acc_dtype(dtype):
@@ -139,55 +216,87 @@ def _freeze(a):
     return a
 
 
-def _tap_view(padded, geom, i, j):
-    """View of ``padded`` (N, C, Hp, Wp) holding tap (i, j) of every window:
-    shape (N, C, Ho, Wo)."""
-    h0, w0 = i * geom.dh, j * geom.dw
-    return padded[:, :, h0:h0 + geom.sh * (geom.Ho - 1) + 1:geom.sh,
-                  w0:w0 + geom.sw * (geom.Wo - 1) + 1:geom.sw]
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
 
 
-def _padded(x, geom, fill, dtype=None):
-    """x inside a buffer of ``geom.padded_shape`` filled with ``fill``;
-    x itself when no padding or overhang is needed."""
-    xp = get_array_module(x)
-    hp, wp = geom.padded_shape
-    if hp == geom.H and wp == geom.W and (dtype is None or dtype == x.dtype):
-        return x
-    buf = xp.full((geom.N, geom.C, hp, wp), fill, dtype=dtype or x.dtype)
-    buf[:, :, geom.ph:geom.ph + geom.H, geom.pw:geom.pw + geom.W] = x
-    return buf
+def _at(ndim, axis, index):
+    """Index tuple selecting ``index`` along ``axis`` of an ndim-array (all of the others)."""
+    key = [slice(None)] * ndim
+    key[axis] = index
+    return tuple(key)
 
 
-def _crop(padded, geom):
-    return padded[:, :, geom.ph:geom.ph + geom.H, geom.pw:geom.pw + geom.W]
+def _along(v, ndim, axis):
+    """Reshape the 1-D host array v to broadcast along ``axis`` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(v).reshape(shape)
+
+
+# ------------------------------------------------------------------- window taps
+
+def _span(n_out, stride, pad, phase, size):
+    """Outputs whose tap at ``phase`` (= t*dilation) lies inside the input along one axis:
+    (first output, its input position, count); output o + m reads input i0 + m*stride."""
+    o0 = max(0, -(-(pad - phase) // stride))
+    i0 = o0 * stride - pad + phase
+    if o0 >= n_out or i0 >= size:
+        return o0, i0, 0
+    return o0, i0, min(n_out - o0, (size - 1 - i0) // stride + 1)
+
+
+def _axis_tap(geom, a, t):
+    """(input slice, output slice) of tap t along spatial axis a: the outputs whose tap t is
+    in range and the input positions they read; None when no output's is."""
+    s = geom.stride[a]
+    o0, i0, n = _span(geom.out[a], s, geom.pad[a], t * geom.dilation[a], geom.size[a])
+    if n == 0:
+        return None
+    return slice(i0, i0 + (n - 1) * s + 1, s), slice(o0, o0 + n)
+
+
+def _taps(geom):
+    """Every window tap with an in-range input for some window, in row-major order:
+    (compact offset, input index, output index), the indices over the spatial axes
+    (leading axes: all)."""
+    per_axis = [[_axis_tap(geom, a, t) for t in range(geom.kernel[a])] for a in range(geom.d)]
+    for offset, tap in enumerate(itertools.product(*(range(k) for k in geom.kernel))):
+        spans = [per_axis[a][t] for a, t in enumerate(tap)]
+        if any(sp is None for sp in spans):
+            continue
+        yield (offset, (Ellipsis,) + tuple(sp[0] for sp in spans),
+               (Ellipsis,) + tuple(sp[1] for sp in spans))
 
 
 # ------------------------------------------------------------------ general xp path
 
 def _max_pool_forward_xp(x, geom):
-    """Max pooling in plain xp code: one pass per window tap.
+    """Max pooling in plain xp code: one pass per window tap (row-major order), each over
+    the windows whose tap is in range (no padded copy of x).
 
     Inputs:
-    - x: array (N, C, H, W), NumPy or CuPy
+    - x: array (N, C, *size), NumPy or CuPy, d = 1, 2 or 3 spatial axes
     - geom: PoolGeometry of x
 
     Returns a tuple of:
-    - out: array (N, C, Ho, Wo), dtype of x
-    - offsets: array (N, C, Ho, Wo) of geom.offset_dtype, compact argmax offsets
+    - out: array (N, C, *out), dtype of x
+    - offsets: array (N, C, *out) of geom.offset_dtype, compact argmax offsets
     """
     xp = get_array_module(x)
-    padded = _padded(x, geom, -np.inf)
+    odt = geom.offset_dtype
     out = xp.full(geom.output_shape, -np.inf, dtype=x.dtype)
-    first = xp.asarray(geom.first_valid_offset().astype(geom.offset_dtype))
-    offsets = xp.empty(geom.output_shape, dtype=geom.offset_dtype)
-    offsets[...] = first
-    for i in range(geom.kh):
-        for j in range(geom.kw):
-            v = _tap_view(padded, geom, i, j)
-            take = (v > out) | xp.isnan(v)
-            xp.copyto(out, v, where=take)
-            xp.copyto(offsets, xp.asarray(i * geom.kw + j, dtype=geom.offset_dtype), where=take)
+    offsets = xp.empty(geom.output_shape, dtype=odt)
+    offsets[...] = xp.asarray(geom.first_valid_offset().astype(odt))
+    for t, src, dst in _taps(geom):
+        v = x[src]
+        o = out[dst]
+        take = (v > o) | xp.isnan(v)
+        xp.copyto(o, v, where=take)
+        xp.copyto(offsets[dst], xp.asarray(t, dtype=odt), where=take)
     return out, offsets
 
 
@@ -195,42 +304,43 @@ def _max_pool_backward_xp(dout, offsets, geom):
     """Send each window's gradient to its argmax, in plain xp code.
 
     Deterministic: the windows' contributions are added tap by tap in a fixed
-    order (float32 accumulation for float16).
+    (row-major) order, from zero (float32 accumulation for float16).
 
     Inputs:
-    - dout: array (N, C, Ho, Wo)
-    - offsets: array (N, C, Ho, Wo), compact argmax offsets from the forward pass
+    - dout: array (N, C, *out)
+    - offsets: array (N, C, *out), compact argmax offsets from the forward pass
     - geom: PoolGeometry
 
     Returns:
-    - dx: array (N, C, H, W), dtype of dout
+    - dx: array (N, C, *size), dtype of dout
     """
     xp = get_array_module(dout, offsets)
-    hp, wp = geom.padded_shape
     acc = _acc_dtype(dout.dtype)
-    dpad = xp.zeros((geom.N, geom.C, hp, wp), dtype=acc)
+    dx = xp.zeros(geom.input_shape, dtype=acc)
+    d = dout.astype(acc, copy=False)
     zero = xp.zeros((), dtype=acc)
-    for i in range(geom.kh):
-        for j in range(geom.kw):
-            hit = offsets == (i * geom.kw + j)
-            _tap_view(dpad, geom, i, j)[...] += xp.where(hit, dout.astype(acc, copy=False), zero)
-    return xp.ascontiguousarray(_crop(dpad, geom)).astype(dout.dtype, copy=False)
+    for t, src, dst in _taps(geom):
+        hit = offsets[dst] == t
+        dx[src] += xp.where(hit, d[dst], zero)
+    return dx.astype(dout.dtype, copy=False)
 
 
 def _use_kernels(xp, geom=None):
     """True when CuPy inputs should go to the CUDA kernels (GPULAYERS_KERNELS=0 disables)
-    and the kernels take ``geom`` (padded sizes of one axis below 2**31); else the xp path
-    runs."""
+    and the kernels take ``geom`` (sizes below 2**31); else the xp path runs."""
     if xp is np or os.environ.get("GPULAYERS_KERNELS", "1") == "0":
         return False
     return geom is None or kernel_fallback_reason(geom) is None
 
 
 def kernel_fallback_reason(geom):
-    """Why the max-pool CUDA kernels cannot take ``geom``, or None when they can; such
-    input runs on the xp path instead."""
-    dims = (geom.H + 2 * geom.ph, geom.W + 2 * geom.pw, geom.Ho, geom.Wo, geom.kh, geom.kw,
-            geom.sh, geom.sw, geom.dh, geom.dw)  # padded positions are formed in int
+    """Why the pooling CUDA kernels cannot take ``geom`` (a PoolGeometry or an
+    AdaptiveGeometry), or None when they can; such input runs on the xp path instead."""
+    if isinstance(geom, AdaptiveGeometry):
+        dims = tuple(geom.size) + tuple(geom.out)
+    else:  # padded positions are formed in int
+        dims = (tuple(n + 2 * p for n, p in zip(geom.size, geom.pad)) + tuple(geom.out)
+                + tuple(geom.kernel) + tuple(geom.stride) + tuple(geom.dilation))
     if max(dims) >= 2**31:
         return f"a size or parameter of 2**31 or more: {geom.describe()}"
     return None
@@ -238,15 +348,16 @@ def kernel_fallback_reason(geom):
 
 @_on_input_device
 def max_pool_forward_general(x, pool_param):
-    """Max pooling through the general xp path (every geometry; NumPy or CuPy).
+    """Max pooling through the general xp path (every geometry and rank; NumPy or CuPy).
 
     Inputs:
-    - x: array (N, C, H, W), float16/32/64
-    - pool_param: dict with 'pool_height', 'pool_width' and optional 'stride',
-      'pad', 'dilation', 'ceil_mode' (see gpulayers.shapes.pool_geometry)
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
+    - pool_param: dict with 'kernel_size' (or, in 2-D, 'pool_height' and 'pool_width')
+      and optional 'stride', 'pad', 'dilation', 'ceil_mode' (see
+      gpulayers.shapes.pool_geometry)
 
     Returns a tuple of:
-    - out: array (N, C, Ho, Wo)
+    - out: array (N, C, *out)
     - cache: MaxPoolCache (compact argmax offsets; neither x nor out)
     """
     geom = _check_x(x, pool_param, "max")
@@ -259,11 +370,11 @@ def max_pool_backward_general(dout, cache):
     """Backward pass of max pooling through the general xp path.
 
     Inputs:
-    - dout: array (N, C, Ho, Wo), upstream derivatives
+    - dout: array (N, C, *out), upstream derivatives
     - cache: MaxPoolCache from any max_pool_forward_* function
 
     Returns:
-    - dx: array (N, C, H, W)
+    - dx: array (N, C, *size), the forward input's dtype
     """
     geom, _, dout = _backward_inputs(dout, cache, MaxPoolCache)
     return _max_pool_backward_xp(dout, cache.offsets, geom)
@@ -284,32 +395,49 @@ def max_pool_forward_naive(x, pool_param):
     """The article's naive max pooling (a Python loop over output positions), fixed.
 
     Inputs:
-    - x: array (N, C, H, W)
+    - x: array (N, C, *size), d = 1, 2 or 3 spatial axes
     - pool_param: dict, see max_pool_forward_general
 
     Returns a tuple of:
-    - out: array (N, C, Ho, Wo)
+    - out: array (N, C, *out)
     - cache: MaxPoolCache
     """
     geom = _check_x(x, pool_param, "max")
     xp = get_array_module(x)
-    N, C = geom.N, geom.C
+    N, C, d = geom.N, geom.C, geom.d
+    mult = [_prod(geom.kernel[a + 1:]) for a in range(d)]
     out = xp.empty(geom.output_shape, dtype=x.dtype)
     offsets = xp.empty(geom.output_shape, dtype=geom.offset_dtype)
-    for oh in range(geom.Ho):
-        i0, hs = _window_taps(oh, geom.sh, geom.ph, geom.dh, geom.kh, geom.H)
-        for ow in range(geom.Wo):
-            j0, ws = _window_taps(ow, geom.sw, geom.pw, geom.dw, geom.kw, geom.W)
-            win = x[:, :, hs, ws]
-            nh, nw = win.shape[2], win.shape[3]
-            flat = win.reshape(N, C, nh * nw)
-            local = xp.argmax(flat, axis=2) if flat.size else xp.zeros((N, C), dtype=np.int64)
-            nan = xp.isnan(flat)
-            last_nan = nh * nw - 1 - xp.argmax(nan[:, :, ::-1], axis=2) if flat.size else local
-            local = xp.where(nan.any(axis=2), last_nan, local)
-            out[:, :, oh, ow] = xp.take_along_axis(flat, local[:, :, None], axis=2)[:, :, 0]
-            offsets[:, :, oh, ow] = (i0 + local // nw) * geom.kw + (j0 + local % nw)
+    for o in itertools.product(*(range(n) for n in geom.out)):
+        firsts, slices = zip(*(_window_taps(o[a], geom.stride[a], geom.pad[a],
+                                            geom.dilation[a], geom.kernel[a], geom.size[a])
+                               for a in range(d)))
+        win = x[(Ellipsis,) + slices]
+        wshape = win.shape[2:]
+        K = _prod(wshape)
+        flat = win.reshape(N, C, K)
+        local = xp.argmax(flat, axis=2) if flat.size else xp.zeros((N, C), dtype=np.int64)
+        nan = xp.isnan(flat)
+        last_nan = K - 1 - xp.argmax(nan[:, :, ::-1], axis=2) if flat.size else local
+        local = xp.where(nan.any(axis=2), last_nan, local)
+        key = (Ellipsis,) + o
+        out[key] = xp.take_along_axis(flat, local[:, :, None], axis=2)[:, :, 0]
+        comp = 0
+        for a in reversed(range(d)):
+            comp = comp + (firsts[a] + local % wshape[a]) * mult[a]
+            local = local // wshape[a]
+        offsets[key] = comp
     return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
+
+
+def _decode(offsets, geom_kernel):
+    """Per-axis taps (a list of int64 arrays) of compact offsets over a row-major kernel."""
+    rem = offsets.astype(np.int64)
+    taps = []
+    for k in reversed(geom_kernel):
+        taps.append(rem % k)
+        rem = rem // k
+    return taps[::-1]
 
 
 @_on_input_device
@@ -318,23 +446,23 @@ def max_pool_backward_naive(dout, cache):
     goes to its one recorded argmax, not to every tied maximum.
 
     Inputs:
-    - dout: array (N, C, Ho, Wo)
+    - dout: array (N, C, *out)
     - cache: MaxPoolCache
 
     Returns:
-    - dx: array (N, C, H, W)
+    - dx: array (N, C, *size)
     """
     geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
     acc = _acc_dtype(dout.dtype)
     dx = xp.zeros(geom.input_shape, dtype=acc)
     n_idx = xp.arange(geom.N)[:, None]
     c_idx = xp.arange(geom.C)[None, :]
-    for oh in range(geom.Ho):
-        for ow in range(geom.Wo):
-            off = cache.offsets[:, :, oh, ow].astype(np.int64)
-            h = oh * geom.sh - geom.ph + (off // geom.kw) * geom.dh
-            w = ow * geom.sw - geom.pw + (off % geom.kw) * geom.dw
-            dx[n_idx, c_idx, h, w] += dout[:, :, oh, ow].astype(acc)
+    for o in itertools.product(*(range(n) for n in geom.out)):
+        key = (Ellipsis,) + o
+        taps = _decode(cache.offsets[key], geom.kernel)
+        pos = tuple(o[a] * geom.stride[a] - geom.pad[a] + taps[a] * geom.dilation[a]
+                    for a in range(geom.d))
+        dx[(n_idx, c_idx) + pos] += dout[key].astype(acc)
     return dx.astype(dout.dtype, copy=False)
 
 
@@ -344,8 +472,16 @@ def _check_tiles(geom):
     if not geom.tiles:
         raise ValueError(
             "the reshape max pool needs windows that tile the input exactly: "
-            "stride == kernel, no padding, no dilation, and H, W divisible by the kernel; "
-            f"got {geom.describe()}")
+            "stride == kernel, no padding, no dilation, and every spatial size divisible by "
+            f"the kernel; got {geom.describe()}")
+
+
+def _tile_layout(geom):
+    """(split shape, permutation) taking x (N, C, *size) to (N, C, *out, *kernel)."""
+    d = geom.d
+    split = (geom.N, geom.C) + sum(((o, k) for o, k in zip(geom.out, geom.kernel)), ())
+    perm = (0, 1) + tuple(2 + 2 * a for a in range(d)) + tuple(3 + 2 * a for a in range(d))
+    return split, perm
 
 
 @_on_input_device
@@ -353,20 +489,20 @@ def max_pool_forward_reshape(x, pool_param):
     """The article's reshape max pooling, for windows that tile the input.
 
     Inputs:
-    - x: array (N, C, H, W)
+    - x: array (N, C, *size)
     - pool_param: dict; stride must equal the window, no pad/dilation, and
-      the window must divide H and W (ValueError otherwise)
+      the window must divide every spatial size (ValueError otherwise)
 
     Returns a tuple of:
-    - out: array (N, C, H/kh, W/kw)
+    - out: array (N, C, *size/kernel)
     - cache: MaxPoolCache
     """
     geom = _check_x(x, pool_param, "max")
     _check_tiles(geom)
     xp = get_array_module(x)
     K = geom.window_size
-    windows = x.reshape(geom.N, geom.C, geom.Ho, geom.kh, geom.Wo, geom.kw)
-    windows = windows.transpose(0, 1, 2, 4, 3, 5).reshape(geom.output_shape + (K,))
+    split, perm = _tile_layout(geom)
+    windows = x.reshape(split).transpose(perm).reshape(geom.output_shape + (K,))
     local = xp.argmax(windows, axis=-1)
     nan = xp.isnan(windows)
     local = xp.where(nan.any(axis=-1), K - 1 - xp.argmax(nan[..., ::-1], axis=-1), local)
@@ -380,50 +516,194 @@ def max_pool_backward_reshape(dout, cache):
     times dout, reshaped back (exactly one element per window gets gradient).
 
     Inputs:
-    - dout: array (N, C, Ho, Wo)
+    - dout: array (N, C, *out)
     - cache: MaxPoolCache of a tiling geometry
 
     Returns:
-    - dx: array (N, C, H, W)
+    - dx: array (N, C, *size)
     """
     geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
     _check_tiles(geom)
     K = geom.window_size
     hit = cache.offsets[..., None] == xp.arange(K, dtype=cache.offsets.dtype)
     dwin = xp.where(hit, dout[..., None], xp.zeros((), dtype=dout.dtype))
-    dwin = dwin.reshape(geom.N, geom.C, geom.Ho, geom.Wo, geom.kh, geom.kw)
-    return xp.ascontiguousarray(dwin.transpose(0, 1, 2, 4, 3, 5)).reshape(geom.input_shape)
+    _, perm = _tile_layout(geom)
+    dwin = dwin.reshape(geom.output_shape + tuple(geom.kernel))
+    return xp.ascontiguousarray(dwin.transpose(tuple(np.argsort(perm)))).reshape(
+        geom.input_shape)
+
+
+# ------------------------------------------------------------- NumPy fast paths
+
+def _as_2d_input(a, geom):
+    """(a as (N, C, 1, L) for 1-D or itself for 2-D, the 2-D geometry)."""
+    g2 = geom.as_2d()
+    return a.reshape(g2.input_shape), g2
+
+
+def _as_2d_output(a, geom):
+    """(a, shaped like the output of geom, as the output of the 2-D geometry, that one)."""
+    g2 = geom.as_2d()
+    return a.reshape(g2.output_shape), g2
+
+
+def _depth_planes_geometry(geom):
+    """The 2-D geometry pooling every depth slice of a 3-D input: (N, C*D, H, W)."""
+    N, C, (D, H, W) = geom.N, geom.C, geom.size
+    (_, kh, kw), (_, sh, sw), (_, ph, pw) = geom.kernel, geom.stride, geom.pad
+    (_, dh, dw), (_, Ho, Wo) = geom.dilation, geom.out
+    return PoolGeometry.from_2d(N, C * D, H, W, kh, kw, sh, sw, ph, pw, dh, dw,
+                                geom.ceil_mode, Ho, Wo)
+
+
+def _max_pool_forward_np3(x, geom):
+    """3-D max pooling on NumPy: the blocked 2-D pooling of numpy_fast over every depth
+    slice (x as (N, C*D, H, W)), then one pass over the depth taps in order, carrying the
+    slices' offsets (strict > and the NaN rule, as the general path). None when numpy_fast
+    declines (dilated H or W windows).
+
+    The same bits as the general path: the row-major first maximum (or last NaN) of a
+    window is the first maximum (last NaN) over the depth taps of each slice's first
+    maximum (last NaN); an all -inf window keeps the initial first-valid offset."""
+    g2 = _depth_planes_geometry(geom)
+    r = numpy_fast.max_pool_forward(x.reshape(g2.input_shape), g2, _max_pool_forward_xp)
+    if r is None:
+        return None
+    D, (Ho, Wo) = geom.size[0], geom.out[1:]
+    vals = r[0].reshape(geom.N, geom.C, D, Ho, Wo)
+    offs = r[1].reshape(geom.N, geom.C, D, Ho, Wo)
+    odt = geom.offset_dtype
+    if offs.dtype != odt:
+        offs = offs.astype(odt)
+    K2 = g2.window_size
+    out = np.full(geom.output_shape, -np.inf, dtype=x.dtype)
+    off = np.empty(geom.output_shape, dtype=odt)
+    off[...] = geom.first_valid_offset().astype(odt)
+    for td in range(geom.kernel[0]):
+        sp = _axis_tap(geom, 0, td)
+        if sp is None:
+            continue
+        src, dst = (slice(None), slice(None), sp[0]), (slice(None), slice(None), sp[1])
+        v, o = vals[src], out[dst]
+        take = (v > o) | np.isnan(v)
+        np.copyto(o, v, where=take)
+        np.copyto(off[dst], offs[src] + odt.type(td * K2), where=take)
+    return out, off
+
+
+def _windows_share(k, s, d):
+    """True when two windows ``s`` apart (some multiple) can hold one element
+    along an axis: a shift ``m*s`` (m >= 1) equals a tap distance ``t*d``, t < k."""
+    return numpy_fast._windows_share(k, s, d)
+
+
+def _max_pool_backward_np(dout, offsets, geom):
+    """dx of max pooling on NumPy for any rank, by flat targets: window o of plane p sends
+    its gradient to ``p*prod(size) + base[o] + lut[offset]``; one assignment where no two
+    windows share an element, else ``np.add.at`` over the windows in descending order, so
+    each element adds its contributions in ascending tap order from zero: bit for bit the
+    general path (float16 summed in float32, as there)."""
+    d = geom.d
+    NC, P, Q = geom.N * geom.C, _prod(geom.size), _prod(geom.out)
+    instride = [_prod(geom.size[a + 1:]) for a in range(d)]
+    taps = np.unravel_index(np.arange(geom.window_size), geom.kernel)
+    lut = sum(taps[a].astype(np.intp) * (geom.dilation[a] * instride[a]) for a in range(d))
+    base = np.zeros(geom.out, dtype=np.intp)
+    for a in range(d):
+        pos = np.arange(geom.out[a], dtype=np.intp) * geom.stride[a] - geom.pad[a]
+        base = base + _along(pos * instride[a], d, a)
+    idx = np.take(np.asarray(lut, dtype=np.intp), np.asarray(offsets).reshape(NC, Q))
+    idx += base.reshape(1, Q)
+    idx += (np.arange(NC, dtype=np.intp) * P)[:, None]
+    idx = idx.reshape(-1)
+    vals = np.asarray(dout).reshape(-1)
+    overlap = any(_windows_share(k, s, dl) for k, s, dl in
+                  zip(geom.kernel, geom.stride, geom.dilation))
+    if not overlap:
+        dx = np.zeros(NC * P, dout.dtype)
+        dx[idx] = vals + dout.dtype.type(0)  # -0.0 -> +0.0, as the general path's zero start
+        return dx.reshape(geom.input_shape)
+    acc = _acc_dtype(dout.dtype)
+    dx = np.zeros(NC * P, acc)
+    np.add.at(dx, idx[::-1], vals.astype(acc, copy=False)[::-1])
+    return dx.reshape(geom.input_shape).astype(dout.dtype, copy=False)
 
 
 # ------------------------------------------------------------------------- dispatch
 
+def _max_pool_forward_kernels(x, geom):
+    if geom.d == 3:
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.max_pool_forward_gpu(x, geom)
+    from .cuda import pool_kernels
+    x4, g2 = _as_2d_input(x, geom)
+    out, offsets = pool_kernels.max_pool_forward_gpu(x4, g2)
+    return out.reshape(geom.output_shape), offsets.reshape(geom.output_shape)
+
+
+def _max_pool_backward_kernels(dout, offsets, geom):
+    if geom.d == 3:
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.max_pool_backward_gpu(dout, offsets, geom)
+    from .cuda import pool_kernels
+    d4, g2 = _as_2d_output(dout, geom)
+    o4 = offsets.reshape(g2.output_shape)
+    return pool_kernels.max_pool_backward_gpu(d4, o4, g2).reshape(geom.input_shape)
+
+
 @_on_input_device
 def max_pool_forward_fast(x, pool_param):
     """Max pooling by the fastest correct implementation for x's backend:
-    the CUDA kernels for CuPy arrays; on NumPy the blocked, threaded path of
-    gpulayers.numpy_fast (the general path for dilated windows); on CuPy with
-    the kernels turned off (GPULAYERS_KERNELS=0), the reshape trick where the
-    windows tile the input, else the general path.
+    the CUDA kernels for CuPy arrays (the 2-D kernels for 1-D and 2-D input, the n-D
+    kernels for 3-D); on NumPy the blocked, threaded path of gpulayers.numpy_fast (1-D
+    as 2-D of height 1, 3-D slice by slice plus a depth pass; the general path for
+    dilated windows); on CuPy with the kernels turned off (GPULAYERS_KERNELS=0), the
+    general path (its backward: the reshape trick where the windows tile the input).
 
     Inputs:
-    - x: array (N, C, H, W)
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W)
     - pool_param: dict, see max_pool_forward_general
 
     Returns a tuple of:
-    - out: array (N, C, Ho, Wo)
+    - out: array (N, C, *out)
     - cache: MaxPoolCache
     """
     geom = _check_x(x, pool_param, "max")
     xp = get_array_module(x)
+    dtype = np.dtype(x.dtype)
     if _use_kernels(xp, geom):
-        from .cuda import pool_kernels
-        out, offsets = pool_kernels.max_pool_forward_gpu(x, geom)
-        return out, MaxPoolCache(geom, np.dtype(x.dtype), offsets)
-    fast = numpy_fast.max_pool_forward(x, geom, _max_pool_forward_xp) if xp is np else None
-    if fast is not None:  # blocked, threaded NumPy (no dilation)
-        return fast[0], MaxPoolCache(geom, np.dtype(x.dtype), _freeze(fast[1]))
+        out, offsets = _max_pool_forward_kernels(x, geom)
+        return out, MaxPoolCache(geom, dtype, offsets)
+    if xp is np:
+        out, offsets = _max_pool_forward_np(x, geom)
+        return out, MaxPoolCache(geom, dtype, _freeze(offsets))
     out, offsets = _max_pool_forward_xp(x, geom)
-    return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
+    return out, MaxPoolCache(geom, dtype, _freeze(offsets))
+
+
+def _max_pool_forward_np(x, geom):
+    """(out, offsets) of max pooling a NumPy x by the fastest path: numpy_fast (1-D as
+    2-D of height 1, 3-D slice by slice plus a depth pass), the general path for dilated
+    windows."""
+    if geom.d < 3:
+        x4, g2 = _as_2d_input(x, geom)
+        fast = numpy_fast.max_pool_forward(x4, g2, _max_pool_forward_xp)
+        if fast is not None:
+            return fast[0].reshape(geom.output_shape), fast[1].reshape(geom.output_shape)
+    else:
+        fast = _max_pool_forward_np3(x, geom)
+        if fast is not None:
+            return fast
+    return _max_pool_forward_xp(x, geom)
+
+
+def _max_pool_backward_np_fast(dout, offsets, geom):
+    """dx of max pooling on NumPy by the fastest path (numpy_fast for 1-D and 2-D)."""
+    if geom.d < 3:
+        d4, g2 = _as_2d_output(dout, geom)
+        off4 = offsets.reshape(g2.output_shape)
+        return numpy_fast.max_pool_backward(d4, off4, g2).reshape(geom.input_shape)
+    return _max_pool_backward_np(dout, offsets, geom)
 
 
 @_on_input_device
@@ -431,18 +711,17 @@ def max_pool_backward_fast(dout, cache):
     """Backward pass matching max_pool_forward_fast (any MaxPoolCache works).
 
     Inputs:
-    - dout: array (N, C, Ho, Wo)
+    - dout: array (N, C, *out)
     - cache: MaxPoolCache
 
     Returns:
-    - dx: array (N, C, H, W)
+    - dx: array (N, C, *size), the forward input's dtype
     """
     geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
     if _use_kernels(xp, geom):
-        from .cuda import pool_kernels
-        return pool_kernels.max_pool_backward_gpu(dout, cache.offsets, geom)
+        return _max_pool_backward_kernels(dout, cache.offsets, geom)
     if xp is np:
-        return numpy_fast.max_pool_backward(dout, cache.offsets, geom)  # blocked np.add.at
+        return _max_pool_backward_np_fast(dout, cache.offsets, geom)
     if geom.tiles:
         return max_pool_backward_reshape(dout, cache)
     return _max_pool_backward_xp(dout, cache.offsets, geom)
@@ -452,13 +731,13 @@ def max_pool_forward(x, pool_param):
     """Forward pass of max pooling, by the fastest correct implementation.
 
     Inputs:
-    - x: array (N, C, H, W), float16/32/64, NumPy or CuPy
-    - pool_param: dict with 'pool_height', 'pool_width' (required), 'stride'
-      (int or pair, default the window), 'pad' (int or pair, 0), 'dilation'
-      (int or pair, 1), 'ceil_mode' (False)
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64, NumPy or CuPy
+    - pool_param: dict with 'kernel_size' (int or d-tuple; in 2-D also 'pool_height' and
+      'pool_width'), 'stride' (int or d-tuple, default the window), 'pad' (int or
+      d-tuple, 0), 'dilation' (int or d-tuple, 1), 'ceil_mode' (False)
 
     Returns a tuple of:
-    - out: array (N, C, Ho, Wo), sizes by PyTorch's max_pool2d rules
+    - out: array (N, C, *out), sizes by PyTorch's max_pool{1,2,3}d rules
     - cache: MaxPoolCache (compact argmax offsets only)
     """
     return max_pool_forward_fast(x, pool_param)
@@ -469,82 +748,136 @@ def max_pool_backward(dout, cache):
     maximum (the last NaN where the window holds NaN). Deterministic.
 
     Inputs:
-    - dout: array (N, C, Ho, Wo)
+    - dout: array (N, C, *out)
     - cache: MaxPoolCache
 
     Returns:
-    - dx: array (N, C, H, W)
+    - dx: array (N, C, *size)
     """
     return max_pool_backward_fast(dout, cache)
 
 
 def max_pool_indices(cache):
-    """Flat indices of each window's argmax into its H*W input plane.
+    """Flat indices of each window's argmax into its input volume (L, H*W or D*H*W).
 
     Inputs:
-    - cache: MaxPoolCache from a max_pool_forward_* function
+    - cache: MaxPoolCache from a max_pool_forward_* function, or AdaptiveMaxPoolCache
+      from adaptive_max_pool_forward
 
     Returns:
-    - indices: int64 array (N, C, Ho, Wo), the numbers PyTorch's
-      ``max_pool2d(..., return_indices=True)`` returns
+    - indices: int64 array (N, C, *out), the numbers PyTorch's
+      ``max_pool{1,2,3}d(..., return_indices=True)`` (or
+      ``adaptive_max_pool{1,2,3}d``) returns
     """
-    _check_cache(cache, MaxPoolCache)
+    _check_cache(cache, MaxPoolCache, AdaptiveMaxPoolCache)
     with device_scope(cache.offsets):
         return _indices(cache.geom, cache.offsets)
 
 
 def _indices(geom, offsets):
     xp = get_array_module(offsets)
-    off = offsets.astype(np.int64)
-    oh = xp.arange(geom.Ho, dtype=np.int64)[:, None]
-    ow = xp.arange(geom.Wo, dtype=np.int64)[None, :]
-    h = oh * geom.sh - geom.ph + (off // geom.kw) * geom.dh
-    w = ow * geom.sw - geom.pw + (off % geom.kw) * geom.dw
-    return h * geom.W + w
+    d = geom.d
+    adaptive = isinstance(geom, AdaptiveGeometry)
+    kernel = geom.window if adaptive else geom.kernel
+    taps = _decode(offsets, kernel)
+    flat = 0
+    for a in range(d):
+        if adaptive:
+            start = xp.asarray(_along(geom.bounds(a)[0], d, a))
+            pos = start + taps[a]
+        else:
+            o = xp.asarray(_along(np.arange(geom.out[a], dtype=np.int64), d, a))
+            pos = o * geom.stride[a] - geom.pad[a] + taps[a] * geom.dilation[a]
+        flat = flat * geom.size[a] + pos
+    return flat
 
 
-# ------------------------------------------------------------------------ avg pooling
+# -------------------------------------------------------------------- avg / sum pooling
 
-def _avg_divisor(geom, count_include_pad):
-    """float64 (Ho, Wo): PyTorch's avg_pool2d divisor of each window. The
-    ceil_mode overhang past the right padding is never counted."""
-    def axis(n_out, stride, pad, kernel, size):
+@functools.lru_cache(maxsize=256)
+def _avg_divisor(geom, count_include_pad, divisor_override):
+    """float64 array of shape geom.out (read-only): PyTorch's avg_pool divisor of each
+    window. The ceil_mode overhang past the right padding is never counted;
+    divisor_override replaces it everywhere."""
+    if divisor_override is not None:
+        return _freeze(np.full(tuple(geom.out), float(divisor_override)))
+    total = np.ones((), dtype=np.float64)
+    for n_out, stride, pad, kernel, size in zip(geom.out, geom.stride, geom.pad,
+                                                geom.kernel, geom.size):
         start = np.arange(n_out) * stride - pad
         end = np.minimum(start + kernel, size + pad)
-        full = end - start
-        inside = np.minimum(end, size) - np.maximum(start, 0)
-        return full, inside
-    fh, ih = axis(geom.Ho, geom.sh, geom.ph, geom.kh, geom.H)
-    fw, iw = axis(geom.Wo, geom.sw, geom.pw, geom.kw, geom.W)
-    if count_include_pad:
-        return (fh[:, None] * fw[None, :]).astype(np.float64)
-    return (ih[:, None] * iw[None, :]).astype(np.float64)
+        count = (end - start) if count_include_pad else (
+            np.minimum(end, size) - np.maximum(start, 0))
+        total = total[..., None] * count
+    return _freeze(total.astype(np.float64))
+
+
+def _sum_pool_xp(x, geom, divisor):
+    """Window sums (divided by ``divisor``, shape geom.out, when given) in x's accumulation
+    dtype, one separable pass per axis: each output sums its in-range taps in order."""
+    xp = get_array_module(x)
+    acc = _acc_dtype(x.dtype)
+    a = x.astype(acc, copy=False)
+    for ax in range(geom.d):
+        axis = 2 + ax
+        shape = list(a.shape)
+        shape[axis] = geom.out[ax]
+        total = xp.zeros(tuple(shape), dtype=acc)
+        for t in range(geom.kernel[ax]):
+            sp = _axis_tap(geom, ax, t)
+            if sp is not None:
+                total[_at(a.ndim, axis, sp[1])] += a[_at(a.ndim, axis, sp[0])]
+        a = total
+    if divisor is not None:
+        a /= xp.asarray(divisor, dtype=acc)
+    return a
+
+
+def _sum_pool_backward_xp(dout, geom, divisor):
+    """dx of the window sums (divided by ``divisor`` when given): dout spread back over
+    each window, one separable pass per axis in reverse (fixed order)."""
+    xp = get_array_module(dout)
+    acc = _acc_dtype(dout.dtype)
+    g = dout.astype(acc)
+    if divisor is not None:
+        g /= xp.asarray(divisor, dtype=acc)
+    for ax in reversed(range(geom.d)):
+        axis = 2 + ax
+        shape = list(g.shape)
+        shape[axis] = geom.size[ax]
+        dx = xp.zeros(tuple(shape), dtype=acc)
+        for t in range(geom.kernel[ax]):
+            sp = _axis_tap(geom, ax, t)
+            if sp is not None:
+                dx[_at(g.ndim, axis, sp[0])] += g[_at(g.ndim, axis, sp[1])]
+        g = dx
+    return g.astype(dout.dtype, copy=False)
 
 
 @_on_input_device
 def avg_pool_forward(x, pool_param):
-    """Forward pass of average pooling (PyTorch's avg_pool2d semantics).
+    """Forward pass of average pooling (PyTorch's avg_pool{1,2,3}d semantics).
 
     Inputs:
-    - x: array (N, C, H, W)
-    - pool_param: dict with 'pool_height', 'pool_width' and optional 'stride',
-      'pad', 'ceil_mode', 'count_include_pad' (True); no dilation
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W)
+    - pool_param: dict with 'kernel_size' (or, in 2-D, 'pool_height' and 'pool_width')
+      and optional 'stride', 'pad', 'ceil_mode', 'count_include_pad' (True) and
+      'divisor_override' (a positive int that replaces every window's divisor, or None);
+      no dilation
 
     Returns a tuple of:
-    - out: array (N, C, Ho, Wo)
+    - out: array (N, C, *out)
     - cache: AvgPoolCache
     """
     geom = _check_x(x, pool_param, "avg")
+    cip, div = check_pool_options(pool_param, "avg", tuple(x.shape))
     xp = get_array_module(x)
-    divisor = _freeze(_avg_divisor(geom, pool_param.get("count_include_pad", True)))
-    acc = _acc_dtype(x.dtype)
-    padded = _padded(x, geom, 0, dtype=acc)
-    total = xp.zeros(geom.output_shape, dtype=acc)
-    for i in range(geom.kh):
-        for j in range(geom.kw):
-            total += _tap_view(padded, geom, i, j)
-    total /= xp.asarray(divisor, dtype=acc)
-    return total.astype(x.dtype, copy=False), AvgPoolCache(geom, np.dtype(x.dtype), divisor)
+    divisor = _avg_divisor(geom, cip, div)
+    cache = AvgPoolCache(geom, np.dtype(x.dtype), divisor, cip, div)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.avg_pool_forward_gpu(x, geom, cip, div), cache
+    return _sum_pool_xp(x, geom, divisor).astype(x.dtype, copy=False), cache
 
 
 @_on_input_device
@@ -552,84 +885,439 @@ def avg_pool_backward(dout, cache):
     """Backward pass of average pooling: dout / divisor spread over each window.
 
     Inputs:
-    - dout: array (N, C, Ho, Wo)
+    - dout: array (N, C, *out)
     - cache: AvgPoolCache
 
     Returns:
-    - dx: array (N, C, H, W)
+    - dx: array (N, C, *size), the forward input's dtype
     """
     geom, xp, dout = _backward_inputs(dout, cache, AvgPoolCache)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.avg_pool_backward_gpu(dout, geom, cache.count_include_pad,
+                                                     cache.divisor_override)
+    return _sum_pool_backward_xp(dout, geom, cache.divisor)
+
+
+@_on_input_device
+def sum_pool_forward(x, pool_param):
+    """Forward pass of sum pooling: the sum over each window, padding counting as zero
+    (average pooling with divisor_override=1, the same bits).
+
+    Inputs:
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W)
+    - pool_param: dict with 'kernel_size' (or, in 2-D, 'pool_height' and 'pool_width')
+      and optional 'stride', 'pad', 'ceil_mode'
+
+    Returns a tuple of:
+    - out: array (N, C, *out)
+    - cache: SumPoolCache
+    """
+    geom = _check_x(x, pool_param, "sum")
+    xp = get_array_module(x)
+    cache = SumPoolCache(geom, np.dtype(x.dtype))
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.avg_pool_forward_gpu(x, geom, True, 1), cache
+    return _sum_pool_xp(x, geom, None).astype(x.dtype, copy=False), cache
+
+
+@_on_input_device
+def sum_pool_backward(dout, cache):
+    """Backward pass of sum pooling: dout added to every element of its window.
+
+    Inputs:
+    - dout: array (N, C, *out)
+    - cache: SumPoolCache
+
+    Returns:
+    - dx: array (N, C, *size), the forward input's dtype
+    """
+    geom, xp, dout = _backward_inputs(dout, cache, SumPoolCache)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.avg_pool_backward_gpu(dout, geom, True, 1)
+    return _sum_pool_backward_xp(dout, geom, None)
+
+
+# ------------------------------------------------------------------ adaptive pooling
+
+@dataclass(frozen=True)
+class _AdaptiveAxis:
+    """The windows of one axis: starts, lengths (int64 host arrays), whether they are
+    evenly spaced with one length (then tap t is the strided slice
+    ``start[0] + t :: step``), and for the backward passes, for each input position the
+    first and last window holding it."""
+
+    size: int
+    out: int
+    start: np.ndarray
+    length: np.ndarray
+    even: bool
+    step: int
+    first: np.ndarray
+    last: np.ndarray
+
+    @property
+    def longest(self):
+        return int(self.length.max())
+
+    @property
+    def cover(self):
+        """Most windows holding one input position."""
+        return int((self.last - self.first).max()) + 1
+
+
+@functools.lru_cache(maxsize=256)
+def _adaptive_axes(geom):
+    axes = []
+    for a in range(geom.d):
+        start, end = geom.bounds(a)
+        length = end - start
+        n, o = geom.size[a], geom.out[a]
+        step = int(start[1] - start[0]) if o > 1 else 1
+        even = bool((length == length[0]).all()
+                    and (o == 1 or (start == start[0] + step * np.arange(o)).all())
+                    and step > 0)
+        p = np.arange(n)
+        first = np.searchsorted(end, p, side="right")
+        last = np.searchsorted(start, p, side="right") - 1
+        axes.append(_AdaptiveAxis(n, o, start, length, even, step, first, last))
+    return tuple(axes)
+
+
+@functools.lru_cache(maxsize=256)
+def _adaptive_as_pool(geom):
+    """The PoolGeometry with the same windows (kernel = window length, stride = the
+    starts' step, no padding) when every axis has evenly spaced windows of one length,
+    else None. Its compact offsets are the adaptive ones (the kernel is geom.window)."""
+    axes = _adaptive_axes(geom)
+    if not all(ax.even for ax in axes):
+        return None
+    kernel = tuple(ax.longest for ax in axes)
+    stride = tuple(ax.step if ax.out > 1 else ax.longest for ax in axes)
+    if any((o - 1) * s + k != n for o, s, k, n in zip(geom.out, stride, kernel, geom.size)):
+        return None
+    d = geom.d
+    return PoolGeometry(geom.N, geom.C, tuple(geom.size), kernel, stride, (0,) * d, (1,) * d,
+                        False, tuple(geom.out))
+
+
+def _adaptive_tap(xp, a, axis, ax, t):
+    """Tap t of every window along ``axis`` of a: (values, mask), mask None where every
+    window has tap t, else a bool array broadcasting along ``axis`` (False: no tap t)."""
+    if ax.even:
+        s0 = int(ax.start[0]) + t
+        return a[_at(a.ndim, axis, slice(s0, s0 + ax.step * (ax.out - 1) + 1, ax.step))], None
+    idx = np.minimum(ax.start + t, ax.size - 1)
+    v = xp.take(a, xp.asarray(idx), axis=axis)
+    mask = ax.length > t
+    if mask.all():
+        return v, None
+    return v, xp.asarray(_along(mask, a.ndim, axis))
+
+
+def _adaptive_count(geom, axes):
+    total = np.ones((), dtype=np.float64)
+    for ax in axes:
+        total = total[..., None] * ax.length
+    return total
+
+
+def _check_adaptive_x(x, output_size):
+    check_array(x, "x")
+    check_floating(x, "x")
+    return adaptive_geometry(x.shape, output_size)
+
+
+@_on_input_device
+def adaptive_avg_pool_forward(x, output_size):
+    """Forward pass of adaptive average pooling (PyTorch's adaptive_avg_pool{1,2,3}d):
+    output position o averages the input window ``[floor(o*n/out), ceil((o+1)*n/out))``
+    of each axis (gpulayers.shapes.adaptive_bounds).
+
+    Inputs:
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
+    - output_size: an int (every axis) or a d-tuple of ints and None (None: that axis's
+      input size); 1 is global average pooling
+
+    Returns a tuple of:
+    - out: array (N, C, *output_size), dtype of x
+    - cache: AdaptiveAvgPoolCache
+    """
+    geom = _check_adaptive_x(x, output_size)
+    xp = get_array_module(x)
+    cache = AdaptiveAvgPoolCache(geom, np.dtype(x.dtype))
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.adaptive_avg_pool_forward_gpu(x, geom), cache
+    acc = _acc_dtype(x.dtype)
+    if all(o == 1 for o in geom.out):  # global pooling: one mean per plane
+        planes = xp.ascontiguousarray(x).reshape(geom.N * geom.C, _prod(geom.size))
+        if xp is np and acc == x.dtype:  # a matrix-vector product: BLAS, blocked sums
+            total = planes @ np.ones(planes.shape[1], dtype=acc)
+        else:
+            total = planes.sum(axis=-1, dtype=acc)
+        total /= acc.type(planes.shape[-1])
+        return total.reshape(geom.output_shape).astype(x.dtype, copy=False), cache
+    axes = _adaptive_axes(geom)
+    a = x.astype(acc, copy=False)
+    for i, ax in enumerate(axes):
+        axis = 2 + i
+        shape = list(a.shape)
+        shape[axis] = ax.out
+        total = xp.zeros(tuple(shape), dtype=acc)
+        for t in range(ax.longest):
+            v, mask = _adaptive_tap(xp, a, axis, ax, t)
+            total += v if mask is None else xp.where(mask, v, acc.type(0))
+        a = total
+    a /= xp.asarray(_adaptive_count(geom, axes), dtype=acc)
+    return a.astype(x.dtype, copy=False), cache
+
+
+@_on_input_device
+def adaptive_avg_pool_backward(dout, cache):
+    """Backward pass of adaptive average pooling: dout / window size spread over each
+    window (separable passes of gathers: deterministic, no atomics).
+
+    Inputs:
+    - dout: array (N, C, *output_size)
+    - cache: AdaptiveAvgPoolCache
+
+    Returns:
+    - dx: array (N, C, *size), the forward input's dtype
+    """
+    geom, xp, dout = _backward_inputs(dout, cache, AdaptiveAvgPoolCache)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.adaptive_avg_pool_backward_gpu(dout, geom)
     acc = _acc_dtype(dout.dtype)
-    share = dout.astype(acc) / xp.asarray(cache.divisor, dtype=acc)
-    hp, wp = geom.padded_shape
-    dpad = xp.zeros((geom.N, geom.C, hp, wp), dtype=acc)
-    for i in range(geom.kh):
-        for j in range(geom.kw):
-            _tap_view(dpad, geom, i, j)[...] += share
-    return xp.ascontiguousarray(_crop(dpad, geom)).astype(dout.dtype, copy=False)
+    axes = _adaptive_axes(geom)
+    g = dout.astype(acc)
+    g /= xp.asarray(_adaptive_count(geom, axes), dtype=acc)
+    if all(o == 1 for o in geom.out):
+        return xp.ascontiguousarray(xp.broadcast_to(g, geom.input_shape)).astype(
+            dout.dtype, copy=False)
+    for i in reversed(range(geom.d)):
+        ax, axis = axes[i], 2 + i
+        if ax.even and ax.step == ax.longest and ax.out * ax.step == ax.size:
+            g = xp.repeat(g, ax.step, axis=axis)  # windows tile the axis
+            continue
+        shape = list(g.shape)
+        shape[axis] = ax.size
+        dx = xp.zeros(tuple(shape), dtype=acc)
+        for u in range(ax.cover):
+            w = ax.first + u
+            valid = w <= ax.last
+            v = xp.take(g, xp.asarray(np.minimum(w, ax.out - 1)), axis=axis)
+            dx += v if valid.all() else xp.where(xp.asarray(_along(valid, g.ndim, axis)), v,
+                                                 acc.type(0))
+        g = dx
+    return g.astype(dout.dtype, copy=False)
+
+
+def _adaptive_max_xp(x, geom):
+    """Adaptive max pooling in xp code, axis by axis from the last one: per axis, tap by
+    tap of the longest window (masked where a window is shorter), strict > and the NaN
+    rule, carrying the later axes' offsets. The same element as one row-major scan of
+    each window: first maximum, last NaN, first element when all are -inf."""
+    xp = get_array_module(x)
+    axes = _adaptive_axes(geom)
+    odt = geom.offset_dtype
+    window = geom.window
+    vals, offs = x, None
+    for i in reversed(range(geom.d)):
+        ax, axis = axes[i], 2 + i
+        mult = _prod(window[i + 1:])
+        shape = list(vals.shape)
+        shape[axis] = ax.out
+        best = xp.full(tuple(shape), -np.inf, dtype=x.dtype)
+        boff = xp.zeros(tuple(shape), dtype=odt)
+        for t in range(ax.longest):
+            v, mask = _adaptive_tap(xp, vals, axis, ax, t)
+            take = (v > best) | xp.isnan(v)
+            if mask is not None:
+                take &= mask
+            xp.copyto(best, v, where=take)
+            step = odt.type(t * mult)
+            cand = xp.asarray(step) if offs is None else (
+                _adaptive_tap(xp, offs, axis, ax, t)[0] + step)
+            xp.copyto(boff, cand, where=take)
+        vals, offs = best, boff
+    return vals, offs
+
+
+def _adaptive_max_backward_xp(dout, offsets, geom):
+    """dx of adaptive max pooling by gathers: input position p adds, from zero, the dout
+    of the windows holding it whose argmax it is, in descending window order (so in
+    ascending tap order, as max pooling's general path)."""
+    xp = get_array_module(dout, offsets)
+    acc = _acc_dtype(dout.dtype)
+    axes = _adaptive_axes(geom)
+    window = geom.window
+    d, ndim = geom.d, dout.ndim
+    g = dout.astype(acc, copy=False)
+    dx = xp.zeros(geom.input_shape, dtype=acc)
+    zero = xp.zeros((), dtype=acc)
+    for u in itertools.product(*(range(ax.cover) for ax in axes)):
+        G, O = g, offsets
+        valid = np.ones((1,) * ndim, dtype=bool)
+        tap = np.zeros((1,) * ndim, dtype=np.int64)
+        for i, ax in enumerate(axes):
+            w = ax.last - u[i]
+            ok = w >= ax.first
+            w = np.maximum(w, 0)
+            wi = xp.asarray(w)
+            G = xp.take(G, wi, axis=2 + i)
+            O = xp.take(O, wi, axis=2 + i)
+            valid = valid & _along(ok, ndim, 2 + i)
+            tap = tap + _along((np.arange(ax.size) - ax.start[w]) * _prod(window[i + 1:]),
+                               ndim, 2 + i)
+        hit = O == xp.asarray(np.where(valid, tap, -1))
+        dx += xp.where(hit, G, zero)
+    return dx.astype(dout.dtype, copy=False)
+
+
+@_on_input_device
+def adaptive_max_pool_forward(x, output_size):
+    """Forward pass of adaptive max pooling (PyTorch's adaptive_max_pool{1,2,3}d), with
+    max pooling's semantics: first maximum in row-major window order, a window with NaN
+    gives NaN and its last NaN, an all -inf window -inf and its first element.
+
+    Inputs:
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
+    - output_size: an int or a d-tuple of ints and None (see adaptive_avg_pool_forward)
+
+    Returns a tuple of:
+    - out: array (N, C, *output_size)
+    - cache: AdaptiveMaxPoolCache (compact offsets over geom.window; neither x nor out);
+      max_pool_indices(cache) gives PyTorch's return_indices numbers
+    """
+    geom = _check_adaptive_x(x, output_size)
+    xp = get_array_module(x)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        out, offsets = pool_nd_kernels.adaptive_max_pool_forward_gpu(x, geom)
+    elif xp is np and all(o == 1 for o in geom.out):
+        out, offsets = _global_max(x, geom)
+    elif xp is np and _adaptive_as_pool(geom) is not None:  # evenly spaced: max pooling
+        out, offsets = _max_pool_forward_np(x, _adaptive_as_pool(geom))
+    else:  # the general path (CuPy with the kernels off: a pass per tap of each axis)
+        out, offsets = _adaptive_max_xp(x, geom)
+    return out, AdaptiveMaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
+
+
+def _global_max(x, geom):
+    """Max over each whole plane of a NumPy x: np.argmax (its first maximum, the first NaN;
+    0 for a plane of -inf), then the last NaN for the planes whose maximum is NaN."""
+    K = _prod(geom.size)
+    planes = x.reshape(geom.N * geom.C, K)
+    local = np.argmax(planes, axis=1)
+    out = np.take_along_axis(planes, local[:, None], axis=1)[:, 0]
+    nan = np.isnan(out)
+    if nan.any():
+        local[nan] = K - 1 - np.argmax(np.isnan(planes[nan][:, ::-1]), axis=1)
+    return (out.reshape(geom.output_shape),
+            local.astype(geom.offset_dtype).reshape(geom.output_shape))
+
+
+@_on_input_device
+def adaptive_max_pool_backward(dout, cache):
+    """Backward pass of adaptive max pooling: each window's gradient goes to its recorded
+    argmax; deterministic (fixed order of sums where windows overlap).
+
+    Inputs:
+    - dout: array (N, C, *output_size)
+    - cache: AdaptiveMaxPoolCache
+
+    Returns:
+    - dx: array (N, C, *size), the forward input's dtype
+    """
+    geom, xp, dout = _backward_inputs(dout, cache, AdaptiveMaxPoolCache)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.adaptive_max_pool_backward_gpu(dout, cache.offsets, geom)
+    pgeom = _adaptive_as_pool(geom) if xp is np else None
+    if pgeom is not None:  # evenly spaced windows: max pooling's backward (the same bits)
+        return _max_pool_backward_np_fast(dout, cache.offsets, pgeom)
+    return _adaptive_max_backward_xp(dout, cache.offsets, geom)
 
 
 # ---------------------------------------------------------------------- max unpooling
 
+_UNPOOL_SIZES = {1: "(L,) or (N, C, L)", 2: "(H, W) or (N, C, H, W)",
+                 3: "(D, H, W) or (N, C, D, H, W)"}
+
+
 def _unpool_output_shape(x_shape, output_size):
     N, C = x_shape[:2]
+    d = len(x_shape) - 2
     if isinstance(output_size, (str, bytes)) or not hasattr(output_size, "__len__"):
-        raise TypeError(f"output_size must be a tuple of ints (H, W) or (N, C, H, W), got "
+        raise TypeError(f"output_size must be a tuple of ints {_UNPOOL_SIZES[d]}, got "
                         f"{output_size!r} ({type(output_size).__name__}) for x of shape {x_shape}")
     if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
            for s in output_size):
         raise TypeError(f"output_size must hold ints only, got {tuple(output_size)!r} for x of "
                         f"shape {x_shape}")
     size = tuple(int(s) for s in output_size)
-    if len(size) == 4:
+    if len(size) == d + 2:
         if size[:2] != (N, C):
             raise ValueError(f"output_size {size} does not match x of shape {x_shape}")
         size = size[2:]
-    if len(size) != 2 or size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"output_size must be (H, W) or (N, C, H, W) with H, W > 0, "
+    if len(size) != d or min(size) <= 0:
+        raise ValueError(f"output_size must be {_UNPOOL_SIZES[d]} with sizes > 0, "
                          f"got {tuple(output_size)} for x of shape {x_shape}")
     return (N, C) + size
 
 
 @_on_input_device
 def max_unpool_forward(x, indices, output_size):
-    """Max unpooling: put each value back at its pooled position (PyTorch's max_unpool2d).
+    """Max unpooling: put each value back at its pooled position (PyTorch's
+    max_unpool{1,2,3}d).
 
     Where several inputs of one plane point at the same position, the last one
     in row-major order wins (as PyTorch on the CPU; deterministic here on
     every backend), and only it receives gradient in the backward pass.
 
     Inputs:
-    - x: array (N, C, Ho, Wo), e.g. a max pool's output
-    - indices: integer array (N, C, Ho, Wo) of flat indices into each H*W
-      output plane, e.g. from max_pool_indices
-    - output_size: (H, W) or (N, C, H, W)
+    - x: array (N, C, *in) with 1, 2 or 3 spatial axes, e.g. a max pool's output
+    - indices: integer array shaped like x of flat indices into each output volume
+      (L, H*W or D*H*W), e.g. from max_pool_indices
+    - output_size: the d spatial sizes or the full shape (N, C, *spatial); ints only
 
     Returns a tuple of:
-    - out: array (N, C, H, W), zeros except at the indexed positions
-    - cache: UnpoolCache
+    - out: array (N, C, *output_size), zeros except at the indexed positions
+    - cache: UnpoolCache (xp path) or UnpoolKernelCache (CUDA kernels)
     """
     check_array(x, "x")
     check_array(indices, "indices")
     check_floating(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"max unpooling expects x of shape (N, C, Ho, Wo), got shape {tuple(x.shape)}")
+    if x.ndim not in (3, 4, 5):
+        raise ValueError(f"max unpooling expects x of shape (N, C, L), (N, C, H, W) or "
+                         f"(N, C, D, H, W), got shape {tuple(x.shape)}")
     if np.dtype(indices.dtype).kind not in "iu":
         raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
     if tuple(indices.shape) != tuple(x.shape):
         raise ValueError(f"indices of shape {tuple(indices.shape)} do not match x of shape "
                          f"{tuple(x.shape)}")
     xp = get_array_module(x, indices)
-    out_shape = _unpool_output_shape(tuple(x.shape), output_size)
-    N, C, H, W = out_shape
-    idx = indices.astype(np.int64).reshape(N * C, -1)
+    x_shape = tuple(x.shape)
+    out_shape = _unpool_output_shape(x_shape, output_size)
+    N, C = out_shape[:2]
+    P = _prod(out_shape[2:])
+    idx = indices.astype(np.int64).reshape(N * C, _prod(x_shape[2:]))
     if idx.size:
         lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= H * W:
+        if lo < 0 or hi >= P:
             raise ValueError(f"max unpooling index out of range: indices span [{lo}, {hi}] but "
-                             f"the output plane has {H}x{W} = {H * W} positions "
-                             f"(x shape {tuple(x.shape)}, output {out_shape})")
-    targets = (idx + xp.arange(N * C, dtype=np.int64)[:, None] * (H * W)).reshape(-1)
+                             f"the output plane has {'x'.join(map(str, out_shape[2:]))} = {P} "
+                             f"positions (x shape {x_shape}, output {out_shape})")
+    if _use_kernels(xp) and max(out_shape + (P,)) < 2**31:
+        from .cuda import pool_nd_kernels
+        idx = xp.ascontiguousarray(idx.reshape(x_shape))
+        out, won = pool_nd_kernels.max_unpool_forward_gpu(x, idx, out_shape, return_winners=True)
+        return out, UnpoolKernelCache(x_shape, np.dtype(x.dtype), idx, won, out_shape)
+    targets = (idx + xp.arange(N * C, dtype=np.int64)[:, None] * P).reshape(-1)
     order = xp.argsort(targets, kind="stable")
     sorted_t = targets[order]
     last = xp.ones(sorted_t.shape, dtype=bool)
@@ -637,31 +1325,37 @@ def max_unpool_forward(x, indices, output_size):
         last[:-1] = sorted_t[1:] != sorted_t[:-1]
     winners = xp.zeros(targets.shape, dtype=bool)
     winners[order[last]] = True
-    out = xp.zeros(N * C * H * W, dtype=x.dtype)
+    out = xp.zeros(N * C * P, dtype=x.dtype)
     out[targets[winners]] = x.reshape(-1)[winners]
-    cache = UnpoolCache(tuple(x.shape), np.dtype(x.dtype), _freeze(targets), _freeze(winners),
+    cache = UnpoolCache(x_shape, np.dtype(x.dtype), _freeze(targets), _freeze(winners),
                         out_shape)
     return out.reshape(out_shape), cache
 
 
 @_on_input_device
 def max_unpool_backward(dout, cache):
-    """Backward pass of max unpooling: gather dout at each input's position.
+    """Backward pass of max unpooling: gather dout at each input's position (zero for an
+    input that lost its shared position to a later one).
 
     Inputs:
-    - dout: array (N, C, H, W)
-    - cache: UnpoolCache
+    - dout: array (N, C, *output_size)
+    - cache: UnpoolCache or UnpoolKernelCache
 
     Returns:
-    - dx: array (N, C, Ho, Wo)
+    - dx: array (N, C, *in), the forward input's dtype
     """
-    _check_cache(cache, UnpoolCache)
+    _check_cache(cache, UnpoolCache, UnpoolKernelCache)
     check_array(dout, "dout")
     check_floating(dout, "dout")
     if tuple(dout.shape) != cache.out_shape:
         raise ValueError(f"dout has shape {tuple(dout.shape)} but max unpooling produced "
-                         f"{cache.out_shape}")
-    xp = get_array_module(dout, cache.targets)
+                         f"{cache.out_shape} (from x of shape {cache.x_shape})")
     dout = dout.astype(cache.dtype, copy=False)
+    if isinstance(cache, UnpoolKernelCache):
+        get_array_module(dout, cache.indices)
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.max_unpool_backward_gpu(dout, cache.indices, cache.winners,
+                                                       cache.x_shape)
+    xp = get_array_module(dout, cache.targets)
     dx = xp.where(cache.winners, dout.reshape(-1)[cache.targets], xp.zeros((), dtype=dout.dtype))
     return dx.reshape(cache.x_shape)

@@ -10,10 +10,14 @@ Stages, each guarded so that one failure is recorded and the rest go on:
    pooling (exact: outputs, argmax indices, gradients -- dout holds small
    integers, so sums of gradients are exact in any order) and spatial batch
    norm (normwise error against a float64 NumPy reference; tolerance 1e-10
-   float64, 1e-5 float32, 1e-2 float16);
+   float64, 1e-5 float32, 1e-2 float16); on a GPU also the pooling kernels over
+   1, 2 and 3 axes (gpulayers/cuda/pool_nd_kernels.py): 1-D/2-D max pooling and
+   2-D unpooling exactly against the xp path on CuPy and NumPy, 3-D max and
+   adaptive max values exactly and average pooling (normwise) against PyTorch;
 2. timing: CUDA events, warm-up, round-robin, medians, on data larger than L2,
    against PyTorch on the same card; a device-to-device copy bandwidth from
-   the same run is the ceiling for the bandwidth fraction;
+   the same run is the ceiling for the bandwidth fraction; on a GPU a second
+   table times the pool_nd kernels against PyTorch ($OUT/pool_nd_timing.json);
 3. the results JSON, written to benchmarks/results/<date>-<gpu>.json and $OUT
    (written once before the test suite runs, and again with its counts);
    without a usable GPU (and without --dry-run) the script says why on
@@ -254,6 +258,116 @@ def compare_bn(dev, shape, dtype, rng, rows):
                          "tol": tol, "ok": bool(err <= tol), "unit": "max|diff|/max|ref|"})
 
 
+# pool_nd kernels (GPU only): (family, x shape, params), checked in float32, float16, float64
+CMP_ND = [("max", (2, 3, 11), dict(kernel_size=3, stride=2, pad=1, dilation=2, ceil_mode=True)),
+          ("max", (2, 4, 10, 11), dict(kernel_size=3, stride=2, pad=1, dilation=2)),
+          ("max", (2, 3, 7, 9, 8), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+          ("avg", (2, 3, 12), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+          ("avg", (2, 3, 6, 8), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+          ("avg", (2, 3, 6, 5, 8), dict(kernel_size=(2, 3, 3), stride=2, pad=1)),
+          ("adaptive", (2, 3, 10), 3), ("adaptive", (2, 3, 7, 9), (3, 4)),
+          ("adaptive", (2, 3, 5, 6, 7), (2, 3, 4)),
+          ("unpool", (4, 8, 16, 16), dict(pool_height=2, pool_width=2, stride=2))]
+AVG_ND_OPTIONS = [(True, None), (False, None), (False, 1)]
+
+
+def _nd_row(rows, where, what, bad, tol=0, unit="differing elements"):
+    ok = bad == 0 if tol == 0 else bool(bad <= tol)
+    rows.append({"check": where, "quantity": what, "error": bad, "tol": tol, "ok": ok,
+                 "unit": unit})
+
+
+def _normwise_finite(a, ref):
+    """_normwise over the positions where ref is finite; inf when the NaN/inf positions (or
+    the infinities' signs) differ."""
+    a = B.to_host(a).astype(np.float64)
+    ref = B.to_host(ref).astype(np.float64)
+    if a.shape != ref.shape:
+        return float("inf")
+    finite = np.isfinite(ref)
+    if not (np.array_equal(np.isnan(a), np.isnan(ref))
+            and np.array_equal(a[np.isinf(ref)], ref[np.isinf(ref)])):
+        return float("inf")
+    return _normwise(a[finite], ref[finite]) if finite.any() else 0.0
+
+
+def compare_pool_nd(dev, family, shape, params, dtype, rng, rows):
+    """One pool_nd case: exact against the xp path on CuPy and NumPy where the package has
+    one for the rank (1-D/2-D max pooling, 2-D unpooling), against PyTorch otherwise."""
+    from gpulayers.cuda import pool_nd_kernels as nk
+    from gpulayers.pooling import _max_pool_backward_xp, _max_pool_forward_xp
+    xp, torch = dev.xp, dev.torch
+    x = rng.standard_normal(shape).astype(dtype)
+    x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = np.nan
+    x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = -np.inf
+    xd = dev.to_device(x)
+    where = f"pool_nd {family} {shape} {dtype} {params}"
+
+    def t(a):
+        return torch.as_tensor(a, device="cuda")
+    if family == "unpool":  # indices of a max pool: unique targets, as PyTorch needs them
+        out, cache = gl.max_pool_forward(xd, params)
+        idx = gl.max_pool_indices(cache)
+        ours, winners = nk.max_unpool_forward_gpu(out, idx, xd.shape, return_winners=True)
+        ref_d, _ = gl.max_unpool_forward(out, idx, xd.shape)
+        ref_n, _ = gl.max_unpool_forward(B.to_host(out), B.to_host(idx), x.shape)
+        _nd_row(rows, where, "unpool kernel vs xp", _exact(ours, ref_d))
+        _nd_row(rows, where, "unpool kernel vs numpy", _exact(ours, ref_n))
+        dx = nk.max_unpool_backward_gpu(xd, idx, winners, out.shape)  # unique targets
+        gather = xp.take_along_axis(xd.reshape(out.shape[:2] + (-1,)),
+                                    idx.reshape(out.shape[:2] + (-1,)), axis=-1)
+        _nd_row(rows, where, "unpool dx kernel vs gather", _exact(dx, gather.reshape(out.shape)))
+        return
+    if family == "adaptive":
+        ageom = gl.shapes.adaptive_geometry(shape, params)
+        out, off = nk.adaptive_max_pool_forward_gpu(xd, ageom)
+        avg = nk.adaptive_avg_pool_forward_gpu(xd, ageom)
+        if torch is not None:
+            d = len(shape) - 2
+            F = torch.nn.functional
+            tmax = getattr(F, f"adaptive_max_pool{d}d")(t(xd), ageom.out)
+            tavg = getattr(F, f"adaptive_avg_pool{d}d")(t(xd), ageom.out)
+            _nd_row(rows, where, "adaptive max kernel vs torch",
+                    _exact(out, tmax.cpu().numpy()))
+            _nd_row(rows, where, "adaptive avg kernel vs torch",
+                    _normwise_finite(avg, tavg.cpu().numpy()), TOL[dtype], "max|diff|/max|ref|")
+        return
+    geom = gl.shapes.pool_geometry(shape, params, op=family)
+    if family == "max":
+        out, off = nk.max_pool_forward_gpu(xd, geom)
+        dout = rng.integers(-8, 9, size=geom.output_shape).astype(dtype)
+        dx = nk.max_pool_backward_gpu(dev.to_device(dout), off, geom)
+        if geom.d <= 2:  # the 2-D xp path; 1-D as an input row of height 1
+            g2 = geom.as_2d()
+            x2 = x.reshape(g2.input_shape)
+            for label, a, dd in (("xp", xd.reshape(g2.input_shape), dev.to_device(dout)),
+                                 ("numpy", x2, dout)):
+                r_out, r_off = _max_pool_forward_xp(a, g2)
+                r_dx = _max_pool_backward_xp(dd.reshape(g2.output_shape), r_off, g2)
+                _nd_row(rows, where, f"out kernel vs {label}",
+                        _exact(out, r_out.reshape(out.shape)))
+                _nd_row(rows, where, f"offsets kernel vs {label}",
+                        _exact(off, r_off.reshape(off.shape)))
+                _nd_row(rows, where, f"dx kernel vs {label}", _exact(dx, r_dx.reshape(dx.shape)))
+        elif torch is not None:
+            F = torch.nn.functional
+            r = F.max_pool3d(t(xd), geom.kernel, geom.stride, geom.pad, geom.dilation,
+                             geom.ceil_mode)
+            _nd_row(rows, where, "out kernel vs torch", _exact(out, r.cpu().numpy()))
+        return
+    if torch is not None:  # avg
+        d = geom.d
+        for cip, div in AVG_ND_OPTIONS:
+            if d == 1 and div is not None:
+                continue  # avg_pool1d has no divisor_override
+            out = nk.avg_pool_forward_gpu(xd, geom, cip, div)
+            r = getattr(torch.nn.functional, f"avg_pool{d}d")(
+                t(xd), geom.kernel, geom.stride, geom.pad, geom.ceil_mode, cip,
+                **({} if d == 1 else {"divisor_override": div}))
+            _nd_row(rows, where, f"avg cip={cip} div={div} kernel vs torch",
+                    _normwise_finite(out, r.cpu().numpy()), TOL[dtype], "max|diff|/max|ref|")
+
+
 def stage_compare(dev, args, rng):
     rows = []
     pools = DRY_CMP_POOL if dev.dry_run else CMP_POOL
@@ -263,10 +377,14 @@ def stage_compare(dev, args, rng):
         pools, bns, dtypes = pools[-1:], bns[:1], ("float32",)
     jobs = [("pool", s, p, dt) for s, p in pools for dt in dtypes]
     jobs += [("bn", s, None, dt) for s in bns for dt in dtypes]
+    if not dev.dry_run and not args.smoke:  # the pool_nd kernels need CuPy
+        jobs += [(f"nd-{fam}", s, p, dt) for fam, s, p in CMP_ND for dt in dtypes]
     for kind, shape, params, dtype in jobs:
         try:
             if kind == "pool":
                 compare_pool(dev, shape, params, dtype, rng, rows)
+            elif kind.startswith("nd-"):
+                compare_pool_nd(dev, kind[3:], shape, params, dtype, rng, rows)
             else:
                 compare_bn(dev, shape, dtype, rng, rows)
         except Exception as exc:
@@ -293,6 +411,9 @@ def stage_compare(dev, args, rng):
         say(f"  spatial BN max normwise error, {dt}: {err:.2e} (tol {TOL[dt]:g})")
     n_pool = [r for r in rows if r["check"].startswith("max_pool")]
     say(f"  max pool exact comparisons: {sum(r['ok'] for r in n_pool)}/{len(n_pool)} identical")
+    n_nd = [r for r in rows if r["check"].startswith("pool_nd")]
+    say(f"  pool_nd kernel checks: {sum(r['ok'] for r in n_nd)}/{len(n_nd)} ok"
+        + ("" if n_nd else " (none: they need CuPy)"))
     return rows
 
 
@@ -354,6 +475,132 @@ def stage_timing(dev, args, rng, copy_gbps, errors):
         case.backward_fns.clear()
         dev.free()
     return results
+
+
+# pool_nd timing (GPU only): (name, x shape, params, our fn, torch fn), float32 and float16
+def _nd_timing_cases():
+    from gpulayers.cuda import pool_nd_kernels as nk
+    P3 = dict(kernel_size=3, stride=2, pad=1)
+    A3 = dict(kernel_size=2, stride=2)
+
+    def max3(torch):
+        def make(x):
+            geom = gl.shapes.pool_geometry(x.shape, P3)
+            out, off = nk.max_pool_forward_gpu(x, geom)
+            return {"fwd": lambda: nk.max_pool_forward_gpu(x, geom),
+                    "bwd": lambda: nk.max_pool_backward_gpu(out, off, geom)}
+
+        def peer(t):
+            out, idx = torch.nn.functional.max_pool3d(t, 3, 2, 1, return_indices=True)
+            bwd = torch.ops.aten.max_pool3d_with_indices_backward
+            return {"fwd": lambda: torch.nn.functional.max_pool3d(t, 3, 2, 1),
+                    "bwd": lambda: bwd(out, t, [3] * 3, [2] * 3, [1] * 3, [1] * 3, False, idx)}
+        return make, peer
+
+    def avg3(torch):
+        def make(x):
+            geom = gl.shapes.pool_geometry(x.shape, A3, op="avg")
+            out = nk.avg_pool_forward_gpu(x, geom, True, None)
+            return {"fwd": lambda: nk.avg_pool_forward_gpu(x, geom, True, None),
+                    "bwd": lambda: nk.avg_pool_backward_gpu(out, geom, True, None)}
+
+        def peer(t):
+            out = torch.nn.functional.avg_pool3d(t, 2, 2)
+            bwd = torch.ops.aten.avg_pool3d_backward
+            return {"fwd": lambda: torch.nn.functional.avg_pool3d(t, 2, 2),
+                    "bwd": lambda: bwd(out, t, [2] * 3, [2] * 3, [0] * 3, False, True, None)}
+        return make, peer
+
+    def adaptive(kind, size):
+        def cases(torch):
+            def make(x):
+                ageom = gl.shapes.adaptive_geometry(x.shape, size)
+                if kind == "avg":
+                    out = nk.adaptive_avg_pool_forward_gpu(x, ageom)
+                    return {"fwd": lambda: nk.adaptive_avg_pool_forward_gpu(x, ageom),
+                            "bwd": lambda: nk.adaptive_avg_pool_backward_gpu(out, ageom)}
+                out, off = nk.adaptive_max_pool_forward_gpu(x, ageom)
+                return {"fwd": lambda: nk.adaptive_max_pool_forward_gpu(x, ageom),
+                        "bwd": lambda: nk.adaptive_max_pool_backward_gpu(out, off, ageom)}
+
+            def peer(t):
+                F = torch.nn.functional
+                if kind == "avg":
+                    out = F.adaptive_avg_pool2d(t, size)
+                    bwd = torch.ops.aten._adaptive_avg_pool2d_backward
+                    return {"fwd": lambda: F.adaptive_avg_pool2d(t, size),
+                            "bwd": lambda: bwd(out, t)}
+                out, idx = F.adaptive_max_pool2d(t, size, return_indices=True)
+                bwd = torch.ops.aten.adaptive_max_pool2d_backward
+                return {"fwd": lambda: F.adaptive_max_pool2d(t, size),
+                        "bwd": lambda: bwd(out, t, idx)}
+            return make, peer
+        return cases
+
+    def unpool(torch):
+        def make(x):
+            out, cache = gl.max_pool_forward(x, MP2)
+            idx = gl.max_pool_indices(cache)
+            _, won = nk.max_unpool_forward_gpu(out, idx, x.shape, return_winners=True)
+            return {"fwd": lambda: nk.max_unpool_forward_gpu(out, idx, x.shape),
+                    "bwd": lambda: nk.max_unpool_backward_gpu(x, idx, won, out.shape)}
+
+        def peer(t):
+            out, idx = torch.nn.functional.max_pool2d(t, 2, 2, return_indices=True)
+            return {"fwd": lambda: torch.nn.functional.max_unpool2d(out, idx, 2, 2)}
+        return make, peer
+
+    return [("max_pool3d 3/2/1", (32, 64, 16, 56, 56), max3),
+            ("avg_pool3d 2/2", (32, 64, 16, 56, 56), avg3),
+            ("adaptive_avg -> 1", (256, 2048, 7, 7), adaptive("avg", 1)),
+            ("adaptive_max -> 7x7", (64, 256, 56, 56), adaptive("max", (7, 7))),
+            ("max_unpool2d 2/2", (128, 128, 56, 56), unpool)]
+
+
+def stage_nd_timing(dev, args, rng, out_dir, errors):
+    """Our pool_nd kernels against PyTorch on the same card: median CUDA-event ms."""
+    if dev.dry_run or args.smoke:
+        say("  pool_nd timing: skipped (the kernels need CuPy)")
+        return []
+    rows = []
+    torch = dev.torch
+    for name, shape, cases in _nd_timing_cases():
+        for dtype in ("float32", "float16"):
+            try:
+                make, peer = cases(torch)
+                x = dev.xp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+                ours = make(x)
+                theirs = {}
+                if torch is not None:
+                    t = torch.randn(shape, device="cuda", dtype=getattr(torch, dtype))
+                    theirs = peer(t)
+                for pass_, fn in ours.items():
+                    entries = [B.Timed("ours", fn, dev.clock)]
+                    if pass_ in theirs:
+                        entries.append(B.Timed("torch", theirs[pass_], dev.torch_clock))
+                    B.round_robin(entries, args.reps, args.warmup)
+                    ms = {e.name: B.median(e.samples) if e.error is None else None
+                          for e in entries}
+                    for e in entries:
+                        if e.error:
+                            errors.append({"case": f"pool_nd {name} {pass_} {dtype} {e.name}",
+                                           "error": e.error})
+                    row = {"case": name, "pass": pass_, "shape": list(shape), "dtype": dtype,
+                           "ours_ms": ms["ours"], "torch_ms": ms.get("torch")}
+                    rows.append(row)
+                    ratio = (row["ours_ms"] / row["torch_ms"]
+                             if row["ours_ms"] and row["torch_ms"] else float("nan"))
+                    say(f"  {name:<22}{pass_:<4}{str(shape):<22}{dtype:<8}"
+                        f" ours {row['ours_ms'] or float('nan'):8.3f} ms  torch "
+                        f"{row['torch_ms'] or float('nan'):8.3f} ms  ratio {ratio:.2f}")
+            except Exception as exc:
+                errors.append({"case": f"pool_nd {name} {dtype}",
+                               "error": f"{type(exc).__name__}: {exc}"[:600]})
+                say(f"  pool_nd {name} {dtype} FAILED: {type(exc).__name__}: {exc}"[:400])
+            dev.free()
+    with open(os.path.join(out_dir, "pool_nd_timing.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    return rows
 
 
 # --------------------------------------------------------------------- 4. tests
@@ -539,6 +786,12 @@ def _run(args, dev, out_dir, t_start):
         cases = stage_timing(dev, args, rng, copy_gbps, errors)
     except Exception as exc:
         errors.append({"case": "timing stage", "error": f"{type(exc).__name__}: {exc}"})
+        say(traceback.format_exc())
+    say("\n== timing: pool_nd kernels vs torch")
+    try:
+        stage_nd_timing(dev, args, rng, out_dir, errors)
+    except Exception as exc:
+        errors.append({"case": "pool_nd timing stage", "error": f"{type(exc).__name__}: {exc}"})
         say(traceback.format_exc())
     doc["cases"] = cases
     with open(os.path.join(out_dir, "errors.json"), "w", encoding="utf-8") as f:

@@ -7,7 +7,8 @@ instantiation), which the NVRTC compile check in the tests walks through.
 """
 import importlib
 
-KERNEL_MODULES = ("gpulayers.cuda.pool_kernels", "gpulayers.cuda.bn_kernels")
+KERNEL_MODULES = ("gpulayers.cuda.pool_kernels", "gpulayers.cuda.bn_kernels",
+                  "gpulayers.cuda.pool_nd_kernels")
 
 
 def instantiations():

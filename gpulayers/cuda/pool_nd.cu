@@ -1,0 +1,599 @@
+// Pooling over 1, 2 or 3 spatial axes, written once for 3 (D, H, W): max and average pooling,
+// adaptive max and average pooling, max unpooling; forward and deterministic backward passes.
+//
+// Ranks below 3 run as D = H = 1 (1-D) or D = 1 (2-D), with kernel 1, stride 1, pad 0 and
+// dilation 1 on the added axes, as PyTorch's kernels do; compact offsets and flat indices are
+// then those of the lower rank. pool_nd_kernels.py pads the geometry and launches.
+//
+// Geometry (gpulayers/shapes.py): along axis a, window o covers the input positions
+// o*stride - pad + t*dilation for taps t < kernel; positions outside [0, size) are padding and
+// ignored. Tap (td, th, tw) has the compact offset (td*kh + th)*kw + tw (row-major over the
+// kernel). Adaptive windows (AdaptiveGeometry) cover [floor(o*L/O), ceil((o+1)*L/O)) per axis;
+// their taps have compact offsets row-major over AdaptiveGeometry.window (wd, wh, ww).
+//
+// Launch layout, every kernel: blockIdx.x/threadIdx.x walk the positions of one plane (output
+// positions for a forward pass, input positions for a backward pass), blockIdx.y walks the
+// N*C planes; both loops are grid-stride. A thread works out its window (or covering windows)
+// once and reuses it for every plane it visits.
+//
+// Idx (int or long long) holds element indices and must hold every tensor's size; every
+// product that can reach a plane's or a tensor's size is formed in Idx ((Idx)a * b). The
+// launcher keeps sizes, padded sizes plus a stride and a window extent below 2**31, so
+// positions and window bounds fit int; products of a position and a size (adaptive bounds)
+// are formed in long long. Compact offsets are formed in unsigned (window sizes below 2**32).
+//
+// No kernel uses vector loads or stores, so no pointer needs more than its element alignment.
+#ifndef GPULAYERS_CPU_SHIM
+#include <cuda_fp16.h>
+#endif
+
+// Accumulation and comparison type: float for __half, T otherwise.
+template <typename T> struct Acc { typedef T type; };
+template <> struct Acc<__half> { typedef float type; };
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+// Next index of a grid-stride loop over [.., n): i + step, or n once that reaches n.
+// Never forms a value past n, so a 32-bit Idx cannot overflow near 2**31.
+template <typename Idx>
+__device__ __forceinline__ Idx grid_next(Idx i, Idx step, Idx n)
+{
+    return i < n - step ? i + step : n;
+}
+
+// Grid-stride loops: positions p of one plane of n positions (x), planes nc (y).
+#define FOR_POSITIONS(p, n)                                                                    \
+    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < (n);                \
+         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, (Idx)(n)))
+#define FOR_PLANES(nc)                                                                         \
+    for (Idx nc = (Idx)blockIdx.y; nc < planes; nc = grid_next(nc, (Idx)gridDim.y, planes))
+
+// Position p of a (n0, n1, n2) plane as its three coordinates.
+template <typename Idx>
+__device__ __forceinline__ void decode3(Idx p, int n1, int n2, int (&o)[3])
+{
+    const Idx n12 = (Idx)n1 * n2;
+    o[0] = (int)(p / n12);
+    const Idx r = p - (Idx)o[0] * n12;
+    o[1] = (int)(r / n2);
+    o[2] = (int)(r - (Idx)o[1] * n2);
+}
+
+// ------------------------------------------------------------------------- geometry
+
+// One spatial axis of a pooling geometry.
+struct PoolAxis {
+    int size, out, kernel, stride, pad, dilation;
+};
+
+// A pooling geometry over (D, H, W).
+struct Pool3 {
+    PoolAxis a[3];
+};
+
+// The kernels' geometry arguments, in this order, and the Pool3 they make.
+#define POOL3_PARAMS                                                                           \
+    int D, int H, int W, int Do, int Ho, int Wo, int kd, int kh, int kw, int sd, int sh,       \
+        int sw, int pd, int ph, int pw, int dd, int dh, int dw
+#define POOL3_GEOMETRY                                                                         \
+    {{{D, Do, kd, sd, pd, dd}, {H, Ho, kh, sh, ph, dh}, {W, Wo, kw, sw, pw, dw}}}
+
+// The in-range taps of one window over a plane: n[a] taps along axis a; tap (a, b, c) (counted
+// from the first in-range one) is the plane's element first + a*step[0] + b*step[1] +
+// c*step[2] and has the compact offset k0 + a*kstep[0] + b*kstep[1] + c*kstep[2].
+template <typename Idx>
+struct Window3 {
+    Idx first, step[3];
+    int n[3];
+    unsigned k0, kstep[3];
+};
+
+// Window (o[0], o[1], o[2]) of a pooling geometry.
+template <typename Idx>
+__device__ __forceinline__ Window3<Idx> pool_window(const Pool3& g, const int (&o)[3])
+{
+    const Idx pitch[3] = {(Idx)g.a[1].size * g.a[2].size, (Idx)g.a[2].size, (Idx)1};
+    const unsigned kpitch[3] = {(unsigned)g.a[1].kernel * (unsigned)g.a[2].kernel,
+                                (unsigned)g.a[2].kernel, 1u};
+    Window3<Idx> w;
+    w.first = 0;
+    w.k0 = 0;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        const PoolAxis& a = g.a[i];
+        const int start = o[i] * a.stride - a.pad;
+        const int t0 = start < 0 ? (a.dilation - 1 - start) / a.dilation : 0;
+        const int t1 = start < a.size ? imin(a.kernel, (a.size - 1 - start) / a.dilation + 1) : 0;
+        w.n[i] = imax(t1 - t0, 0);  // >= 1: the launcher checks that no window is all padding
+        w.first += (Idx)(start + t0 * a.dilation) * pitch[i];
+        w.step[i] = (Idx)a.dilation * pitch[i];
+        w.k0 += (unsigned)t0 * kpitch[i];
+        w.kstep[i] = kpitch[i];
+    }
+    return w;
+}
+
+// Adaptive window bounds along an axis of `size` inputs and `out` outputs (PyTorch's rule).
+__device__ __forceinline__ int adaptive_start(int o, int size, int out)
+{
+    return (int)((long long)o * size / out);
+}
+
+__device__ __forceinline__ int adaptive_end(int o, int size, int out)
+{
+    return (int)(((long long)(o + 1) * size + out - 1) / out);
+}
+
+// Window o of an adaptive geometry with input (D, H, W) sizes in[], output sizes out[] and
+// largest window lengths (window[1], window[2]) along H and W (what the offsets count over).
+template <typename Idx>
+__device__ __forceinline__ Window3<Idx> adaptive_window(const int (&in)[3], const int (&out)[3],
+                                                        int wh, int ww, const int (&o)[3])
+{
+    const Idx pitch[3] = {(Idx)in[1] * in[2], (Idx)in[2], (Idx)1};
+    const unsigned kpitch[3] = {(unsigned)wh * (unsigned)ww, (unsigned)ww, 1u};
+    Window3<Idx> w;
+    w.first = 0;
+    w.k0 = 0;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        const int start = adaptive_start(o[i], in[i], out[i]);
+        w.n[i] = adaptive_end(o[i], in[i], out[i]) - start;
+        w.first += (Idx)start * pitch[i];
+        w.step[i] = pitch[i];
+        w.kstep[i] = kpitch[i];
+    }
+    return w;
+}
+
+// Calls op(v, k) for every in-range tap of window w over plane x, in row-major tap order:
+// v is the tap's value (in Acc<T>), k its compact offset.
+template <typename T, typename Idx, typename Op>
+__device__ __forceinline__ void visit_taps(const T* x, const Window3<Idx>& w, Op& op)
+{
+    for (int a = 0; a < w.n[0]; ++a) {
+        for (int b = 0; b < w.n[1]; ++b) {
+            const Idx row = w.first + a * w.step[0] + b * w.step[1];
+            const unsigned k = w.k0 + a * w.kstep[0] + b * w.kstep[1];
+            for (int c = 0; c < w.n[2]; ++c) op(to_acc(x[row + c * w.step[2]]), k + c);
+        }
+    }
+}
+
+// The pooling windows along one axis that cover one input position, in ascending tap order:
+// the i-th (i < n) is window win - i*win_step, where the position is its tap tap + i*tap_step.
+struct PoolCover {
+    int n, win, tap, win_step, tap_step;
+    __device__ __forceinline__ int window(int i) const { return win - i * win_step; }
+    __device__ __forceinline__ int tap_of(int i) const { return tap + i * tap_step; }
+};
+
+// Covering windows of input position pos along axis a. The taps that reach a position form an
+// arithmetic sequence (t*dilation = pos + pad mod stride), so two of them give the steps.
+__device__ __forceinline__ PoolCover pool_cover(int pos, const PoolAxis& a)
+{
+    PoolCover c = {0, 0, 0, 0, 0};
+    const int padded = pos + a.pad;
+    for (int t = 0; t < a.kernel && t * a.dilation <= padded; ++t) {
+        const int r = padded - t * a.dilation;
+        if (r % a.stride != 0 || r / a.stride >= a.out) continue;
+        if (c.n == 0) {
+            c.tap = t;
+            c.win = r / a.stride;
+        } else if (c.n == 1) {
+            c.tap_step = t - c.tap;
+            c.win_step = c.win - r / a.stride;
+        }
+        ++c.n;
+    }
+    return c;
+}
+
+// The adaptive windows along one axis that cover input position pos, in ascending window
+// order: windows [floor(pos*out/size), ceil((pos+1)*out/size)); the i-th is window lo + i and
+// the position is its tap pos - start(lo + i).
+struct AdaptiveCover {
+    int n, lo, pos, size, out;
+    __device__ __forceinline__ int window(int i) const { return lo + i; }
+    __device__ __forceinline__ int tap_of(int i) const
+    {
+        return pos - adaptive_start(lo + i, size, out);
+    }
+};
+
+__device__ __forceinline__ AdaptiveCover adaptive_cover(int pos, int size, int out)
+{
+    const int lo = (int)((long long)pos * out / size);
+    const int hi = (int)(((long long)(pos + 1) * out + size - 1) / size);
+    return {hi - lo, lo, pos, size, out};
+}
+
+// Calls op(q, k, o) for every window that covers one input position, given its covers c[axis]
+// over an output plane (Do, Ho, Wo): row-major over the covers (c[0] outermost, each in its
+// own order); q is the window's in-plane output index, o its coordinates, k the compact offset
+// (counted over kernel or window sizes kpitch1 = k1*k2, kpitch2 = k2) that names the position.
+template <typename Idx, typename Cover, typename Op>
+__device__ __forceinline__ void visit_covers(const Cover (&c)[3], int Ho, int Wo,
+                                             unsigned kpitch1, unsigned kpitch2, Op& op)
+{
+    int o[3];
+    for (int a = 0; a < c[0].n; ++a) {
+        o[0] = c[0].window(a);
+        const unsigned ka = (unsigned)c[0].tap_of(a) * kpitch1;
+        for (int b = 0; b < c[1].n; ++b) {
+            o[1] = c[1].window(b);
+            const unsigned kb = ka + (unsigned)c[1].tap_of(b) * kpitch2;
+            const Idx row = ((Idx)o[0] * Ho + o[1]) * Wo;
+            for (int e = 0; e < c[2].n; ++e) {
+                o[2] = c[2].window(e);
+                op(row + o[2], kb + (unsigned)c[2].tap_of(e), o);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------- functors
+
+// Forward max: PyTorch's rule `v > best || isnan(v)`: the first maximum in tap order wins
+// ties, the last NaN wins, and a window of -inf keeps the first tap (best starts there).
+template <typename A>
+struct MaxOp {
+    A best;
+    unsigned arg;
+    __device__ __forceinline__ void operator()(A v, unsigned k)
+    {
+        if (v > best || isnan(v)) {
+            best = v;
+            arg = k;
+        }
+    }
+};
+
+// Forward sum, in Acc<T>, from +0 (so an all -0 window sums to +0, as the xp paths).
+template <typename A>
+struct SumOp {
+    A sum;
+    __device__ __forceinline__ void operator()(A v, unsigned) { sum += v; }
+};
+
+// Backward max: adds dout of every covering window whose stored offset names the position.
+template <typename T, typename Off, typename A>
+struct MaxGradOp {
+    const T* dout;
+    const Off* offsets;
+    A acc;
+    template <typename Idx>
+    __device__ __forceinline__ void operator()(Idx q, unsigned k, const int (&)[3])
+    {
+        if ((unsigned)offsets[q] == k) acc += to_acc(dout[q]);
+    }
+};
+
+// Backward average: adds dout / divisor of every covering window (the quotient rounded as the
+// forward pass and the xp paths round it).
+template <typename T, typename A, typename Divisor>
+struct AvgGradOp {
+    const T* dout;
+    Divisor divisor;
+    A acc;
+    template <typename Idx>
+    __device__ __forceinline__ void operator()(Idx q, unsigned, const int (&o)[3])
+    {
+        acc += to_acc(dout[q]) / (A)divisor(o);
+    }
+};
+
+// PyTorch's avg_pool divisor of window o: divisor_override when > 0; else with
+// count_include_pad the window's size clipped to the right padding (never the ceil_mode
+// overhang past it), without it the number of in-range elements. No dilation (avg pooling
+// has none; the launcher checks).
+struct PoolDivisor {
+    Pool3 g;
+    int include_pad, override_;
+    __device__ __forceinline__ long long operator()(const int (&o)[3]) const
+    {
+        if (override_ > 0) return override_;
+        long long full = 1, inside = 1;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+            const PoolAxis& a = g.a[i];
+            const int start = o[i] * a.stride - a.pad;
+            const int end = imin(start + a.kernel, a.size + a.pad);
+            full *= end - start;
+            inside *= imin(end, a.size) - imax(start, 0);
+        }
+        return include_pad ? full : inside;
+    }
+};
+
+// Element count of adaptive window o.
+struct AdaptiveDivisor {
+    int in[3], out[3];
+    __device__ __forceinline__ long long operator()(const int (&o)[3]) const
+    {
+        long long n = 1;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+            n *= adaptive_end(o[i], in[i], out[i]) - adaptive_start(o[i], in[i], out[i]);
+        }
+        return n;
+    }
+};
+
+// ------------------------------------------------------------------- pooling kernels
+
+// One thread per output element (n, c, od, oh, ow): reads the in-range taps of its window in
+// x in row-major order and writes their maximum (PyTorch's rule, see MaxOp) to out and its
+// compact offset to offsets.
+template <typename T, typename Off, typename Idx>
+__global__ void max_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
+                                   Off* __restrict__ offsets, Idx planes, POOL3_PARAMS)
+{
+    typedef typename Acc<T>::type A;
+    const Pool3 g = POOL3_GEOMETRY;
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, out_plane) {
+        int o[3];
+        decode3(p, Ho, Wo, o);
+        const Window3<Idx> w = pool_window<Idx>(g, o);
+        FOR_PLANES(nc) {
+            const T* xp = x + nc * in_plane;
+            MaxOp<A> op = {to_acc(xp[w.first]), w.k0};
+            visit_taps(xp, w, op);
+            store(out + nc * out_plane + p, op.best);
+            offsets[nc * out_plane + p] = (Off)op.arg;
+        }
+    }
+}
+
+// One thread per input element (n, c, d, h, w): visits the windows that cover it in ascending
+// tap order and writes to dx the sum (in Acc<T>, 0 when none) of dout over those whose stored
+// offset names it. No atomics, fixed order: every element of dx written, deterministically.
+template <typename T, typename Off, typename Idx>
+__global__ void max_pool3d_backward(const T* __restrict__ dout, const Off* __restrict__ offsets,
+                                    T* __restrict__ dx, Idx planes, POOL3_PARAMS)
+{
+    typedef typename Acc<T>::type A;
+    const Pool3 g = POOL3_GEOMETRY;
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, in_plane) {
+        int x[3];
+        decode3(p, H, W, x);
+        const PoolCover c[3] = {pool_cover(x[0], g.a[0]), pool_cover(x[1], g.a[1]),
+                                pool_cover(x[2], g.a[2])};
+        FOR_PLANES(nc) {
+            MaxGradOp<T, Off, A> op = {dout + nc * out_plane, offsets + nc * out_plane, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw, op);
+            store(dx + nc * in_plane + p, op.acc);
+        }
+    }
+}
+
+// One thread per output element (n, c, od, oh, ow): sums the in-range taps of its window in
+// row-major order (in Acc<T>, from +0) and writes the sum / PyTorch's divisor (PoolDivisor).
+template <typename T, typename Idx>
+__global__ void avg_pool3d_forward(const T* __restrict__ x, T* __restrict__ out, Idx planes,
+                                   POOL3_PARAMS, int count_include_pad, int divisor_override)
+{
+    typedef typename Acc<T>::type A;
+    const PoolDivisor divisor = {POOL3_GEOMETRY, count_include_pad, divisor_override};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, out_plane) {
+        int o[3];
+        decode3(p, Ho, Wo, o);
+        const Window3<Idx> w = pool_window<Idx>(divisor.g, o);
+        const A div = (A)divisor(o);
+        FOR_PLANES(nc) {
+            SumOp<A> op = {A(0)};
+            visit_taps(x + nc * in_plane, w, op);
+            store(out + nc * out_plane + p, op.sum / div);
+        }
+    }
+}
+
+// One thread per input element (n, c, d, h, w): visits the windows that cover it in ascending
+// tap order and writes to dx the sum (in Acc<T>, from +0) of dout / divisor over them. No
+// atomics, fixed order.
+template <typename T, typename Idx>
+__global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ dx, Idx planes,
+                                    POOL3_PARAMS, int count_include_pad, int divisor_override)
+{
+    typedef typename Acc<T>::type A;
+    const PoolDivisor divisor = {POOL3_GEOMETRY, count_include_pad, divisor_override};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, in_plane) {
+        int x[3];
+        decode3(p, H, W, x);
+        const PoolCover c[3] = {pool_cover(x[0], divisor.g.a[0]),
+                                pool_cover(x[1], divisor.g.a[1]),
+                                pool_cover(x[2], divisor.g.a[2])};
+        FOR_PLANES(nc) {
+            AvgGradOp<T, A, PoolDivisor> op = {dout + nc * out_plane, divisor, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw, op);
+            store(dx + nc * in_plane + p, op.acc);
+        }
+    }
+}
+
+// ---------------------------------------------------------- adaptive pooling kernels
+
+// One thread per output element (n, c, od, oh, ow): reads its adaptive window in x in
+// row-major order and writes the maximum (PyTorch's rule, see MaxOp) to out and its compact
+// offset, row-major over the largest window (wd, wh, ww), to offsets.
+template <typename T, typename Off, typename Idx>
+__global__ void adaptive_max_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
+                                            Off* __restrict__ offsets, Idx planes, int D, int H,
+                                            int W, int Do, int Ho, int Wo, int wh, int ww)
+{
+    typedef typename Acc<T>::type A;
+    const int in[3] = {D, H, W}, outs[3] = {Do, Ho, Wo};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, out_plane) {
+        int o[3];
+        decode3(p, Ho, Wo, o);
+        const Window3<Idx> w = adaptive_window<Idx>(in, outs, wh, ww, o);
+        FOR_PLANES(nc) {
+            const T* xp = x + nc * in_plane;
+            MaxOp<A> op = {to_acc(xp[w.first]), 0u};
+            visit_taps(xp, w, op);
+            store(out + nc * out_plane + p, op.best);
+            offsets[nc * out_plane + p] = (Off)op.arg;
+        }
+    }
+}
+
+// One thread per input element (n, c, d, h, w): visits the adaptive windows that cover it in
+// ascending window order (row-major) and writes to dx the sum (in Acc<T>, 0 when none) of
+// dout over those whose stored offset names it. No atomics, fixed order.
+template <typename T, typename Off, typename Idx>
+__global__ void adaptive_max_pool3d_backward(const T* __restrict__ dout,
+                                             const Off* __restrict__ offsets,
+                                             T* __restrict__ dx, Idx planes, int D, int H, int W,
+                                             int Do, int Ho, int Wo, int wh, int ww)
+{
+    typedef typename Acc<T>::type A;
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, in_plane) {
+        int x[3];
+        decode3(p, H, W, x);
+        const AdaptiveCover c[3] = {adaptive_cover(x[0], D, Do), adaptive_cover(x[1], H, Ho),
+                                    adaptive_cover(x[2], W, Wo)};
+        FOR_PLANES(nc) {
+            MaxGradOp<T, Off, A> op = {dout + nc * out_plane, offsets + nc * out_plane, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)wh * (unsigned)ww, (unsigned)ww, op);
+            store(dx + nc * in_plane + p, op.acc);
+        }
+    }
+}
+
+// One thread per output element (n, c, od, oh, ow): sums its adaptive window in row-major
+// order (in Acc<T>, from +0) and writes the sum / the window's element count.
+template <typename T, typename Idx>
+__global__ void adaptive_avg_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
+                                            Idx planes, int D, int H, int W, int Do, int Ho,
+                                            int Wo)
+{
+    typedef typename Acc<T>::type A;
+    const AdaptiveDivisor divisor = {{D, H, W}, {Do, Ho, Wo}};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, out_plane) {
+        int o[3];
+        decode3(p, Ho, Wo, o);
+        const Window3<Idx> w = adaptive_window<Idx>(divisor.in, divisor.out, 1, 1, o);
+        const A div = (A)divisor(o);
+        FOR_PLANES(nc) {
+            SumOp<A> op = {A(0)};
+            visit_taps(x + nc * in_plane, w, op);
+            store(out + nc * out_plane + p, op.sum / div);
+        }
+    }
+}
+
+// One thread per input element (n, c, d, h, w): visits the adaptive windows that cover it in
+// ascending window order (row-major) and writes to dx the sum (in Acc<T>, from +0) of
+// dout / count over them. No atomics, fixed order.
+template <typename T, typename Idx>
+__global__ void adaptive_avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ dx,
+                                             Idx planes, int D, int H, int W, int Do, int Ho,
+                                             int Wo)
+{
+    typedef typename Acc<T>::type A;
+    const AdaptiveDivisor divisor = {{D, H, W}, {Do, Ho, Wo}};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    FOR_POSITIONS(p, in_plane) {
+        int x[3];
+        decode3(p, H, W, x);
+        const AdaptiveCover c[3] = {adaptive_cover(x[0], D, Do), adaptive_cover(x[1], H, Ho),
+                                    adaptive_cover(x[2], W, Wo)};
+        FOR_PLANES(nc) {
+            AvgGradOp<T, A, AdaptiveDivisor> op = {dout + nc * out_plane, divisor, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, 1u, 1u, op);
+            store(dx + nc * in_plane + p, op.acc);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ max unpooling
+
+// atomicMax on an int or long long winner slot. The CPU shim has no atomicMax: there it is a
+// max under the shim's atomic mutex (the shim may run a block's threads at once).
+template <typename Idx>
+__device__ __forceinline__ void atomic_max_index(Idx* slot, Idx value)
+{
+#ifdef GPULAYERS_CPU_SHIM
+    std::lock_guard<std::mutex> lock(cuda_shim::atomic_mutex);
+    if (value > *slot) *slot = value;
+#else
+    atomicMax(slot, value);
+#endif
+}
+
+// One thread per input element i (n, c, position): raises the winner slot of its target (the
+// plane's output position indices[i]) to i, the input's flat index over the whole tensor, with
+// atomicMax: after the kernel each slot holds the last input in row-major order that targets
+// it (order-independent, so deterministic), or stays -1 (the launcher's fill). Indices are
+// assumed in [0, out_plane) (the caller checks them).
+template <typename Ind, typename Idx>
+__global__ void max_unpool_winners(const Ind* __restrict__ indices, Idx* __restrict__ winners,
+                                   Idx planes, Idx in_plane, Idx out_plane)
+{
+    FOR_POSITIONS(p, in_plane) {
+        FOR_PLANES(nc) {
+            const Idx i = nc * in_plane + p;
+            atomic_max_index(winners + nc * out_plane + (Idx)indices[i], i);
+        }
+    }
+}
+
+// One thread per output element t: writes x[winners[t]], or 0 where no input targets t.
+template <typename T, typename Idx>
+__global__ void max_unpool_forward(const T* __restrict__ x, const Idx* __restrict__ winners,
+                                   T* __restrict__ out, Idx planes, Idx out_plane)
+{
+    typedef typename Acc<T>::type A;
+    FOR_POSITIONS(p, out_plane) {
+        FOR_PLANES(nc) {
+            const Idx t = nc * out_plane + p;
+            const Idx w = winners[t];
+            if (w >= 0) {
+                out[t] = x[w];
+            } else {
+                store(out + t, A(0));
+            }
+        }
+    }
+}
+
+// One thread per input element i: writes dout at its target to dx[i] if i won the target
+// (winners from max_unpool_winners), else 0. A gather: no atomics.
+template <typename T, typename Ind, typename Idx>
+__global__ void max_unpool_backward(const T* __restrict__ dout, const Ind* __restrict__ indices,
+                                    const Idx* __restrict__ winners, T* __restrict__ dx,
+                                    Idx planes, Idx in_plane, Idx out_plane)
+{
+    typedef typename Acc<T>::type A;
+    FOR_POSITIONS(p, in_plane) {
+        FOR_PLANES(nc) {
+            const Idx i = nc * in_plane + p;
+            const Idx t = nc * out_plane + (Idx)indices[i];
+            if (winners[t] == i) {
+                dx[i] = dout[t];
+            } else {
+                store(dx + i, A(0));
+            }
+        }
+    }
+}
+
+#undef FOR_POSITIONS
+#undef FOR_PLANES
+#undef POOL3_PARAMS
+#undef POOL3_GEOMETRY
