@@ -1,5 +1,6 @@
-"""gpulayers: pooling, unpooling and batch-norm layers with explicit forward and
-backward passes, one code base for NumPy (CPU) and CuPy (NVIDIA GPUs).
+"""gpulayers: pooling (max, average, sum, adaptive; 1-D, 2-D and 3-D), unpooling and
+batch-norm layers with explicit forward and backward passes, one code base for NumPy
+(CPU) and CuPy (NVIDIA GPUs).
 
     out, cache = gpulayers.max_pool_forward(x, {'pool_height': 2, 'pool_width': 2})
     dx = gpulayers.max_pool_backward(dout, cache)
@@ -18,12 +19,14 @@ from .backend import (asarray, available_backends, backend_info, get_array_modul
 from .batchnorm import (batchnorm_backward, batchnorm_forward, spatial_batchnorm_backward,
                         spatial_batchnorm_backward_general, spatial_batchnorm_forward,
                         spatial_batchnorm_forward_general)
-from .pooling import (avg_pool_backward, avg_pool_forward, max_pool_backward,
-                      max_pool_backward_fast, max_pool_backward_general,
-                      max_pool_backward_naive, max_pool_backward_reshape, max_pool_forward,
-                      max_pool_forward_fast, max_pool_forward_general, max_pool_forward_naive,
-                      max_pool_forward_reshape, max_pool_indices, max_unpool_backward,
-                      max_unpool_forward)
+from .pooling import (adaptive_avg_pool_backward, adaptive_avg_pool_forward,
+                      adaptive_max_pool_backward, adaptive_max_pool_forward, avg_pool_backward,
+                      avg_pool_forward, max_pool_backward, max_pool_backward_fast,
+                      max_pool_backward_general, max_pool_backward_naive,
+                      max_pool_backward_reshape, max_pool_forward, max_pool_forward_fast,
+                      max_pool_forward_general, max_pool_forward_naive, max_pool_forward_reshape,
+                      max_pool_indices, max_unpool_backward, max_unpool_forward,
+                      sum_pool_backward, sum_pool_forward)
 from . import gradcheck, layers  # noqa: E402  (gpulayers.layers / .gradcheck as attributes)
 
 __version__ = "0.1.0"
@@ -37,7 +40,9 @@ __all__ = [
     "max_pool_forward_general", "max_pool_backward_general",
     "max_pool_forward_fast", "max_pool_backward_fast",
     "max_pool_indices", "max_unpool_forward", "max_unpool_backward",
-    "avg_pool_forward", "avg_pool_backward",
+    "avg_pool_forward", "avg_pool_backward", "sum_pool_forward", "sum_pool_backward",
+    "adaptive_avg_pool_forward", "adaptive_avg_pool_backward",
+    "adaptive_max_pool_forward", "adaptive_max_pool_backward",
     "batchnorm_forward", "batchnorm_backward",
     "spatial_batchnorm_forward", "spatial_batchnorm_backward",
     "spatial_batchnorm_forward_general", "spatial_batchnorm_backward_general",
