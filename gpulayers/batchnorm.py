@@ -37,10 +37,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import numpy_fast
+from . import bn_rows, numpy_fast
 from .backend import get_array_module
 from .backend import device_scope
-from .shapes import check_array, check_floating
+from .shapes import acc_dtype, check_array, check_data_format, check_floating, is_floating
 
 __all__ = [
     "BatchNormCache",
@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 _CONVENTIONS = {"cs231n": 0.9, "torch": 0.1}
-_BN_KEYS = {"mode", "eps", "momentum", "running_mean", "running_var", "convention", "comm"}
+_BN_KEYS = {"mode", "eps", "momentum", "running_mean", "running_var", "convention", "comm",
+            "data_format"}
 
 
 class BatchNormCache(NamedTuple):
@@ -60,10 +61,15 @@ class BatchNormCache(NamedTuple):
       each backward takes only its own forward's cache
     - path: which implementation made it, and so which backward runs: 'xp' (the general
       path; keeps xhat, the normalized input, one full-size array in the stats dtype),
-      'numpy_fast' or 'cuda' (both keep ``x`` itself and recompute from it)
+      'numpy_fast', 'numpy_rows' (gpulayers.bn_rows: (N, D) and channels-last input) or
+      'cuda' (these keep ``x`` itself and recompute from it)
     - gamma, mean and invstd: (C,) arrays in the stats dtype; count: values per channel
       (over all ranks with a communicator); stats: the CUDA train path's (6, C) block of
       bn_kernels.STAT_ROWS
+    - shape: the forward input's shape; layout: 'channels_first', 'channels_last'
+      (data_format) or 'channels_last_strided' (a channels-first-shaped input in PyTorch's
+      channels_last memory format); the channels-last ones keep x / xhat as the (M, C)
+      matrix of x's rows
 
     The 'numpy_fast' and 'cuda' caches hold a reference to x, as PyTorch's saved tensors
     do: changing x in place between forward and backward changes the gradient.
@@ -84,9 +90,12 @@ class BatchNormCache(NamedTuple):
     gamma_dtype: np.dtype = None
     beta_dtype: np.dtype = None
     stats: object = None
+    shape: tuple = None
+    layout: str = "channels_first"
 
 
 def _stats_dtype(dtype):
+    """float64 for float64 input, float32 for float16, bfloat16 and float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -102,8 +111,8 @@ def _real(value):
 
 
 def _param_dtype(x_dtype):
-    """What integer gamma/beta are cast to: x's dtype, float32 for float16 x."""
-    return np.dtype(np.float32) if np.dtype(x_dtype) == np.float16 else np.dtype(x_dtype)
+    """What integer gamma/beta are cast to: x's dtype, float32 for float16 and bfloat16 x."""
+    return acc_dtype(x_dtype)
 
 
 def _channel_array(a, name, C, shape):
@@ -111,7 +120,7 @@ def _channel_array(a, name, C, shape):
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"bn_param[{name!r}] must be a NumPy or CuPy array of shape ({C},), "
                         f"got {type(a).__name__}")
-    if np.dtype(a.dtype).kind != "f":
+    if not is_floating(a.dtype):
         raise TypeError(f"bn_param[{name!r}] must have a floating dtype, got {a.dtype} "
                         f"(x of shape {shape})")
     if tuple(a.shape) != (C,):
@@ -128,18 +137,26 @@ def _check_comm(comm):
 
 
 _LAYOUTS = {2: "(N, D)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+_LAYOUTS_LAST = {3: "(N, L, C)", 4: "(N, H, W, C)", 5: "(N, D, H, W, C)"}
 _RANKS = {"batchnorm_forward": (2,), "spatial_batchnorm_forward": (3, 4, 5)}
 
 
 def _parse(x, gamma, beta, bn_param, op, what):
     """Check every input of a BN forward.
 
-    Returns (xp, mode, eps, momentum, convention, comm, gamma, beta): integer gamma/beta
-    come back cast to x's dtype (float32 for float16 x).
+    Returns (xp, mode, eps, momentum, convention, comm, gamma, beta, data_format): integer
+    gamma/beta come back cast to x's dtype (float32 for float16 and bfloat16 x).
     """
     for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
         check_array(a, name)
     check_floating(x, "x")
+    if not isinstance(bn_param, dict):
+        raise TypeError(f"bn_param must be a dict, got {type(bn_param).__name__}")
+    unknown = set(bn_param) - _BN_KEYS
+    if unknown:
+        raise ValueError(f"unknown bn_param keys {sorted(unknown)}; known: {sorted(_BN_KEYS)}")
+    data_format = check_data_format(bn_param.get("data_format", "channels_first"),
+                                    f"bn_param['data_format'] of {what}")
     shape = tuple(x.shape)
     pdt = _param_dtype(x.dtype)
     params = []
@@ -147,29 +164,28 @@ def _parse(x, gamma, beta, bn_param, op, what):
         kind = np.dtype(a.dtype).kind
         if kind in "iu":
             a = a.astype(pdt)
-        elif kind != "f":
+        elif not is_floating(a.dtype):
             raise TypeError(f"{name} must have a floating or integer dtype, got {a.dtype} "
                             f"with shape {tuple(a.shape)}")
         params.append(a)
     gamma, beta = params
     ranks = _RANKS[op]
+    last = data_format == "channels_last" and op == _SPATIAL
+    layouts_of = _LAYOUTS_LAST if last else _LAYOUTS
     if len(shape) not in ranks:
-        layouts = " or ".join(_LAYOUTS[r] for r in ranks)
+        layouts = " or ".join(layouts_of[r] for r in ranks)
         raise ValueError(f"{what} expects x of shape {layouts}, got {len(shape)}-D shape {shape}")
-    C = shape[1]
-    if C == 0 or any(s == 0 for s in shape[2:]):
-        spatial = _LAYOUTS[len(shape)][len("(N, C, "):-1] if len(shape) > 2 else ""
+    C = shape[-1] if last else shape[1]
+    spatial_sizes = shape[1:-1] if last else shape[2:]
+    if C == 0 or any(s == 0 for s in spatial_sizes):
+        spatial = (layouts_of[len(shape)][len("(N, "):-len(", C)")] if last else
+                   _LAYOUTS[len(shape)][len("(N, C, "):-1]) if len(shape) > 2 else ""
         raise ValueError(f"{what} expects non-zero C{spatial and ' and ' + spatial}, "
                          f"got x of shape {shape}")
     for name, a in (("gamma", gamma), ("beta", beta)):
         if tuple(a.shape) != (C,):
             raise ValueError(f"{name} must have shape ({C},) for x of shape {shape}, "
                              f"got {tuple(a.shape)}")
-    if not isinstance(bn_param, dict):
-        raise TypeError(f"bn_param must be a dict, got {type(bn_param).__name__}")
-    unknown = set(bn_param) - _BN_KEYS
-    if unknown:
-        raise ValueError(f"unknown bn_param keys {sorted(unknown)}; known: {sorted(_BN_KEYS)}")
     if "mode" not in bn_param:
         raise ValueError("bn_param needs 'mode': 'train' or 'test'")
     mode = bn_param["mode"]
@@ -202,7 +218,7 @@ def _parse(x, gamma, beta, bn_param, op, what):
                                  f"running_mean {rm!r} and running_var {rv!r}")
             if (rv < 0).any():
                 raise ValueError(f"{what} in test mode needs running_var >= 0, got {rv!r}")
-    return xp, mode, float(eps), float(momentum), convention, comm, gamma, beta
+    return xp, mode, float(eps), float(momentum), convention, comm, gamma, beta, data_format
 
 
 # --------------------------------------------------------------- communicator helpers
@@ -309,12 +325,36 @@ def kernel_fallback_reason(shape):
     return bn_kernels.supported(_as4(shape))
 
 
+def channels_last_strided(x):
+    """True for a channels-first-shaped x, (N, C, *spatial), whose memory is channels-last
+    (PyTorch's channels_last and channels_last_3d memory formats): moveaxis(x, 1, -1) is
+    C-contiguous while x is not."""
+    if x.ndim < 3 or x.flags.c_contiguous:
+        return False
+    return get_array_module(x).moveaxis(x, 1, -1).flags.c_contiguous
+
+
 def _forward(x, gamma, beta, bn_param, op, what, kernels):
-    xp, mode, eps, momentum, convention, comm, gamma, beta = _parse(x, gamma, beta, bn_param,
-                                                                    op, what)
+    xp, mode, eps, momentum, convention, comm, gamma, beta, layout = _parse(
+        x, gamma, beta, bn_param, op, what)
+    if op != _SPATIAL:
+        layout = "channels_first"     # (N, D) has one layout
+    elif layout == "channels_first" and channels_last_strided(x):
+        layout = "channels_last_strided"
     with device_scope(x):
-        return _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps,
-                           momentum, convention, comm)
+        if layout == "channels_first":
+            y, cache = _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps,
+                                   momentum, convention, comm)
+            return y, cache._replace(shape=tuple(x.shape))
+        # Channels-last: per channel over every other axis is BN over the (M, C) matrix
+        # of the rows of x, a view of x (no copy of a C-contiguous channels-last array).
+        xl = x if layout == "channels_last" else xp.moveaxis(x, 1, -1)
+        y, cache = _forward_on(xp, xl.reshape(-1, xl.shape[-1]), gamma, beta, bn_param, op,
+                               what, kernels, mode, eps, momentum, convention, comm)
+        y = y.reshape(xl.shape)
+        if layout == "channels_last_strided":
+            y = xp.moveaxis(y, -1, 1)  # the input's memory format, as PyTorch keeps it
+        return y, cache._replace(shape=tuple(x.shape), layout=layout)
 
 
 def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, momentum,
@@ -355,9 +395,19 @@ def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, mome
         mean = xp.asarray(rm, dtype=sd)
         invstd = 1 / xp.sqrt(xp.asarray(rv, dtype=sd) + eps)
 
+    if kernels and xp is np and ndim == 2 and comm is None:
+        # NumPy rows path: (N, D) and channels-last input, block by block; the cache keeps x
+        if train:
+            y, mean, var, invstd, xr = bn_rows.train_forward(x, g, b, eps, sd)
+            _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
+        else:
+            y, xr = bn_rows.eval_forward(x, g, b, mean, invstd, sd)
+        return y, BatchNormCache(op, "numpy_rows", axes, train, np.dtype(x.dtype), g, invstd,
+                                 total, x=xr, mean=mean, **dtypes)
     fast = None
-    if kernels and xp is np and ndim >= 3 and comm is None:
-        # NumPy fast path: blocked and threaded; the cache keeps x, not a normalized copy
+    if kernels and xp is np and ndim >= 3 and comm is None and x.dtype.kind == "f":
+        # NumPy fast path (float16/32/64; bfloat16 takes the general path): blocked and
+        # threaded; the cache keeps x, not a normalized copy
         x4 = x.reshape(_as4(x.shape))
         if train:
             fast = numpy_fast.bn_train_forward(x4, g, b, eps, sd)
@@ -401,18 +451,29 @@ def _backward(dout, cache, op, what):
     check_array(dout, "dout")
     check_floating(dout, "dout")
     ref = cache.xhat if cache.xhat is not None else cache.x
-    if tuple(dout.shape) != tuple(ref.shape):
+    if tuple(dout.shape) != cache.shape:
+        where = "" if cache.layout == "channels_first" else f" ({cache.layout})"
         raise ValueError(f"{what}: dout has shape {tuple(dout.shape)} but the forward input "
-                         f"had shape {tuple(ref.shape)}")
+                         f"had shape {cache.shape}{where}")
     xp = get_array_module(dout, ref)
     with device_scope(dout):
-        dx, dgamma, dbeta = _backward_on(xp, dout, cache, len(ref.shape))
+        if cache.layout == "channels_first":
+            dx, dgamma, dbeta = _backward_on(xp, dout, cache, len(ref.shape))
+        else:
+            dl = dout if cache.layout == "channels_last" else xp.moveaxis(dout, 1, -1)
+            dx, dgamma, dbeta = _backward_on(xp, dl.reshape(ref.shape), cache, 2)
+            dx = dx.reshape(dl.shape)
+            if cache.layout == "channels_last_strided":
+                dx = xp.moveaxis(dx, -1, 1)
     return (dx.astype(cache.dtype, copy=False), dgamma.astype(cache.gamma_dtype, copy=False),
             dbeta.astype(cache.beta_dtype, copy=False))
 
 
 def _backward_on(xp, dout, cache, ndim):
     sd = cache.gamma.dtype
+    if cache.path == "numpy_rows":
+        return bn_rows.backward(dout.astype(cache.dtype, copy=False), cache.x, cache.gamma,
+                                cache.mean, cache.invstd, cache.count, cache.train, sd)
     if cache.path == "numpy_fast":
         shape4 = _as4(cache.x.shape)
         dout = np.ascontiguousarray(dout, dtype=cache.dtype).reshape(shape4)

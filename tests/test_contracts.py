@@ -241,9 +241,9 @@ def test_wrong_cache_kind_names_the_expected_cache(rng):
 def test_key_of_another_op_is_refused_with_the_ops_keys():
     x = np.ones((1, 1, 4, 4))
     with pytest.raises(ValueError, match=r"count_include_pad.*another pooling op.*max pooling "
-                                         r"takes \['ceil_mode', 'dilation'"):
+                                         r"takes \[.*'dilation'"):
         G.max_pool_forward(x, dict(POOL, count_include_pad=False))
-    with pytest.raises(ValueError, match=r"dilation.*average pooling takes \['ceil_mode', "
+    with pytest.raises(ValueError, match=r"dilation.*average pooling takes \[.*"
                                          r"'count_include_pad'"):
         G.avg_pool_forward(x, dict(POOL, dilation=1))
     with pytest.raises(ValueError, match=r"\['padding'\].*takes"):
