@@ -40,7 +40,8 @@ import numpy as np
 from . import bn_rows, numpy_fast
 from .backend import get_array_module
 from .backend import device_scope
-from .shapes import acc_dtype, check_array, check_data_format, check_floating, is_floating
+from .shapes import (acc_dtype, channels_last_strided, check_array, check_data_format,
+                     check_floating, is_floating)
 
 __all__ = [
     "BatchNormCache",
@@ -323,15 +324,6 @@ def kernel_fallback_reason(shape):
     None when they can. Such input runs on the xp path instead, as on NumPy."""
     from .cuda import bn_kernels
     return bn_kernels.supported(_as4(shape))
-
-
-def channels_last_strided(x):
-    """True for a channels-first-shaped x, (N, C, *spatial), whose memory is channels-last
-    (PyTorch's channels_last and channels_last_3d memory formats): moveaxis(x, 1, -1) is
-    C-contiguous while x is not."""
-    if x.ndim < 3 or x.flags.c_contiguous:
-        return False
-    return get_array_module(x).moveaxis(x, 1, -1).flags.c_contiguous
 
 
 def _forward(x, gamma, beta, bn_param, op, what, kernels):

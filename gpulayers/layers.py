@@ -1,6 +1,8 @@
 """Layer classes holding parameters, gradients, running stats and caches.
 
-Keyword arguments are named like PyTorch's modules. Each layer has
+Keyword arguments are named like PyTorch's modules, in PyTorch's order; every layer
+also takes ``data_format='channels_first'`` (or ``'channels_last'``: (N, *spatial, C)
+input and output, Keras's name). Each layer has
 ``forward(x)`` and ``backward(dout)``; backward returns dx and stores the
 parameter gradients in ``grads``. Parameters live on the backend chosen by
 ``to(backend)`` (default: the current backend, see gpulayers.set_backend).
@@ -112,13 +114,15 @@ class _Pool(Layer):
 
     _d = 2
 
-    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 data_format="channels_first"):
         super().__init__()
         d = self._d
         kernel = _sizes(kernel_size, "kernel_size", d)
         self.pool_param = {"kernel_size": kernel,
                            "stride": kernel if stride is None else _sizes(stride, "stride", d),
-                           "pad": _sizes(padding, "padding", d), "ceil_mode": ceil_mode}
+                           "pad": _sizes(padding, "padding", d), "ceil_mode": ceil_mode,
+                           "data_format": data_format}
 
     def _check(self, x):
         _check_rank(self, x, self._d)
@@ -126,8 +130,8 @@ class _Pool(Layer):
 
 class _MaxPool(_Pool):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
-                 ceil_mode=False):
-        super().__init__(kernel_size, stride, padding, ceil_mode)
+                 ceil_mode=False, data_format="channels_first"):
+        super().__init__(kernel_size, stride, padding, ceil_mode, data_format)
         self.pool_param["dilation"] = _sizes(dilation, "dilation", self._d)
         self.return_indices = return_indices
         self.indices = None
@@ -166,8 +170,8 @@ class MaxPool3d(_MaxPool):
 
 class _AvgPool(_Pool):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
-                 count_include_pad=True, divisor_override=None):
-        super().__init__(kernel_size, stride, padding, ceil_mode)
+                 count_include_pad=True, divisor_override=None, data_format="channels_first"):
+        super().__init__(kernel_size, stride, padding, ceil_mode, data_format)
         self.pool_param["count_include_pad"] = count_include_pad
         if divisor_override is not None:
             self.pool_param["divisor_override"] = divisor_override
@@ -188,8 +192,9 @@ class AvgPool1d(_AvgPool):
     _d = 1
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
-                 count_include_pad=True):
-        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad)
+                 count_include_pad=True, data_format="channels_first"):
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad,
+                         data_format=data_format)
 
 
 class AvgPool2d(_AvgPool):
@@ -209,8 +214,9 @@ class _MaxUnpool(Layer):
 
     _d = 2
 
-    def __init__(self, kernel_size=None, stride=None, padding=0):
+    def __init__(self, kernel_size=None, stride=None, padding=0, data_format="channels_first"):
         super().__init__()
+        self.data_format = data_format
         d = self._d
         self.kernel_size = None if kernel_size is None else _sizes(kernel_size, "kernel_size", d)
         self.stride = self.kernel_size if stride is None else _sizes(stride, "stride", d)
@@ -222,14 +228,16 @@ class _MaxUnpool(Layer):
         d = self._d
         k, s, p = ((v,) * d if isinstance(v, int) else v
                    for v in (self.kernel_size, self.stride, self.padding))
-        return tuple((n - 1) * s_ - 2 * p_ + k_ for n, k_, s_, p_ in zip(x.shape[2:], k, s, p))
+        spatial = x.shape[1:-1] if self.data_format == "channels_last" else x.shape[2:]
+        return tuple((n - 1) * s_ - 2 * p_ + k_ for n, k_, s_, p_ in zip(spatial, k, s, p))
 
     def forward(self, x, indices, output_size=None):
         """x, indices: (N, C, *in); output_size: the d spatial sizes or the full shape
         (default: from kernel_size, stride, padding) -> out (N, C, *output_size)."""
         _check_rank(self, x, self._d)
         size = self._default_size(x) if output_size is None else output_size
-        out, self.cache = pooling.max_unpool_forward(x, indices, size)
+        out, self.cache = pooling.max_unpool_forward(x, indices, size,
+                                                     data_format=self.data_format)
         return out
 
     def __call__(self, x, indices, output_size=None):
@@ -258,16 +266,18 @@ class MaxUnpool3d(_MaxUnpool):
 class _AdaptivePool(Layer):
     _d = 2
 
-    def __init__(self, output_size):
+    def __init__(self, output_size, data_format="channels_first"):
         super().__init__()
         self.output_size = output_size
+        self.data_format = data_format
 
 
 class _AdaptiveAvgPool(_AdaptivePool):
     def forward(self, x):
         """x of this layer's rank -> out (N, C, *output_size)."""
         _check_rank(self, x, self._d)
-        out, self.cache = pooling.adaptive_avg_pool_forward(x, self.output_size)
+        out, self.cache = pooling.adaptive_avg_pool_forward(x, self.output_size,
+                                                            data_format=self.data_format)
         return out
 
     def backward(self, dout):
@@ -276,15 +286,16 @@ class _AdaptiveAvgPool(_AdaptivePool):
 
 
 class _AdaptiveMaxPool(_AdaptivePool):
-    def __init__(self, output_size, return_indices=False):
-        super().__init__(output_size)
+    def __init__(self, output_size, return_indices=False, data_format="channels_first"):
+        super().__init__(output_size, data_format)
         self.return_indices = return_indices
         self.indices = None
 
     def forward(self, x):
         """x of this layer's rank -> out (N, C, *output_size); ``indices`` as MaxPool's."""
         _check_rank(self, x, self._d)
-        out, self.cache = pooling.adaptive_max_pool_forward(x, self.output_size)
+        out, self.cache = pooling.adaptive_max_pool_forward(x, self.output_size,
+                                                            data_format=self.data_format)
         self.indices = pooling.max_pool_indices(self.cache) if self.return_indices else None
         return out
 
@@ -333,7 +344,8 @@ class _BatchNorm(Layer):
     _ranks = {}   # input ndim -> (forward, backward) functions
 
     def __init__(self, num_features, eps=1e-5, momentum=None, affine=True,
-                 track_running_stats=True, convention="torch", comm=None, dtype=np.float32):
+                 track_running_stats=True, convention="torch", comm=None, dtype=np.float32,
+                 data_format="channels_first"):
         super().__init__()
         if convention not in ("cs231n", "torch"):
             raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
@@ -349,6 +361,7 @@ class _BatchNorm(Layer):
         self.comm = comm
         self.track_running_stats = track_running_stats
         self.dtype = np.dtype(dtype)
+        self.data_format = data_format
         if self.affine:
             self.params = {"gamma": xp.ones(num_features, dtype=dtype),
                            "beta": xp.zeros(num_features, dtype=dtype)}
@@ -359,7 +372,8 @@ class _BatchNorm(Layer):
 
     def _bn_param(self):
         mode = "train" if (self.training or not self.track_running_stats) else "test"
-        p = {"mode": mode, "eps": self.eps, "convention": self.convention}
+        p = {"mode": mode, "eps": self.eps, "convention": self.convention,
+             "data_format": self.data_format}
         if self.momentum is not None:
             p["momentum"] = self.momentum
         if self.comm is not None and mode == "train":

@@ -49,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
+from .shapes import acc_dtype
+
 __all__ = ["max_pool_forward", "max_pool_backward", "bn_train_forward", "bn_eval_forward",
            "bn_backward", "num_threads", "BLOCK_BYTES"]
 
@@ -236,7 +238,7 @@ def max_pool_forward(x, geom, general):
     cols = [_span(pw, q, sw, Wq, W) for q in range(nq)]
     item = x.dtype.itemsize
     per_plane = M * (item * (nq + 2) + odt.itemsize * 3 + 1)
-    acc = np.float32 if x.dtype == np.float16 else x.dtype
+    acc = acc_dtype(x.dtype)
 
     def work(s, e, scr):
         n = e - s
@@ -362,7 +364,7 @@ def max_pool_backward(dout, offsets, geom, general=None):
     dr = np.ascontiguousarray(dout).reshape(NC, Q)
     fr = np.ascontiguousarray(offsets).reshape(NC, Q)
     odt = fr.dtype
-    acc = np.dtype(np.float32) if dout.dtype == np.float16 else dout.dtype
+    acc = acc_dtype(dout.dtype)
     oh = np.arange(Ho, dtype=np.intp)[:, None] * sh - geom.ph
     ow = np.arange(Wo, dtype=np.intp)[None, :] * sw - geom.pw
     base = (oh * W + ow).reshape(-1)
@@ -436,7 +438,7 @@ def _max_pool_backward_small(dout, offsets, geom):
         dx = np.zeros(NC * P, dout.dtype)
         dx[idx] = d + dout.dtype.type(0)   # -0.0 -> +0.0, as the general path's zero start
         return dx.reshape(geom.input_shape)
-    acc = np.dtype(np.float32) if dout.dtype == np.float16 else dout.dtype
+    acc = acc_dtype(dout.dtype)
     dx = np.zeros(NC * P, acc)
     np.add.at(dx, idx[::-1], d[::-1])
     return dx.reshape(geom.input_shape).astype(dout.dtype, copy=False)

@@ -51,8 +51,10 @@ import numpy as np
 
 from . import numpy_fast
 from .backend import device_scope, get_array_module
-from .shapes import (AdaptiveGeometry, PoolGeometry, adaptive_geometry, check_array,
-                     check_floating, check_pool_options, pool_geometry)
+from .shapes import (AdaptiveGeometry, PoolGeometry, acc_dtype, adaptive_geometry,
+                     channels_last_strided, check_array, check_data_format, check_floating,
+                     check_pool_options, from_channels_first_shape, pool_data_format,
+                     pool_geometry, to_channels_first_shape)
 
 __all__ = [
     "MaxPoolCache", "AvgPoolCache", "SumPoolCache", "AdaptiveAvgPoolCache",
@@ -72,6 +74,15 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- caches
+#
+# Every cache records the ``layout`` of its forward pass:
+# - 'channels_first': x, out, dout, dx and the cached arrays are (N, C, *spatial);
+# - 'channels_last' (data_format='channels_last'): all of them are (N, *spatial, C);
+# - 'channels_last_strided': data_format='channels_first' given an x in PyTorch's channels_last
+#   memory format (channels_last_strided(x)): the caller's arrays are (N, C, *spatial) with
+#   channels-last strides; the cached arrays (offsets, unpool targets) are (N, *spatial, C),
+#   the internal representation, and outputs are moveaxis views of channels-last results.
+# The geometry is always the (N, C, *spatial) one.
 
 @dataclass(frozen=True)
 class MaxPoolCache:
@@ -81,6 +92,7 @@ class MaxPoolCache:
     geom: PoolGeometry
     dtype: np.dtype
     offsets: object
+    layout: str = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class AvgPoolCache:
     divisor: np.ndarray
     count_include_pad: bool = True
     divisor_override: object = None
+    layout: str = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,7 @@ class SumPoolCache:
 
     geom: PoolGeometry
     dtype: np.dtype
+    layout: str = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class AdaptiveAvgPoolCache:
 
     geom: AdaptiveGeometry
     dtype: np.dtype
+    layout: str = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,7 @@ class AdaptiveMaxPoolCache:
     geom: AdaptiveGeometry
     dtype: np.dtype
     offsets: object
+    layout: str = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,7 @@ class UnpoolCache:
     targets: object
     winners: object
     out_shape: tuple
+    layout: str = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ class UnpoolKernelCache:
     indices: object
     winners: object
     out_shape: tuple
+    layout: str = "channels_first"
 
 
 # Which forward makes each cache (for the error messages of the backward passes).
@@ -169,28 +187,85 @@ def _on_input_device(fn):
     return wrapper
 
 
+# ------------------------------------------------------------------------- layouts
+
+def _layout(x, data_format):
+    """The layout of a forward pass (see the caches): data_format, or
+    'channels_last_strided' for a channels_first x in the channels_last memory format."""
+    if data_format == "channels_last":
+        return "channels_last"
+    return "channels_last_strided" if channels_last_strided(x) else "channels_first"
+
+
+def _is_cl(layout):
+    """True when the internal arrays of ``layout`` are channels-last (N, *spatial, C)."""
+    return layout != "channels_first"
+
+
+def _internal(a, layout):
+    """The caller's array ``a`` in the internal representation of ``layout`` (a view)."""
+    if layout == "channels_last_strided":
+        return get_array_module(a).moveaxis(a, 1, -1)
+    return a
+
+
+def _external(a, layout):
+    """An internal result ``a`` as the caller gets it (a moveaxis view for the strided one:
+    channels-first shape, channels-last strides, PyTorch's memory format kept)."""
+    if layout == "channels_last_strided":
+        return get_array_module(a).moveaxis(a, -1, 1)
+    return a
+
+
+def _caller_shape(shape, layout):
+    """The caller-side shape of an (N, C, *spatial) shape in ``layout``."""
+    return from_channels_first_shape(shape, "channels_last" if layout == "channels_last"
+                                     else "channels_first")
+
+
+def _internal_shape(shape, cl):
+    """The internal shape of an (N, C, *spatial) shape: (N, *spatial, C) when ``cl``."""
+    return from_channels_first_shape(shape, "channels_last" if cl else "channels_first")
+
+
+def _sp0(cl):
+    """Index of the first spatial axis of an internal array."""
+    return 1 if cl else 2
+
+
 def _check_x(x, pool_param, op):
+    """(geom, layout) of a pooling forward's x and pool_param."""
     check_array(x, "x")
+    data_format = pool_data_format(pool_param)
     check_floating(x, "x")
-    return pool_geometry(x.shape, pool_param, op)
+    if data_format == "channels_last" and x.ndim not in (3, 4, 5):
+        raise ValueError(f"pooling with data_format='channels_last' expects x of shape (N, L, C), "
+                         f"(N, H, W, C) or (N, D, H, W, C), got {x.ndim}-D shape "
+                         f"{tuple(x.shape)}")
+    geom = pool_geometry(to_channels_first_shape(x.shape, data_format), pool_param, op)
+    return geom, _layout(x, data_format)
 
 
-def _check_dout(dout, geom):
+def _check_dout(dout, geom, layout="channels_first"):
     check_array(dout, "dout")
     check_floating(dout, "dout")
-    if tuple(dout.shape) != geom.output_shape:
+    want = _caller_shape(geom.output_shape, layout)
+    if tuple(dout.shape) != want:
+        where = " (data_format='channels_last')" if layout == "channels_last" else ""
         raise ValueError(f"dout has shape {tuple(dout.shape)} but the forward pass produced "
-                         f"{geom.output_shape}: {geom.describe()}")
+                         f"{want}{where}: {geom.describe()}")
 
 
 def _backward_inputs(dout, cache, *classes):
-    """Check a backward call's cache (one of ``classes``) and dout; return (geom, xp, dout),
-    dout in the forward input's dtype (so dx comes back in it, whatever dout's dtype)."""
+    """Check a backward call's cache (one of ``classes``) and dout; return (geom, xp, dout,
+    cl): dout in the forward input's dtype (so dx comes back in it, whatever dout's dtype)
+    and in the internal representation (channels-last when ``cl``)."""
     _check_cache(cache, *classes)
-    _check_dout(dout, cache.geom)
+    _check_dout(dout, cache.geom, cache.layout)
     offsets = getattr(cache, "offsets", None)
     xp = get_array_module(dout) if offsets is None else get_array_module(dout, offsets)
-    return cache.geom, xp, dout.astype(cache.dtype, copy=False)
+    dout = _internal(dout.astype(cache.dtype, copy=False), cache.layout)
+    return cache.geom, xp, dout, _is_cl(cache.layout)
 
 
 def _check_cache(cache, *classes):
@@ -202,11 +277,6 @@ def _check_cache(cache, *classes):
             got += f" (from {_MADE_BY[type(cache)]})"
         raise TypeError(f"cache must be the {names} returned by {' or '.join(makers)}, "
                         f"got {got}")
-
-
-def _acc_dtype(dtype):
-    """Accumulation dtype: float32 for float16, else the dtype itself."""
-    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
 def _freeze(a):
@@ -259,39 +329,50 @@ def _axis_tap(geom, a, t):
     return slice(i0, i0 + (n - 1) * s + 1, s), slice(o0, o0 + n)
 
 
-def _taps(geom):
+def _taps(geom, cl=False):
     """Every window tap with an in-range input for some window, in row-major order:
     (compact offset, input index, output index), the indices over the spatial axes
-    (leading axes: all)."""
+    (leading axes: all; with ``cl``, of channels-last arrays (N, *spatial, C))."""
+    head = (slice(None),) if cl else (Ellipsis,)
     per_axis = [[_axis_tap(geom, a, t) for t in range(geom.kernel[a])] for a in range(geom.d)]
     for offset, tap in enumerate(itertools.product(*(range(k) for k in geom.kernel))):
         spans = [per_axis[a][t] for a, t in enumerate(tap)]
         if any(sp is None for sp in spans):
             continue
-        yield (offset, (Ellipsis,) + tuple(sp[0] for sp in spans),
-               (Ellipsis,) + tuple(sp[1] for sp in spans))
+        yield (offset, head + tuple(sp[0] for sp in spans),
+               head + tuple(sp[1] for sp in spans))
 
 
 # ------------------------------------------------------------------ general xp path
 
-def _max_pool_forward_xp(x, geom):
+def _first_valid(geom, cl):
+    """geom.first_valid_offset() shaped to broadcast against internal (N, C, *out) or, with
+    ``cl``, (N, *out, C) arrays."""
+    first = geom.first_valid_offset().astype(geom.offset_dtype)
+    return first[..., None] if cl else first
+
+
+def _max_pool_forward_xp(x, geom, cl=False):
     """Max pooling in plain xp code: one pass per window tap (row-major order), each over
-    the windows whose tap is in range (no padded copy of x).
+    the windows whose tap is in range (no padded copy of x). With ``cl`` every array is
+    channels-last (N, *spatial, C): each tap is a strided view of contiguous runs of C.
 
     Inputs:
-    - x: array (N, C, *size), NumPy or CuPy, d = 1, 2 or 3 spatial axes
-    - geom: PoolGeometry of x
+    - x: array (N, C, *size) (or (N, *size, C) with cl), NumPy or CuPy, d = 1, 2 or 3
+    - geom: PoolGeometry of x (the (N, C, *size) one)
+    - cl: bool, channels-last arrays
 
     Returns a tuple of:
-    - out: array (N, C, *out), dtype of x
-    - offsets: array (N, C, *out) of geom.offset_dtype, compact argmax offsets
+    - out: array (N, C, *out) (or (N, *out, C)), dtype of x
+    - offsets: array shaped like out, of geom.offset_dtype, compact argmax offsets
     """
     xp = get_array_module(x)
     odt = geom.offset_dtype
-    out = xp.full(geom.output_shape, -np.inf, dtype=x.dtype)
-    offsets = xp.empty(geom.output_shape, dtype=odt)
-    offsets[...] = xp.asarray(geom.first_valid_offset().astype(odt))
-    for t, src, dst in _taps(geom):
+    shape = _internal_shape(geom.output_shape, cl)
+    out = xp.full(shape, -np.inf, dtype=x.dtype)
+    offsets = xp.empty(shape, dtype=odt)
+    offsets[...] = xp.asarray(_first_valid(geom, cl))
+    for t, src, dst in _taps(geom, cl):
         v = x[src]
         o = out[dst]
         take = (v > o) | xp.isnan(v)
@@ -300,26 +381,27 @@ def _max_pool_forward_xp(x, geom):
     return out, offsets
 
 
-def _max_pool_backward_xp(dout, offsets, geom):
+def _max_pool_backward_xp(dout, offsets, geom, cl=False):
     """Send each window's gradient to its argmax, in plain xp code.
 
     Deterministic: the windows' contributions are added tap by tap in a fixed
-    (row-major) order, from zero (float32 accumulation for float16).
+    (row-major) order, from zero (float32 accumulation for float16 and bfloat16).
 
     Inputs:
-    - dout: array (N, C, *out)
-    - offsets: array (N, C, *out), compact argmax offsets from the forward pass
+    - dout: array (N, C, *out) (or (N, *out, C) with cl)
+    - offsets: array shaped like dout, compact argmax offsets from the forward pass
     - geom: PoolGeometry
+    - cl: bool, channels-last arrays
 
     Returns:
-    - dx: array (N, C, *size), dtype of dout
+    - dx: array (N, C, *size) (or (N, *size, C)), dtype of dout
     """
     xp = get_array_module(dout, offsets)
-    acc = _acc_dtype(dout.dtype)
-    dx = xp.zeros(geom.input_shape, dtype=acc)
+    acc = acc_dtype(dout.dtype)
+    dx = xp.zeros(_internal_shape(geom.input_shape, cl), dtype=acc)
     d = dout.astype(acc, copy=False)
     zero = xp.zeros((), dtype=acc)
-    for t, src, dst in _taps(geom):
+    for t, src, dst in _taps(geom, cl):
         hit = offsets[dst] == t
         dx[src] += xp.where(hit, d[dst], zero)
     return dx.astype(dout.dtype, copy=False)
@@ -346,6 +428,34 @@ def kernel_fallback_reason(geom):
     return None
 
 
+def _max_forward(x, pool_param, impl):
+    """A max-pool forward: check, run ``impl(x_internal, geom, cl) -> (out, offsets)`` in
+    the layout's internal representation, return (out as the caller's layout, cache)."""
+    geom, layout = _check_x(x, pool_param, "max")
+    out, offsets = impl(_internal(x, layout), geom, _is_cl(layout))
+    return _external(out, layout), MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets),
+                                                layout)
+
+
+def _max_backward(dout, cache, impl):
+    """A max-pool backward: check, run ``impl(dout_internal, offsets, geom, cl) -> dx``,
+    return dx in the caller's layout."""
+    geom, _, dout, cl = _backward_inputs(dout, cache, MaxPoolCache)
+    return _external(impl(dout, cache.offsets, geom, cl), cache.layout)
+
+
+def _via_channels_first(fn, geom, cl, *arrays):
+    """Run the channels-first implementation ``fn(*arrays, geom)`` on internal arrays:
+    with ``cl`` on their moveaxis views (N, C, *spatial), results moved back and made
+    C-contiguous channels-last (the reference paths: copies are fine)."""
+    if not cl:
+        return fn(*arrays, geom)
+    xp = get_array_module(*arrays)
+    res = fn(*(xp.moveaxis(a, -1, 1) for a in arrays), geom)
+    back = lambda a: xp.ascontiguousarray(xp.moveaxis(a, 1, -1))  # noqa: E731
+    return tuple(back(a) for a in res) if isinstance(res, tuple) else back(res)
+
+
 @_on_input_device
 def max_pool_forward_general(x, pool_param):
     """Max pooling through the general xp path (every geometry and rank; NumPy or CuPy).
@@ -353,16 +463,14 @@ def max_pool_forward_general(x, pool_param):
     Inputs:
     - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
     - pool_param: dict with 'kernel_size' (or, in 2-D, 'pool_height' and 'pool_width')
-      and optional 'stride', 'pad', 'dilation', 'ceil_mode' (see
-      gpulayers.shapes.pool_geometry)
+      and optional 'stride', 'pad', 'dilation', 'ceil_mode', 'data_format' (see
+      gpulayers.shapes.pool_geometry and max_pool_forward)
 
     Returns a tuple of:
     - out: array (N, C, *out)
     - cache: MaxPoolCache (compact argmax offsets; neither x nor out)
     """
-    geom = _check_x(x, pool_param, "max")
-    out, offsets = _max_pool_forward_xp(x, geom)
-    return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
+    return _max_forward(x, pool_param, _max_pool_forward_xp)
 
 
 @_on_input_device
@@ -376,8 +484,7 @@ def max_pool_backward_general(dout, cache):
     Returns:
     - dx: array (N, C, *size), the forward input's dtype
     """
-    geom, _, dout = _backward_inputs(dout, cache, MaxPoolCache)
-    return _max_pool_backward_xp(dout, cache.offsets, geom)
+    return _max_backward(dout, cache, _max_pool_backward_xp)
 
 
 # ------------------------------------------------------------------------ naive path
@@ -402,7 +509,11 @@ def max_pool_forward_naive(x, pool_param):
     - out: array (N, C, *out)
     - cache: MaxPoolCache
     """
-    geom = _check_x(x, pool_param, "max")
+    return _max_forward(x, pool_param, lambda x, g, cl: _via_channels_first(
+        _max_pool_forward_naive_cf, g, cl, x))
+
+
+def _max_pool_forward_naive_cf(x, geom):
     xp = get_array_module(x)
     N, C, d = geom.N, geom.C, geom.d
     mult = [_prod(geom.kernel[a + 1:]) for a in range(d)]
@@ -427,7 +538,7 @@ def max_pool_forward_naive(x, pool_param):
             comp = comp + (firsts[a] + local % wshape[a]) * mult[a]
             local = local // wshape[a]
         offsets[key] = comp
-    return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
+    return out, offsets
 
 
 def _decode(offsets, geom_kernel):
@@ -452,14 +563,19 @@ def max_pool_backward_naive(dout, cache):
     Returns:
     - dx: array (N, C, *size)
     """
-    geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
-    acc = _acc_dtype(dout.dtype)
+    return _max_backward(dout, cache, lambda d, o, g, cl: _via_channels_first(
+        _max_pool_backward_naive_cf, g, cl, d, o))
+
+
+def _max_pool_backward_naive_cf(dout, offsets, geom):
+    xp = get_array_module(dout, offsets)
+    acc = acc_dtype(dout.dtype)
     dx = xp.zeros(geom.input_shape, dtype=acc)
     n_idx = xp.arange(geom.N)[:, None]
     c_idx = xp.arange(geom.C)[None, :]
     for o in itertools.product(*(range(n) for n in geom.out)):
         key = (Ellipsis,) + o
-        taps = _decode(cache.offsets[key], geom.kernel)
+        taps = _decode(offsets[key], geom.kernel)
         pos = tuple(o[a] * geom.stride[a] - geom.pad[a] + taps[a] * geom.dilation[a]
                     for a in range(geom.d))
         dx[(n_idx, c_idx) + pos] += dout[key].astype(acc)
@@ -497,8 +613,13 @@ def max_pool_forward_reshape(x, pool_param):
     - out: array (N, C, *size/kernel)
     - cache: MaxPoolCache
     """
-    geom = _check_x(x, pool_param, "max")
+    geom, _ = _check_x(x, pool_param, "max")
     _check_tiles(geom)
+    return _max_forward(x, pool_param, lambda x, g, cl: _via_channels_first(
+        _max_pool_forward_reshape_cf, g, cl, x))
+
+
+def _max_pool_forward_reshape_cf(x, geom):
     xp = get_array_module(x)
     K = geom.window_size
     split, perm = _tile_layout(geom)
@@ -507,7 +628,7 @@ def max_pool_forward_reshape(x, pool_param):
     nan = xp.isnan(windows)
     local = xp.where(nan.any(axis=-1), K - 1 - xp.argmax(nan[..., ::-1], axis=-1), local)
     out = xp.take_along_axis(windows, local[..., None], axis=-1)[..., 0]
-    return out, MaxPoolCache(geom, np.dtype(x.dtype), _freeze(local.astype(geom.offset_dtype)))
+    return out, local.astype(geom.offset_dtype)
 
 
 @_on_input_device
@@ -522,10 +643,16 @@ def max_pool_backward_reshape(dout, cache):
     Returns:
     - dx: array (N, C, *size)
     """
-    geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
-    _check_tiles(geom)
+    _check_cache(cache, MaxPoolCache)
+    _check_tiles(cache.geom)
+    return _max_backward(dout, cache, lambda d, o, g, cl: _via_channels_first(
+        _max_pool_backward_reshape_cf, g, cl, d, o))
+
+
+def _max_pool_backward_reshape_cf(dout, offsets, geom):
+    xp = get_array_module(dout, offsets)
     K = geom.window_size
-    hit = cache.offsets[..., None] == xp.arange(K, dtype=cache.offsets.dtype)
+    hit = offsets[..., None] == xp.arange(K, dtype=offsets.dtype)
     dwin = xp.where(hit, dout[..., None], xp.zeros((), dtype=dout.dtype))
     _, perm = _tile_layout(geom)
     dwin = dwin.reshape(geom.output_shape + tuple(geom.kernel))
@@ -623,17 +750,162 @@ def _max_pool_backward_np(dout, offsets, geom):
         dx = np.zeros(NC * P, dout.dtype)
         dx[idx] = vals + dout.dtype.type(0)  # -0.0 -> +0.0, as the general path's zero start
         return dx.reshape(geom.input_shape)
-    acc = _acc_dtype(dout.dtype)
+    acc = acc_dtype(dout.dtype)
     dx = np.zeros(NC * P, acc)
     np.add.at(dx, idx[::-1], vals.astype(acc, copy=False)[::-1])
     return dx.reshape(geom.input_shape).astype(dout.dtype, copy=False)
 
 
+# ------------------------------------------------------- NumPy channels-last paths
+
+def _max_pool_forward_np_cl(x, geom):
+    """Max pooling of a channels-last NumPy x (N, *size, C), blocked over N and threaded
+    (numpy_fast's block queue), separable: one pass over the taps of the last spatial axis
+    on strided views of x (each a run of contiguous C), then of each earlier axis on the
+    previous pass's result, carrying the later axes' offsets (a tap's offset t*mult + carried
+    grows with t, so strict ``>`` keeps the first maximum with ``offset = max(offset,
+    (v > best) * candidate)``). Exactness guards as numpy_fast: a block whose output holds
+    NaN or -inf is recomputed by the general path, zeros are taken from x at their argmax.
+    The same bits as the general path in either layout (any dilation)."""
+    x = np.ascontiguousarray(x)
+    d, N, C = geom.d, geom.N, geom.C
+    odt = geom.offset_dtype
+    out = np.empty(_internal_shape(geom.output_shape, True), x.dtype)
+    off = np.empty(out.shape, odt)
+    acc = acc_dtype(x.dtype)
+    item = x.dtype.itemsize
+    # per sample: each pass's result (values, offsets), candidates and mask
+    sizes, per_item = list(geom.size), 0
+    for a in reversed(range(d)):
+        sizes[a] = geom.out[a]
+        per_item += _prod(sizes) * C * (item + 2 * odt.itemsize + 1)
+
+    def work(s, e, scr):
+        n = e - s
+        gb = PoolGeometry(n, C, geom.size, geom.kernel, geom.stride, geom.pad, geom.dilation,
+                          geom.ceil_mode, geom.out)
+        xb = x[s:e]
+        vals, offs = xb, None
+        for a in reversed(range(d)):
+            axis = 1 + a
+            mult = odt.type(_prod(geom.kernel[a + 1:]))
+            shape = list(vals.shape)
+            shape[axis] = geom.out[a]
+            m = _prod(shape)
+            # scratch buffers per pass (reused across blocks: no page faults per block)
+            best = scr.get(("best", a), m // n, x.dtype)[:m].reshape(shape)
+            boff = scr.get(("boff", a), m // n, odt)[:m].reshape(shape)
+            g = scr.get(("g", a), m // n, np.bool_)[:m].reshape(shape)
+            cand = scr.get(("cand", a), m // n, odt)[:m].reshape(shape)
+            started = False
+            for t in range(geom.kernel[a]):
+                sp = _axis_tap(geom, a, t)
+                if sp is None:
+                    continue
+                src, dst = _at(vals.ndim, axis, sp[0]), _at(vals.ndim, axis, sp[1])
+                v, bd, fd, gd, cd = vals[src], best[dst], boff[dst], g[dst], cand[dst]
+                step = odt.type(t) * mult
+                if not started:   # the first tap in range: taken where it is (v > -inf)
+                    started = True
+                    if sp[1].stop - sp[1].start < geom.out[a]:
+                        best.fill(-np.inf)
+                        boff.fill(0)
+                    np.copyto(bd, v)
+                    if offs is None:
+                        fd.fill(step)
+                    else:
+                        np.add(offs[src], step, out=fd)
+                    continue
+                np.greater(v, bd, out=gd)
+                if offs is None:
+                    np.multiply(gd, step, out=cd)
+                else:
+                    np.add(offs[src], step, out=cd)
+                    np.multiply(cd, gd, out=cd)
+                np.maximum(fd, cd, out=fd)
+                np.maximum(bd, v, out=bd)
+            vals, offs = best, boff
+        total = np.add.reduce(vals.reshape(-1), dtype=acc)
+        if not np.isfinite(total) and (np.isnan(vals).any() or (vals == -np.inf).any()):
+            vals, offs = _max_pool_forward_xp(xb, gb, True)   # PyTorch's NaN and -inf rules
+        else:
+            _zeros_from_x(vals, offs, xb, gb)
+        out[s:e] = vals
+        off[s:e] = offs
+
+    if N:
+        numpy_fast._run_blocks(N, max(1, per_item), work)
+    return out, off
+
+
+def _zeros_from_x(vals, offs, xb, geom):
+    """Give every zero of ``vals`` (n, *out, C) the bits of the input element at its argmax
+    (``np.maximum`` may return either of -0.0 and +0.0; the first in window order wins)."""
+    z = vals == 0
+    if not z.any():
+        return
+    where = np.nonzero(z)
+    taps = _decode(offs[where], geom.kernel)
+    pos = tuple(where[1 + a] * geom.stride[a] - geom.pad[a] + taps[a] * geom.dilation[a]
+                for a in range(geom.d))
+    vals[where] = xb[(where[0],) + pos + (where[-1],)]
+
+
+def _max_pool_backward_np_cl(dout, offsets, geom):
+    """dx of max pooling on NumPy, channels-last (N, *out, C) -> (N, *size, C), blocked over
+    N and threaded: window o of sample n, channel c sends its gradient to the flat target
+    ``((n*P + base[o] + lut[offset]) * C + c``; one assignment where no two windows share an
+    element, else ``np.add.at`` in descending window order (ascending tap order per
+    element, from zero: bit for bit the general path, float16/bfloat16 summed in float32)."""
+    d, N, C = geom.d, geom.N, geom.C
+    P, Q = _prod(geom.size), _prod(geom.out)
+    instride = [_prod(geom.size[a + 1:]) for a in range(d)]
+    taps = np.unravel_index(np.arange(geom.window_size), geom.kernel)
+    lut = sum(taps[a].astype(np.intp) * (geom.dilation[a] * instride[a]) for a in range(d))
+    lut = np.asarray(lut, dtype=np.intp) * C
+    base = np.zeros(geom.out, dtype=np.intp)
+    for a in range(d):
+        pos = np.arange(geom.out[a], dtype=np.intp) * geom.stride[a] - geom.pad[a]
+        base = base + _along(pos * instride[a], d, a)
+    basec = base.reshape(Q, 1) * C + np.arange(C, dtype=np.intp)    # (Q, C)
+    dr = np.ascontiguousarray(dout).reshape(N, Q * C)
+    fr = np.ascontiguousarray(offsets).reshape(N, Q * C)
+    overlap = any(_windows_share(k, s, dl) for k, s, dl in
+                  zip(geom.kernel, geom.stride, geom.dilation))
+    acc = acc_dtype(dout.dtype)
+    dx = np.empty((N, P * C), dout.dtype)
+    zero = dout.dtype.type(0)
+    per_item = Q * C * (2 * 8 + dout.dtype.itemsize + fr.dtype.itemsize) + P * C * (
+        acc.itemsize if overlap else 0)
+
+    def work(s, e, scr):
+        n = e - s
+        idx = np.take(lut, fr[s:e]).reshape(n, Q, C)
+        idx += basec
+        idx += (np.arange(n, dtype=np.intp) * (P * C))[:, None, None]
+        idx = idx.reshape(-1)
+        vals = dr[s:e].reshape(-1)
+        if not overlap:
+            blk = dx[s:e].reshape(-1)
+            blk.fill(0)
+            blk[idx] = vals + zero   # -0.0 -> +0.0, as the general path's zero start
+            return
+        sums = np.zeros(n * P * C, acc)
+        np.add.at(sums, idx[::-1], vals.astype(acc, copy=False)[::-1])
+        np.copyto(dx[s:e], sums.reshape(n, P * C), casting="unsafe")
+
+    if N:
+        numpy_fast._run_blocks(N, max(1, per_item), work)
+    return dx.reshape(_internal_shape(geom.input_shape, True))
+
+
 # ------------------------------------------------------------------------- dispatch
 
-def _max_pool_forward_kernels(x, geom):
-    if geom.d == 3:
+def _max_pool_forward_kernels(x, geom, cl=False):
+    if geom.d == 3 or cl:
         from .cuda import pool_nd_kernels
+        if cl:   # the tuned 2-D kernels are channels-first only
+            return pool_nd_kernels.max_pool_forward_gpu(x, geom, channels_last=True)
         return pool_nd_kernels.max_pool_forward_gpu(x, geom)
     from .cuda import pool_kernels
     x4, g2 = _as_2d_input(x, geom)
@@ -641,9 +913,12 @@ def _max_pool_forward_kernels(x, geom):
     return out.reshape(geom.output_shape), offsets.reshape(geom.output_shape)
 
 
-def _max_pool_backward_kernels(dout, offsets, geom):
-    if geom.d == 3:
+def _max_pool_backward_kernels(dout, offsets, geom, cl=False):
+    if geom.d == 3 or cl:
         from .cuda import pool_nd_kernels
+        if cl:
+            return pool_nd_kernels.max_pool_backward_gpu(dout, offsets, geom,
+                                                         channels_last=True)
         return pool_nd_kernels.max_pool_backward_gpu(dout, offsets, geom)
     from .cuda import pool_kernels
     d4, g2 = _as_2d_output(dout, geom)
@@ -651,40 +926,44 @@ def _max_pool_backward_kernels(dout, offsets, geom):
     return pool_kernels.max_pool_backward_gpu(d4, o4, g2).reshape(geom.input_shape)
 
 
+def _max_pool_forward_any(x, geom, cl=False):
+    """(out, offsets) of the fastest path for x's backend, internal arrays."""
+    xp = get_array_module(x)
+    if _use_kernels(xp, geom):
+        return _max_pool_forward_kernels(x, geom, cl)
+    if xp is np:
+        return _max_pool_forward_np(x, geom, cl)
+    return _max_pool_forward_xp(x, geom, cl)
+
+
 @_on_input_device
 def max_pool_forward_fast(x, pool_param):
     """Max pooling by the fastest correct implementation for x's backend:
-    the CUDA kernels for CuPy arrays (the 2-D kernels for 1-D and 2-D input, the n-D
-    kernels for 3-D); on NumPy the blocked, threaded path of gpulayers.numpy_fast (1-D
-    as 2-D of height 1, 3-D slice by slice plus a depth pass; the general path for
-    dilated windows); on CuPy with the kernels turned off (GPULAYERS_KERNELS=0), the
-    general path (its backward: the reshape trick where the windows tile the input).
+    the CUDA kernels for CuPy arrays (the 2-D kernels for channels-first 1-D and 2-D input,
+    the n-D kernels for 3-D and every channels-last input); on NumPy the blocked, threaded
+    path of gpulayers.numpy_fast (1-D as 2-D of height 1, 3-D slice by slice plus a depth
+    pass; the general path for dilated windows), for channels-last input its separable
+    blocked path; on CuPy with the kernels turned off (GPULAYERS_KERNELS=0), the general
+    path (its backward: the reshape trick where the windows tile the input).
 
     Inputs:
-    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W)
-    - pool_param: dict, see max_pool_forward_general
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W) (channels-last shapes with
+      pool_param['data_format'] = 'channels_last')
+    - pool_param: dict, see max_pool_forward
 
     Returns a tuple of:
-    - out: array (N, C, *out)
+    - out: array (N, C, *out) (or (N, *out, C))
     - cache: MaxPoolCache
     """
-    geom = _check_x(x, pool_param, "max")
-    xp = get_array_module(x)
-    dtype = np.dtype(x.dtype)
-    if _use_kernels(xp, geom):
-        out, offsets = _max_pool_forward_kernels(x, geom)
-        return out, MaxPoolCache(geom, dtype, offsets)
-    if xp is np:
-        out, offsets = _max_pool_forward_np(x, geom)
-        return out, MaxPoolCache(geom, dtype, _freeze(offsets))
-    out, offsets = _max_pool_forward_xp(x, geom)
-    return out, MaxPoolCache(geom, dtype, _freeze(offsets))
+    return _max_forward(x, pool_param, _max_pool_forward_any)
 
 
-def _max_pool_forward_np(x, geom):
+def _max_pool_forward_np(x, geom, cl=False):
     """(out, offsets) of max pooling a NumPy x by the fastest path: numpy_fast (1-D as
     2-D of height 1, 3-D slice by slice plus a depth pass), the general path for dilated
-    windows."""
+    windows; for channels-last x (``cl``) the separable blocked path."""
+    if cl:
+        return _max_pool_forward_np_cl(x, geom)
     if geom.d < 3:
         x4, g2 = _as_2d_input(x, geom)
         fast = numpy_fast.max_pool_forward(x4, g2, _max_pool_forward_xp)
@@ -697,8 +976,11 @@ def _max_pool_forward_np(x, geom):
     return _max_pool_forward_xp(x, geom)
 
 
-def _max_pool_backward_np_fast(dout, offsets, geom):
-    """dx of max pooling on NumPy by the fastest path (numpy_fast for 1-D and 2-D)."""
+def _max_pool_backward_np_fast(dout, offsets, geom, cl=False):
+    """dx of max pooling on NumPy by the fastest path (numpy_fast for 1-D and 2-D; the
+    blocked channels-last path for ``cl``)."""
+    if cl:
+        return _max_pool_backward_np_cl(dout, offsets, geom)
     if geom.d < 3:
         d4, g2 = _as_2d_output(dout, geom)
         off4 = offsets.reshape(g2.output_shape)
@@ -706,38 +988,49 @@ def _max_pool_backward_np_fast(dout, offsets, geom):
     return _max_pool_backward_np(dout, offsets, geom)
 
 
+def _max_pool_backward_any(dout, offsets, geom, cl=False):
+    xp = get_array_module(dout, offsets)
+    if _use_kernels(xp, geom):
+        return _max_pool_backward_kernels(dout, offsets, geom, cl)
+    if xp is np:
+        return _max_pool_backward_np_fast(dout, offsets, geom, cl)
+    if geom.tiles and not cl:
+        return _max_pool_backward_reshape_cf(dout, offsets, geom)
+    return _max_pool_backward_xp(dout, offsets, geom, cl)
+
+
 @_on_input_device
 def max_pool_backward_fast(dout, cache):
     """Backward pass matching max_pool_forward_fast (any MaxPoolCache works).
 
     Inputs:
-    - dout: array (N, C, *out)
+    - dout: array (N, C, *out) (or (N, *out, C), the forward's layout)
     - cache: MaxPoolCache
 
     Returns:
-    - dx: array (N, C, *size), the forward input's dtype
+    - dx: array (N, C, *size) (or (N, *size, C)), the forward input's dtype
     """
-    geom, xp, dout = _backward_inputs(dout, cache, MaxPoolCache)
-    if _use_kernels(xp, geom):
-        return _max_pool_backward_kernels(dout, cache.offsets, geom)
-    if xp is np:
-        return _max_pool_backward_np_fast(dout, cache.offsets, geom)
-    if geom.tiles:
-        return max_pool_backward_reshape(dout, cache)
-    return _max_pool_backward_xp(dout, cache.offsets, geom)
+    return _max_backward(dout, cache, _max_pool_backward_any)
 
 
 def max_pool_forward(x, pool_param):
     """Forward pass of max pooling, by the fastest correct implementation.
 
     Inputs:
-    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64, NumPy or CuPy
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64 or bfloat16,
+      NumPy or CuPy; with data_format='channels_last': (N, L, C), (N, H, W, C) or
+      (N, D, H, W, C)
     - pool_param: dict with 'kernel_size' (int or d-tuple; in 2-D also 'pool_height' and
       'pool_width'), 'stride' (int or d-tuple, default the window), 'pad' (int or
-      d-tuple, 0), 'dilation' (int or d-tuple, 1), 'ceil_mode' (False)
+      d-tuple, 0), 'dilation' (int or d-tuple, 1), 'ceil_mode' (False), 'data_format'
+      ('channels_first', the default, or 'channels_last')
+
+    A channels_first x in PyTorch's channels_last memory format (channels-first shape,
+    channels-last strides, e.g. ``y.transpose(0, 3, 1, 2)`` of a C-contiguous NHWC y) is
+    pooled without a copy and out keeps that memory format, as in PyTorch.
 
     Returns a tuple of:
-    - out: array (N, C, *out), sizes by PyTorch's max_pool{1,2,3}d rules
+    - out: array (N, C, *out) (or (N, *out, C)), sizes by PyTorch's max_pool{1,2,3}d rules
     - cache: MaxPoolCache (compact argmax offsets only)
     """
     return max_pool_forward_fast(x, pool_param)
@@ -748,11 +1041,12 @@ def max_pool_backward(dout, cache):
     maximum (the last NaN where the window holds NaN). Deterministic.
 
     Inputs:
-    - dout: array (N, C, *out)
+    - dout: array (N, C, *out) (or (N, *out, C): the forward's layout)
     - cache: MaxPoolCache
 
     Returns:
-    - dx: array (N, C, *size)
+    - dx: array (N, C, *size) (or (N, *size, C)); in the channels_last memory format when
+      the forward's x was
     """
     return max_pool_backward_fast(dout, cache)
 
@@ -765,28 +1059,31 @@ def max_pool_indices(cache):
       from adaptive_max_pool_forward
 
     Returns:
-    - indices: int64 array (N, C, *out), the numbers PyTorch's
-      ``max_pool{1,2,3}d(..., return_indices=True)`` (or
-      ``adaptive_max_pool{1,2,3}d``) returns
+    - indices: int64 array laid out like the forward's output ((N, C, *out), or
+      (N, *out, C) for data_format='channels_last'), the numbers PyTorch's
+      ``max_pool{1,2,3}d(..., return_indices=True)`` (or ``adaptive_max_pool{1,2,3}d``)
+      returns, whatever the layout
     """
     _check_cache(cache, MaxPoolCache, AdaptiveMaxPoolCache)
     with device_scope(cache.offsets):
-        return _indices(cache.geom, cache.offsets)
+        return _external(_indices(cache.geom, cache.offsets, _is_cl(cache.layout)),
+                         cache.layout)
 
 
-def _indices(geom, offsets):
+def _indices(geom, offsets, cl=False):
     xp = get_array_module(offsets)
     d = geom.d
+    nd = d + 1 if cl else d   # (*out) against (N, C, *out); (*out, 1) against (N, *out, C)
     adaptive = isinstance(geom, AdaptiveGeometry)
     kernel = geom.window if adaptive else geom.kernel
     taps = _decode(offsets, kernel)
     flat = 0
     for a in range(d):
         if adaptive:
-            start = xp.asarray(_along(geom.bounds(a)[0], d, a))
+            start = xp.asarray(_along(geom.bounds(a)[0], nd, a))
             pos = start + taps[a]
         else:
-            o = xp.asarray(_along(np.arange(geom.out[a], dtype=np.int64), d, a))
+            o = xp.asarray(_along(np.arange(geom.out[a], dtype=np.int64), nd, a))
             pos = o * geom.stride[a] - geom.pad[a] + taps[a] * geom.dilation[a]
         flat = flat * geom.size[a] + pos
     return flat
@@ -812,14 +1109,15 @@ def _avg_divisor(geom, count_include_pad, divisor_override):
     return _freeze(total.astype(np.float64))
 
 
-def _sum_pool_xp(x, geom, divisor):
+def _sum_pool_xp(x, geom, divisor, cl=False):
     """Window sums (divided by ``divisor``, shape geom.out, when given) in x's accumulation
-    dtype, one separable pass per axis: each output sums its in-range taps in order."""
+    dtype, one separable pass per axis: each output sums its in-range taps in order. With
+    ``cl`` x is channels-last (N, *size, C) and so is the result."""
     xp = get_array_module(x)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     a = x.astype(acc, copy=False)
     for ax in range(geom.d):
-        axis = 2 + ax
+        axis = _sp0(cl) + ax
         shape = list(a.shape)
         shape[axis] = geom.out[ax]
         total = xp.zeros(tuple(shape), dtype=acc)
@@ -829,20 +1127,21 @@ def _sum_pool_xp(x, geom, divisor):
                 total[_at(a.ndim, axis, sp[1])] += a[_at(a.ndim, axis, sp[0])]
         a = total
     if divisor is not None:
-        a /= xp.asarray(divisor, dtype=acc)
+        a /= xp.asarray(divisor[..., None] if cl else divisor, dtype=acc)
     return a
 
 
-def _sum_pool_backward_xp(dout, geom, divisor):
+def _sum_pool_backward_xp(dout, geom, divisor, cl=False):
     """dx of the window sums (divided by ``divisor`` when given): dout spread back over
-    each window, one separable pass per axis in reverse (fixed order)."""
+    each window, one separable pass per axis in reverse (fixed order); channels-last
+    arrays with ``cl``."""
     xp = get_array_module(dout)
-    acc = _acc_dtype(dout.dtype)
+    acc = acc_dtype(dout.dtype)
     g = dout.astype(acc)
     if divisor is not None:
-        g /= xp.asarray(divisor, dtype=acc)
+        g /= xp.asarray(divisor[..., None] if cl else divisor, dtype=acc)
     for ax in reversed(range(geom.d)):
-        axis = 2 + ax
+        axis = _sp0(cl) + ax
         shape = list(g.shape)
         shape[axis] = geom.size[ax]
         dx = xp.zeros(tuple(shape), dtype=acc)
@@ -862,22 +1161,41 @@ def avg_pool_forward(x, pool_param):
     - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W)
     - pool_param: dict with 'kernel_size' (or, in 2-D, 'pool_height' and 'pool_width')
       and optional 'stride', 'pad', 'ceil_mode', 'count_include_pad' (True) and
-      'divisor_override' (a positive int that replaces every window's divisor, or None);
-      no dilation
+      'divisor_override' (a positive int that replaces every window's divisor, or None),
+      'data_format' ('channels_first' or 'channels_last', see max_pool_forward); no
+      dilation
 
     Returns a tuple of:
-    - out: array (N, C, *out)
+    - out: array (N, C, *out) (or (N, *out, C))
     - cache: AvgPoolCache
     """
-    geom = _check_x(x, pool_param, "avg")
+    geom, layout = _check_x(x, pool_param, "avg")
     cip, div = check_pool_options(pool_param, "avg", tuple(x.shape))
-    xp = get_array_module(x)
     divisor = _avg_divisor(geom, cip, div)
-    cache = AvgPoolCache(geom, np.dtype(x.dtype), divisor, cip, div)
+    cache = AvgPoolCache(geom, np.dtype(x.dtype), divisor, cip, div, layout)
+    return _external(_avg_forward(_internal(x, layout), geom, _is_cl(layout), cip, div,
+                                  divisor), layout), cache
+
+
+def _kernel_kw(cl):
+    """The launchers' layout keyword: only passed for channels-last arrays."""
+    return {"channels_last": True} if cl else {}
+
+
+def _avg_forward(x, geom, cl, cip, div, divisor):
+    xp = get_array_module(x)
     if _use_kernels(xp, geom):
         from .cuda import pool_nd_kernels
-        return pool_nd_kernels.avg_pool_forward_gpu(x, geom, cip, div), cache
-    return _sum_pool_xp(x, geom, divisor).astype(x.dtype, copy=False), cache
+        return pool_nd_kernels.avg_pool_forward_gpu(x, geom, cip, div, **_kernel_kw(cl))
+    return _sum_pool_xp(x, geom, divisor, cl).astype(x.dtype, copy=False)
+
+
+def _avg_backward(dout, geom, cl, cip, div, divisor):
+    xp = get_array_module(dout)
+    if _use_kernels(xp, geom):
+        from .cuda import pool_nd_kernels
+        return pool_nd_kernels.avg_pool_backward_gpu(dout, geom, cip, div, **_kernel_kw(cl))
+    return _sum_pool_backward_xp(dout, geom, divisor, cl)
 
 
 @_on_input_device
@@ -891,12 +1209,9 @@ def avg_pool_backward(dout, cache):
     Returns:
     - dx: array (N, C, *size), the forward input's dtype
     """
-    geom, xp, dout = _backward_inputs(dout, cache, AvgPoolCache)
-    if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
-        return pool_nd_kernels.avg_pool_backward_gpu(dout, geom, cache.count_include_pad,
-                                                     cache.divisor_override)
-    return _sum_pool_backward_xp(dout, geom, cache.divisor)
+    geom, _, dout, cl = _backward_inputs(dout, cache, AvgPoolCache)
+    return _external(_avg_backward(dout, geom, cl, cache.count_include_pad,
+                                   cache.divisor_override, cache.divisor), cache.layout)
 
 
 @_on_input_device
@@ -907,19 +1222,16 @@ def sum_pool_forward(x, pool_param):
     Inputs:
     - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W)
     - pool_param: dict with 'kernel_size' (or, in 2-D, 'pool_height' and 'pool_width')
-      and optional 'stride', 'pad', 'ceil_mode'
+      and optional 'stride', 'pad', 'ceil_mode', 'data_format'
 
     Returns a tuple of:
-    - out: array (N, C, *out)
+    - out: array (N, C, *out) (or (N, *out, C))
     - cache: SumPoolCache
     """
-    geom = _check_x(x, pool_param, "sum")
-    xp = get_array_module(x)
-    cache = SumPoolCache(geom, np.dtype(x.dtype))
-    if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
-        return pool_nd_kernels.avg_pool_forward_gpu(x, geom, True, 1), cache
-    return _sum_pool_xp(x, geom, None).astype(x.dtype, copy=False), cache
+    geom, layout = _check_x(x, pool_param, "sum")
+    cache = SumPoolCache(geom, np.dtype(x.dtype), layout)
+    return _external(_avg_forward(_internal(x, layout), geom, _is_cl(layout), True, 1, None),
+                     layout), cache
 
 
 @_on_input_device
@@ -933,11 +1245,8 @@ def sum_pool_backward(dout, cache):
     Returns:
     - dx: array (N, C, *size), the forward input's dtype
     """
-    geom, xp, dout = _backward_inputs(dout, cache, SumPoolCache)
-    if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
-        return pool_nd_kernels.avg_pool_backward_gpu(dout, geom, True, 1)
-    return _sum_pool_backward_xp(dout, geom, None)
+    geom, _, dout, cl = _backward_inputs(dout, cache, SumPoolCache)
+    return _external(_avg_backward(dout, geom, cl, True, 1, None), cache.layout)
 
 
 # ------------------------------------------------------------------ adaptive pooling
@@ -1024,46 +1333,56 @@ def _adaptive_count(geom, axes):
     return total
 
 
-def _check_adaptive_x(x, output_size):
+def _check_adaptive_x(x, output_size, data_format):
+    """(geom, layout) of an adaptive pooling forward."""
     check_array(x, "x")
+    data_format = check_data_format(data_format, "data_format")
     check_floating(x, "x")
-    return adaptive_geometry(x.shape, output_size)
+    if data_format == "channels_last" and x.ndim not in (3, 4, 5):
+        raise ValueError(f"adaptive pooling with data_format='channels_last' expects x of shape "
+                         f"(N, L, C), (N, H, W, C) or (N, D, H, W, C), got {x.ndim}-D shape "
+                         f"{tuple(x.shape)}")
+    geom = adaptive_geometry(to_channels_first_shape(x.shape, data_format), output_size)
+    return geom, _layout(x, data_format)
 
 
 @_on_input_device
-def adaptive_avg_pool_forward(x, output_size):
+def adaptive_avg_pool_forward(x, output_size, data_format="channels_first"):
     """Forward pass of adaptive average pooling (PyTorch's adaptive_avg_pool{1,2,3}d):
     output position o averages the input window ``[floor(o*n/out), ceil((o+1)*n/out))``
     of each axis (gpulayers.shapes.adaptive_bounds).
 
     Inputs:
-    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64 or bfloat16
+      (channels-last shapes (N, *spatial, C) with data_format='channels_last')
     - output_size: an int (every axis) or a d-tuple of ints and None (None: that axis's
       input size); 1 is global average pooling
+    - data_format: 'channels_first' (default) or 'channels_last' (see max_pool_forward; an
+      x in PyTorch's channels_last memory format is pooled without a copy)
+
+    Every window sums its taps axis by axis in order (also for global pooling), so both
+    layouts give the same bits.
 
     Returns a tuple of:
-    - out: array (N, C, *output_size), dtype of x
+    - out: array (N, C, *output_size) (or (N, *output_size, C)), dtype of x
     - cache: AdaptiveAvgPoolCache
     """
-    geom = _check_adaptive_x(x, output_size)
+    geom, layout = _check_adaptive_x(x, output_size, data_format)
+    cache = AdaptiveAvgPoolCache(geom, np.dtype(x.dtype), layout)
+    return _external(_adaptive_avg_forward(_internal(x, layout), geom, _is_cl(layout)),
+                     layout), cache
+
+
+def _adaptive_avg_forward(x, geom, cl):
     xp = get_array_module(x)
-    cache = AdaptiveAvgPoolCache(geom, np.dtype(x.dtype))
     if _use_kernels(xp, geom):
         from .cuda import pool_nd_kernels
-        return pool_nd_kernels.adaptive_avg_pool_forward_gpu(x, geom), cache
-    acc = _acc_dtype(x.dtype)
-    if all(o == 1 for o in geom.out):  # global pooling: one mean per plane
-        planes = xp.ascontiguousarray(x).reshape(geom.N * geom.C, _prod(geom.size))
-        if xp is np and acc == x.dtype:  # a matrix-vector product: BLAS, blocked sums
-            total = planes @ np.ones(planes.shape[1], dtype=acc)
-        else:
-            total = planes.sum(axis=-1, dtype=acc)
-        total /= acc.type(planes.shape[-1])
-        return total.reshape(geom.output_shape).astype(x.dtype, copy=False), cache
+        return pool_nd_kernels.adaptive_avg_pool_forward_gpu(x, geom, **_kernel_kw(cl))
+    acc = acc_dtype(x.dtype)
     axes = _adaptive_axes(geom)
     a = x.astype(acc, copy=False)
     for i, ax in enumerate(axes):
-        axis = 2 + i
+        axis = _sp0(cl) + i
         shape = list(a.shape)
         shape[axis] = ax.out
         total = xp.zeros(tuple(shape), dtype=acc)
@@ -1071,8 +1390,9 @@ def adaptive_avg_pool_forward(x, output_size):
             v, mask = _adaptive_tap(xp, a, axis, ax, t)
             total += v if mask is None else xp.where(mask, v, acc.type(0))
         a = total
-    a /= xp.asarray(_adaptive_count(geom, axes), dtype=acc)
-    return a.astype(x.dtype, copy=False), cache
+    count = _adaptive_count(geom, axes)
+    a /= xp.asarray(count[..., None] if cl else count, dtype=acc)
+    return a.astype(x.dtype, copy=False)
 
 
 @_on_input_device
@@ -1081,25 +1401,31 @@ def adaptive_avg_pool_backward(dout, cache):
     window (separable passes of gathers: deterministic, no atomics).
 
     Inputs:
-    - dout: array (N, C, *output_size)
+    - dout: array (N, C, *output_size) (or (N, *output_size, C): the forward's layout)
     - cache: AdaptiveAvgPoolCache
 
     Returns:
-    - dx: array (N, C, *size), the forward input's dtype
+    - dx: array (N, C, *size) (or (N, *size, C)), the forward input's dtype
     """
-    geom, xp, dout = _backward_inputs(dout, cache, AdaptiveAvgPoolCache)
+    geom, _, dout, cl = _backward_inputs(dout, cache, AdaptiveAvgPoolCache)
+    return _external(_adaptive_avg_backward(dout, geom, cl), cache.layout)
+
+
+def _adaptive_avg_backward(dout, geom, cl):
+    xp = get_array_module(dout)
     if _use_kernels(xp, geom):
         from .cuda import pool_nd_kernels
-        return pool_nd_kernels.adaptive_avg_pool_backward_gpu(dout, geom)
-    acc = _acc_dtype(dout.dtype)
+        return pool_nd_kernels.adaptive_avg_pool_backward_gpu(dout, geom, **_kernel_kw(cl))
+    acc = acc_dtype(dout.dtype)
     axes = _adaptive_axes(geom)
     g = dout.astype(acc)
-    g /= xp.asarray(_adaptive_count(geom, axes), dtype=acc)
+    count = _adaptive_count(geom, axes)
+    g /= xp.asarray(count[..., None] if cl else count, dtype=acc)
     if all(o == 1 for o in geom.out):
-        return xp.ascontiguousarray(xp.broadcast_to(g, geom.input_shape)).astype(
-            dout.dtype, copy=False)
+        return xp.ascontiguousarray(xp.broadcast_to(
+            g, _internal_shape(geom.input_shape, cl))).astype(dout.dtype, copy=False)
     for i in reversed(range(geom.d)):
-        ax, axis = axes[i], 2 + i
+        ax, axis = axes[i], _sp0(cl) + i
         if ax.even and ax.step == ax.longest and ax.out * ax.step == ax.size:
             g = xp.repeat(g, ax.step, axis=axis)  # windows tile the axis
             continue
@@ -1116,18 +1442,19 @@ def adaptive_avg_pool_backward(dout, cache):
     return g.astype(dout.dtype, copy=False)
 
 
-def _adaptive_max_xp(x, geom):
+def _adaptive_max_xp(x, geom, cl=False):
     """Adaptive max pooling in xp code, axis by axis from the last one: per axis, tap by
     tap of the longest window (masked where a window is shorter), strict > and the NaN
     rule, carrying the later axes' offsets. The same element as one row-major scan of
-    each window: first maximum, last NaN, first element when all are -inf."""
+    each window: first maximum, last NaN, first element when all are -inf. Channels-last
+    arrays with ``cl``."""
     xp = get_array_module(x)
     axes = _adaptive_axes(geom)
     odt = geom.offset_dtype
     window = geom.window
     vals, offs = x, None
     for i in reversed(range(geom.d)):
-        ax, axis = axes[i], 2 + i
+        ax, axis = axes[i], _sp0(cl) + i
         mult = _prod(window[i + 1:])
         shape = list(vals.shape)
         shape[axis] = ax.out
@@ -1147,17 +1474,17 @@ def _adaptive_max_xp(x, geom):
     return vals, offs
 
 
-def _adaptive_max_backward_xp(dout, offsets, geom):
+def _adaptive_max_backward_xp(dout, offsets, geom, cl=False):
     """dx of adaptive max pooling by gathers: input position p adds, from zero, the dout
     of the windows holding it whose argmax it is, in descending window order (so in
-    ascending tap order, as max pooling's general path)."""
+    ascending tap order, as max pooling's general path). Channels-last with ``cl``."""
     xp = get_array_module(dout, offsets)
-    acc = _acc_dtype(dout.dtype)
+    acc = acc_dtype(dout.dtype)
     axes = _adaptive_axes(geom)
     window = geom.window
-    d, ndim = geom.d, dout.ndim
+    d, ndim, sp0 = geom.d, dout.ndim, _sp0(cl)
     g = dout.astype(acc, copy=False)
-    dx = xp.zeros(geom.input_shape, dtype=acc)
+    dx = xp.zeros(_internal_shape(geom.input_shape, cl), dtype=acc)
     zero = xp.zeros((), dtype=acc)
     for u in itertools.product(*(range(ax.cover) for ax in axes)):
         G, O = g, offsets
@@ -1168,49 +1495,75 @@ def _adaptive_max_backward_xp(dout, offsets, geom):
             ok = w >= ax.first
             w = np.maximum(w, 0)
             wi = xp.asarray(w)
-            G = xp.take(G, wi, axis=2 + i)
-            O = xp.take(O, wi, axis=2 + i)
-            valid = valid & _along(ok, ndim, 2 + i)
+            G = xp.take(G, wi, axis=sp0 + i)
+            O = xp.take(O, wi, axis=sp0 + i)
+            valid = valid & _along(ok, ndim, sp0 + i)
             tap = tap + _along((np.arange(ax.size) - ax.start[w]) * _prod(window[i + 1:]),
-                               ndim, 2 + i)
+                               ndim, sp0 + i)
         hit = O == xp.asarray(np.where(valid, tap, -1))
         dx += xp.where(hit, G, zero)
     return dx.astype(dout.dtype, copy=False)
 
 
 @_on_input_device
-def adaptive_max_pool_forward(x, output_size):
+def adaptive_max_pool_forward(x, output_size, data_format="channels_first"):
     """Forward pass of adaptive max pooling (PyTorch's adaptive_max_pool{1,2,3}d), with
     max pooling's semantics: first maximum in row-major window order, a window with NaN
     gives NaN and its last NaN, an all -inf window -inf and its first element.
 
     Inputs:
-    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64
+    - x: array (N, C, L), (N, C, H, W) or (N, C, D, H, W), float16/32/64 or bfloat16
+      (channels-last shapes (N, *spatial, C) with data_format='channels_last')
     - output_size: an int or a d-tuple of ints and None (see adaptive_avg_pool_forward)
+    - data_format: 'channels_first' (default) or 'channels_last'
 
     Returns a tuple of:
-    - out: array (N, C, *output_size)
-    - cache: AdaptiveMaxPoolCache (compact offsets over geom.window; neither x nor out);
-      max_pool_indices(cache) gives PyTorch's return_indices numbers
+    - out: array (N, C, *output_size) (or (N, *output_size, C))
+    - cache: AdaptiveMaxPoolCache (compact offsets over geom.window, laid out like the
+      internal output; neither x nor out); max_pool_indices(cache) gives PyTorch's
+      return_indices numbers, laid out like out
     """
-    geom = _check_adaptive_x(x, output_size)
+    geom, layout = _check_adaptive_x(x, output_size, data_format)
+    xi, cl = _internal(x, layout), _is_cl(layout)
     xp = get_array_module(x)
     if _use_kernels(xp, geom):
         from .cuda import pool_nd_kernels
-        out, offsets = pool_nd_kernels.adaptive_max_pool_forward_gpu(x, geom)
+        out, offsets = pool_nd_kernels.adaptive_max_pool_forward_gpu(xi, geom, **_kernel_kw(cl))
     elif xp is np and all(o == 1 for o in geom.out):
-        out, offsets = _global_max(x, geom)
+        out, offsets = _global_max(xi, geom, cl)
     elif xp is np and _adaptive_as_pool(geom) is not None:  # evenly spaced: max pooling
-        out, offsets = _max_pool_forward_np(x, _adaptive_as_pool(geom))
+        out, offsets = _max_pool_forward_np(xi, _adaptive_as_pool(geom), cl)
     else:  # the general path (CuPy with the kernels off: a pass per tap of each axis)
-        out, offsets = _adaptive_max_xp(x, geom)
-    return out, AdaptiveMaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets))
+        out, offsets = _adaptive_max_xp(xi, geom, cl)
+    return _external(out, layout), AdaptiveMaxPoolCache(geom, np.dtype(x.dtype),
+                                                        _freeze(offsets), layout)
 
 
-def _global_max(x, geom):
+def _global_max(x, geom, cl=False):
     """Max over each whole plane of a NumPy x: np.argmax (its first maximum, the first NaN;
-    0 for a plane of -inf), then the last NaN for the planes whose maximum is NaN."""
+    0 for a plane of -inf), then the last NaN for the planes whose maximum is NaN. With
+    ``cl`` x is (N, *size, C): the planes are the columns of (N, K, C)."""
     K = _prod(geom.size)
+    if cl:   # chunks of positions (np.argmax over a strided axis copies its input)
+        planes = x.reshape(geom.N, K, geom.C)
+        step = max(1, (1 << 20) // max(1, geom.N * geom.C * x.dtype.itemsize))
+        out = local = None
+        for k0 in range(0, K, step):
+            chunk = planes[:, k0:k0 + step]
+            arg = np.argmax(chunk, axis=1)
+            val = np.take_along_axis(chunk, arg[:, None, :], axis=1)[:, 0, :]
+            if out is None:
+                out, local = val, arg
+                continue
+            take = (val > out) | np.isnan(val)   # the first maximum; NaN fixed below
+            np.copyto(out, val, where=take)
+            np.copyto(local, arg + k0, where=take)
+        nan = np.isnan(out)
+        if nan.any():
+            n_i, c_i = np.nonzero(nan)
+            local[nan] = K - 1 - np.argmax(np.isnan(planes[n_i, ::-1, c_i]), axis=1)
+        shape = _internal_shape(geom.output_shape, True)
+        return out.reshape(shape), local.astype(geom.offset_dtype).reshape(shape)
     planes = x.reshape(geom.N * geom.C, K)
     local = np.argmax(planes, axis=1)
     out = np.take_along_axis(planes, local[:, None], axis=1)[:, 0]
@@ -1227,20 +1580,23 @@ def adaptive_max_pool_backward(dout, cache):
     argmax; deterministic (fixed order of sums where windows overlap).
 
     Inputs:
-    - dout: array (N, C, *output_size)
+    - dout: array (N, C, *output_size) (or (N, *output_size, C): the forward's layout)
     - cache: AdaptiveMaxPoolCache
 
     Returns:
-    - dx: array (N, C, *size), the forward input's dtype
+    - dx: array (N, C, *size) (or (N, *size, C)), the forward input's dtype
     """
-    geom, xp, dout = _backward_inputs(dout, cache, AdaptiveMaxPoolCache)
+    geom, xp, dout, cl = _backward_inputs(dout, cache, AdaptiveMaxPoolCache)
     if _use_kernels(xp, geom):
         from .cuda import pool_nd_kernels
-        return pool_nd_kernels.adaptive_max_pool_backward_gpu(dout, cache.offsets, geom)
+        dx = pool_nd_kernels.adaptive_max_pool_backward_gpu(dout, cache.offsets, geom,
+                                                            **_kernel_kw(cl))
+        return _external(dx, cache.layout)
     pgeom = _adaptive_as_pool(geom) if xp is np else None
     if pgeom is not None:  # evenly spaced windows: max pooling's backward (the same bits)
-        return _max_pool_backward_np_fast(dout, cache.offsets, pgeom)
-    return _adaptive_max_backward_xp(dout, cache.offsets, geom)
+        return _external(_max_pool_backward_np_fast(dout, cache.offsets, pgeom, cl),
+                         cache.layout)
+    return _external(_adaptive_max_backward_xp(dout, cache.offsets, geom, cl), cache.layout)
 
 
 # ---------------------------------------------------------------------- max unpooling
@@ -1271,7 +1627,7 @@ def _unpool_output_shape(x_shape, output_size):
 
 
 @_on_input_device
-def max_unpool_forward(x, indices, output_size):
+def max_unpool_forward(x, indices, output_size, data_format="channels_first"):
     """Max unpooling: put each value back at its pooled position (PyTorch's
     max_unpool{1,2,3}d).
 
@@ -1281,43 +1637,70 @@ def max_unpool_forward(x, indices, output_size):
 
     Inputs:
     - x: array (N, C, *in) with 1, 2 or 3 spatial axes, e.g. a max pool's output
+      ((N, *in, C) with data_format='channels_last')
     - indices: integer array shaped like x of flat indices into each output volume
-      (L, H*W or D*H*W), e.g. from max_pool_indices
-    - output_size: the d spatial sizes or the full shape (N, C, *spatial); ints only
+      (L, H*W or D*H*W), e.g. from max_pool_indices (PyTorch's numbers in either layout)
+    - output_size: the d spatial sizes or the full output shape (in data_format's order);
+      ints only
+    - data_format: 'channels_first' (default) or 'channels_last'; an x (and indices) in
+      PyTorch's channels_last memory format is unpooled without a copy of x, out keeps it
 
     Returns a tuple of:
-    - out: array (N, C, *output_size), zeros except at the indexed positions
+    - out: array (N, C, *output_size) (or (N, *output_size, C)), zeros except at the
+      indexed positions
     - cache: UnpoolCache (xp path) or UnpoolKernelCache (CUDA kernels)
     """
     check_array(x, "x")
     check_array(indices, "indices")
+    data_format = check_data_format(data_format, "data_format")
     check_floating(x, "x")
     if x.ndim not in (3, 4, 5):
-        raise ValueError(f"max unpooling expects x of shape (N, C, L), (N, C, H, W) or "
-                         f"(N, C, D, H, W), got shape {tuple(x.shape)}")
+        shapes = ("(N, L, C), (N, H, W, C) or (N, D, H, W, C)" if data_format == "channels_last"
+                  else "(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
+        raise ValueError(f"max unpooling expects x of shape {shapes}, got shape "
+                         f"{tuple(x.shape)}")
     if np.dtype(indices.dtype).kind not in "iu":
         raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
     if tuple(indices.shape) != tuple(x.shape):
         raise ValueError(f"indices of shape {tuple(indices.shape)} do not match x of shape "
                          f"{tuple(x.shape)}")
     xp = get_array_module(x, indices)
-    x_shape = tuple(x.shape)
-    out_shape = _unpool_output_shape(x_shape, output_size)
-    N, C = out_shape[:2]
-    P = _prod(out_shape[2:])
-    idx = indices.astype(np.int64).reshape(N * C, _prod(x_shape[2:]))
+    layout = _layout(x, data_format)
+    cl = _is_cl(layout)
+    x_cf = to_channels_first_shape(x.shape, data_format)
+    if (data_format == "channels_last" and not isinstance(output_size, (str, bytes))
+            and hasattr(output_size, "__len__") and len(output_size) == x.ndim):
+        output_size = to_channels_first_shape(tuple(output_size), "channels_last")
+    out_cf = _unpool_output_shape(x_cf, output_size)
+    N, C = out_cf[:2]
+    P = _prod(out_cf[2:])
+    Pin = _prod(x_cf[2:])
+    xi = _internal(x, layout)
+    ii = _internal(indices, layout)
+    idx = ii.astype(np.int64)           # (N, C, *in) or (N, *in, C)
     if idx.size:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= P:
             raise ValueError(f"max unpooling index out of range: indices span [{lo}, {hi}] but "
-                             f"the output plane has {'x'.join(map(str, out_shape[2:]))} = {P} "
-                             f"positions (x shape {x_shape}, output {out_shape})")
-    if _use_kernels(xp) and max(out_shape + (P,)) < 2**31:
+                             f"the output plane has {'x'.join(map(str, out_cf[2:]))} = {P} "
+                             f"positions (x shape {tuple(x.shape)}, output "
+                             f"{_caller_shape(out_cf, layout)})")
+    x_shape, out_shape = tuple(x.shape), _caller_shape(out_cf, layout)
+    in_int, out_int = _internal_shape(x_cf, cl), _internal_shape(out_cf, cl)
+    if _use_kernels(xp) and max(out_cf + (P,)) < 2**31:
         from .cuda import pool_nd_kernels
-        idx = xp.ascontiguousarray(idx.reshape(x_shape))
-        out, won = pool_nd_kernels.max_unpool_forward_gpu(x, idx, out_shape, return_winners=True)
-        return out, UnpoolKernelCache(x_shape, np.dtype(x.dtype), idx, won, out_shape)
-    targets = (idx + xp.arange(N * C, dtype=np.int64)[:, None] * P).reshape(-1)
+        idx = xp.ascontiguousarray(idx)
+        # with channels_last=True the arrays are channels-last, out_shape stays (N, C, *out)
+        out, won = pool_nd_kernels.max_unpool_forward_gpu(
+            xi, idx, out_cf, return_winners=True, **_kernel_kw(cl))
+        return _external(out, layout), UnpoolKernelCache(x_shape, np.dtype(x.dtype), idx, won,
+                                                         out_shape, layout)
+    if cl:   # target of (n, p, c): (n*P + index)*C + c
+        targets = (idx.reshape(N, Pin, C) + (xp.arange(N, dtype=np.int64) * P)[:, None, None])
+        targets = targets * C + xp.arange(C, dtype=np.int64)
+    else:
+        targets = idx.reshape(N * C, Pin) + xp.arange(N * C, dtype=np.int64)[:, None] * P
+    targets = targets.reshape(-1)
     order = xp.argsort(targets, kind="stable")
     sorted_t = targets[order]
     last = xp.ones(sorted_t.shape, dtype=bool)
@@ -1326,10 +1709,10 @@ def max_unpool_forward(x, indices, output_size):
     winners = xp.zeros(targets.shape, dtype=bool)
     winners[order[last]] = True
     out = xp.zeros(N * C * P, dtype=x.dtype)
-    out[targets[winners]] = x.reshape(-1)[winners]
+    out[targets[winners]] = xi.reshape(-1)[winners]
     cache = UnpoolCache(x_shape, np.dtype(x.dtype), _freeze(targets), _freeze(winners),
-                        out_shape)
-    return out.reshape(out_shape), cache
+                        out_shape, layout)
+    return _external(out.reshape(out_int), layout), cache
 
 
 @_on_input_device
@@ -1338,11 +1721,11 @@ def max_unpool_backward(dout, cache):
     input that lost its shared position to a later one).
 
     Inputs:
-    - dout: array (N, C, *output_size)
+    - dout: array (N, C, *output_size) (or (N, *output_size, C): the forward's layout)
     - cache: UnpoolCache or UnpoolKernelCache
 
     Returns:
-    - dx: array (N, C, *in), the forward input's dtype
+    - dx: array (N, C, *in) (or (N, *in, C)), the forward input's dtype
     """
     _check_cache(cache, UnpoolCache, UnpoolKernelCache)
     check_array(dout, "dout")
@@ -1350,12 +1733,17 @@ def max_unpool_backward(dout, cache):
     if tuple(dout.shape) != cache.out_shape:
         raise ValueError(f"dout has shape {tuple(dout.shape)} but max unpooling produced "
                          f"{cache.out_shape} (from x of shape {cache.x_shape})")
-    dout = dout.astype(cache.dtype, copy=False)
+    layout = cache.layout
+    cl = _is_cl(layout)
+    dout = _internal(dout.astype(cache.dtype, copy=False), layout)
+    x_cf = cache.x_shape if layout != "channels_last" else to_channels_first_shape(
+        cache.x_shape, "channels_last")
+    x_int = _internal_shape(x_cf, cl)
     if isinstance(cache, UnpoolKernelCache):
         get_array_module(dout, cache.indices)
         from .cuda import pool_nd_kernels
-        return pool_nd_kernels.max_unpool_backward_gpu(dout, cache.indices, cache.winners,
-                                                       cache.x_shape)
+        return _external(pool_nd_kernels.max_unpool_backward_gpu(   # x_shape: (N, C, *in)
+            dout, cache.indices, cache.winners, x_cf, **_kernel_kw(cl)), layout)
     xp = get_array_module(dout, cache.targets)
     dx = xp.where(cache.winners, dout.reshape(-1)[cache.targets], xp.zeros((), dtype=dout.dtype))
-    return dx.reshape(cache.x_shape)
+    return _external(dx.reshape(x_int), layout)

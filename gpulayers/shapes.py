@@ -27,9 +27,19 @@ __all__ = [
     "adaptive_geometry",
     "adaptive_bounds",
     "check_pool_options",
+    "pool_data_format",
     "pool_output_size",
     "offset_dtype",
     "check_floating",
+    "is_floating",
+    "is_bfloat16",
+    "acc_dtype",
+    "FLOATING_NAMES",
+    "check_data_format",
+    "DATA_FORMATS",
+    "channels_last_strided",
+    "to_channels_first_shape",
+    "from_channels_first_shape",
     "check_array",
 ]
 
@@ -90,13 +100,93 @@ def check_array(a, name):
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
 
 
+# ------------------------------------------------------------------------- dtypes
+# The floating dtypes every layer takes. bfloat16 is ml_dtypes.bfloat16 (NumPy dtype
+# kind 'V', name 'bfloat16'; CuPy >= 14 uses the same dtype). It is recognised by its
+# name, so importing gpulayers never imports ml_dtypes.
+FLOATING_NAMES = ("float16", "float32", "float64", "bfloat16")
+
+
+def is_bfloat16(dtype):
+    """True for ml_dtypes.bfloat16 (by dtype name; ml_dtypes is not imported)."""
+    try:
+        return np.dtype(dtype).name == "bfloat16"
+    except TypeError:
+        return False
+
+
+def is_floating(dtype):
+    """True for the floating dtypes the layers take: float16, float32, float64, bfloat16."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return False
+    return (dtype.kind == "f" and dtype.name in FLOATING_NAMES) or dtype.name == "bfloat16"
+
+
+def acc_dtype(dtype):
+    """Accumulation dtype: float32 for float16 and bfloat16, else the dtype itself."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float16 or dtype.name == "bfloat16":
+        return np.dtype(np.float32)
+    return dtype
+
+
 def check_floating(x, name="x"):
-    """TypeError unless ``x`` has a floating dtype (float16/32/64)."""
+    """TypeError unless ``x`` has a floating dtype (float16, float32, float64 or bfloat16)."""
     dtype = np.dtype(x.dtype)
-    if dtype.kind != "f":
+    if not is_floating(dtype):
         raise TypeError(
-            f"{name} must have a floating dtype (float16, float32 or float64), "
+            f"{name} must have a floating dtype (float16, float32, float64 or bfloat16), "
             f"got {dtype} with shape {tuple(x.shape)}")
+
+
+# -------------------------------------------------------------------- data_format
+# Keras's name for the layout: 'channels_first' is (N, C, *spatial), 'channels_last' is
+# (N, *spatial, C). Geometries are always (N, C, *spatial)-based; a channels_last shape
+# is permuted with to_channels_first_shape before it is checked.
+DATA_FORMATS = ("channels_first", "channels_last")
+
+
+def check_data_format(value, where="data_format"):
+    """'channels_first' or 'channels_last'; ValueError naming ``value`` (and ``where`` it
+    came from, e.g. "pool_param['data_format']") otherwise."""
+    if isinstance(value, str) and value in DATA_FORMATS:
+        return value
+    raise ValueError(f"{where} must be 'channels_first' or 'channels_last', got {value!r}")
+
+
+def channels_last_strided(x):
+    """True for a channels-first-shaped x, (N, C, *spatial) with 1-3 spatial axes, whose
+    memory is channels-last (PyTorch's channels_last / channels_last_3d memory formats, and
+    the same for 1-D): moveaxis(x, 1, -1) is C-contiguous while x is not. Works for NumPy
+    and CuPy arrays (strides only; nothing is copied)."""
+    if x.ndim not in (3, 4, 5) or x.flags.c_contiguous:
+        return False
+    shape, strides = tuple(x.shape), tuple(x.strides)
+    order = (0,) + tuple(range(2, x.ndim)) + (1,)
+    expect = x.dtype.itemsize
+    for axis in reversed(order):   # C-contiguity of the moveaxis view, sizes-1 axes free
+        if shape[axis] != 1 and strides[axis] != expect:
+            return False
+        expect *= shape[axis]
+    return True
+
+
+def to_channels_first_shape(shape, data_format):
+    """(N, C, *spatial) from a shape in ``data_format`` (the shape itself for channels_first)."""
+    shape = tuple(int(s) for s in shape)
+    if data_format == "channels_last" and len(shape) >= 3:
+        return (shape[0], shape[-1]) + shape[1:-1]
+    return shape
+
+
+def from_channels_first_shape(shape, data_format):
+    """The shape in ``data_format`` of an (N, C, *spatial) shape."""
+    shape = tuple(int(s) for s in shape)
+    if data_format == "channels_last" and len(shape) >= 3:
+        return (shape[0],) + shape[2:] + (shape[1],)
+    return shape
 
 
 _SPATIAL = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
@@ -260,7 +350,10 @@ def _first_valid(n_out, stride, pad, dilation, kernel, size):
 # count_include_pad and divisor_override); a key of another op is an error, not
 # silently ignored. 'kernel_size' (PyTorch's name) works for every rank; the CS231n
 # names 'pool_height'/'pool_width' for 2-D only.
-_COMMON_KEYS = ("kernel_size", "pool_height", "pool_width", "stride", "pad", "ceil_mode")
+# 'data_format' (every op) does not change the geometry: pool_geometry takes the
+# (N, C, *spatial) shape and ignores it; pool_data_format reads and checks it.
+_COMMON_KEYS = ("kernel_size", "pool_height", "pool_width", "stride", "pad", "ceil_mode",
+                "data_format")
 _POOL_KEYS = {"max": frozenset(_COMMON_KEYS + ("dilation",)),
               "avg": frozenset(_COMMON_KEYS + ("count_include_pad", "divisor_override")),
               "sum": frozenset(_COMMON_KEYS)}
@@ -351,6 +444,15 @@ def check_pool_options(pool_param, op, shape):
         raise ValueError(f"pool_param['divisor_override'] must be a positive int or None, got "
                          f"{div!r} (input of shape {shape})")
     return bool(cip), (None if div is None else int(div))
+
+
+def pool_data_format(pool_param):
+    """pool_param['data_format'] checked: 'channels_first' (the default) or
+    'channels_last'; ValueError naming the value otherwise (TypeError for a non-dict)."""
+    if not isinstance(pool_param, dict):
+        raise TypeError(f"pool_param must be a dict, got {type(pool_param).__name__}")
+    return check_data_format(pool_param.get("data_format", "channels_first"),
+                             "pool_param['data_format']")
 
 
 def _pool_geometry(x_shape, pool_param, op):
