@@ -99,3 +99,33 @@ def test_layer_sizes_per_axis(rng):
     np.testing.assert_array_equal(pool(x), ref)
     with pytest.raises(ValueError, match="kernel_size"):
         layers.MaxPool3d((2, 2))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_layers_take_data_format(rng, d):
+    x = _x(rng, d)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+
+    def last(a):
+        return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+    for make in (lambda f: getattr(layers, f"MaxPool{d}d")(3, 2, 1, data_format=f),
+                 lambda f: getattr(layers, f"AvgPool{d}d")(3, 2, 1, data_format=f),
+                 lambda f: getattr(layers, f"AdaptiveAvgPool{d}d")(2, data_format=f),
+                 lambda f: getattr(layers, f"AdaptiveMaxPool{d}d")(2, data_format=f)):
+        first, chl = make("channels_first"), make("channels_last")
+        out = first(x)
+        np.testing.assert_array_equal(chl(xl), last(out))
+        dout = rng.standard_normal(out.shape)
+        np.testing.assert_array_equal(chl.backward(last(dout)), last(first.backward(dout)))
+    bn_cls = {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d}[d]
+    first, chl = bn_cls(3, dtype=np.float64), bn_cls(3, dtype=np.float64,
+                                                     data_format="channels_last")
+    np.testing.assert_allclose(chl.forward(xl), last(first.forward(x)), rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(chl.buffers["running_var"], first.buffers["running_var"],
+                               rtol=1e-12)
+    pool = getattr(layers, f"MaxPool{d}d")(2, return_indices=True, data_format="channels_last")
+    up = getattr(layers, f"MaxUnpool{d}d")(2, data_format="channels_last")
+    xe = np.ascontiguousarray(np.moveaxis(rng.standard_normal((2, 3) + (4, 6, 8)[:d]), 1, -1))
+    out = pool(xe)
+    assert up(out, pool.indices).shape == xe.shape
