@@ -13,11 +13,17 @@ Stages, each guarded so that one failure is recorded and the rest go on:
    float64, 1e-5 float32, 1e-2 float16); on a GPU also the pooling kernels over
    1, 2 and 3 axes (gpulayers/cuda/pool_nd_kernels.py): 1-D/2-D max pooling and
    2-D unpooling exactly against the xp path on CuPy and NumPy, 3-D max and
-   adaptive max values exactly and average pooling (normwise) against PyTorch;
+   adaptive max values exactly and average pooling (normwise) against PyTorch; and the
+   channels-last kernels (channels_last=True) and bfloat16: bit for bit against the
+   channels-first kernels on the transposed input, against PyTorch's channels_last
+   (channels_last_3d) tensors (max exactly, average and batch norm normwise), batch norm
+   over (N, H, W, C) run as its (N*H*W, C, 1, 1) matrix;
 2. timing: CUDA events, warm-up, round-robin, medians, on data larger than L2,
    against PyTorch on the same card; a device-to-device copy bandwidth from
    the same run is the ceiling for the bandwidth fraction; on a GPU a second
-   table times the pool_nd kernels against PyTorch ($OUT/pool_nd_timing.json);
+   table times the pool_nd kernels against PyTorch ($OUT/pool_nd_timing.json), with
+   channels-last rows (ours on (N, *spatial, C) arrays, PyTorch on channels_last tensors)
+   and bfloat16 rows;
 3. the results JSON, written to benchmarks/results/<date>-<gpu>.json and $OUT
    (written once before the test suite runs, and again with its counts);
    without a usable GPU (and without --dry-run) the script says why on
@@ -63,7 +69,22 @@ except Exception as _exc:  # still leave a results JSON that says why
 MP3 = {"pool_height": 3, "pool_width": 3, "stride": 2, "pad": 1}
 MP2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
 BN = {"eps": 1e-5, "momentum": 0.9}
-TOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2}
+TOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def _np_dtype(name):
+    """np.dtype of a dtype name; 'bfloat16' is ml_dtypes.bfloat16 (what CuPy >= 14 holds)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _host64(a):
+    """float64 NumPy copy of a NumPy/CuPy array or a torch tensor (bfloat16 too)."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        return a.detach().double().cpu().numpy()
+    return B.to_host(a).astype(np.float64)
 
 # timing shapes: (op family, shape, params)
 GPU_POOL = [((256, 64, 112, 112), MP3), ((128, 128, 112, 112), MP2)]
@@ -171,6 +192,8 @@ def _exact(a, b):
     a, b = B.to_host(a), B.to_host(b)
     if a.shape != b.shape:
         return -1
+    if a.dtype.name == "bfloat16" or b.dtype.name == "bfloat16":
+        a, b = a.astype(np.float64), b.astype(np.float64)
     same = (a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else (a == b)
     return int((~same).sum())
 
@@ -368,6 +391,125 @@ def compare_pool_nd(dev, family, shape, params, dtype, rng, rows):
                     _normwise_finite(out, r.cpu().numpy()), TOL[dtype], "max|diff|/max|ref|")
 
 
+# channels-last and bfloat16 (GPU only): (family, channels-first x shape, params)
+CMP_LAYOUT = [("max", (4, 40, 15, 17), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+              ("max", (2, 24, 6, 9, 11), dict(kernel_size=3, stride=2, pad=1)),
+              ("avg", (4, 40, 15, 17), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+              ("avg", (2, 24, 6, 9, 11), dict(kernel_size=(2, 3, 3), stride=2, pad=1)),
+              ("adaptive", (4, 40, 9, 13), (3, 4)), ("adaptive", (2, 24, 5, 6, 7), (2, 3, 4)),
+              ("bn", (8, 14, 14, 96), None), ("bn", (4, 7, 7, 2048), None)]
+LAYOUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def compare_layouts(dev, family, shape, params, dtype, rng, rows):
+    """One channels-last case: our channels_last=True kernels on (N, *spatial, C) data
+    against our channels-first kernels on the transposed data (bit for bit) and against
+    PyTorch on a channels_last tensor; bfloat16 rows compare our channels-first kernels
+    with PyTorch's bfloat16 too. Batch norm: shape is (N, H, W, C), normalised as the
+    (N*H*W, C, 1, 1) matrix, against float64 NumPy and PyTorch's channels_last batch_norm."""
+    from gpulayers.cuda import bn_kernels
+    from gpulayers.cuda import pool_nd_kernels as nk
+    xp, torch = dev.xp, dev.torch
+    npd = _np_dtype(dtype)
+    where = f"layout {family} {shape} {dtype} {params}"
+
+    def last(a):
+        return xp.ascontiguousarray(xp.moveaxis(a, 1, -1))
+
+    def t(a, channels_last=True):  # a torch CUDA tensor of the same values
+        tt = torch.as_tensor(_host64(a), device="cuda").to(getattr(torch, dtype))
+        if channels_last and tt.ndim >= 4:
+            tt = tt.contiguous(memory_format=torch.channels_last if tt.ndim == 4
+                               else torch.channels_last_3d)
+        return tt
+
+    def moved(r):  # a torch result (N, C, *spatial) as (N, *spatial, C) float64
+        return np.moveaxis(_host64(r), 1, -1)
+
+    if family == "bn":
+        C = shape[-1]
+        x = (rng.standard_normal(shape) * 2 + 1).astype(npd)
+        gamma = (1 + 0.2 * rng.standard_normal(C)).astype(np.float32)
+        beta = (0.2 * rng.standard_normal(C)).astype(np.float32)
+        M = x.size // C
+        y, mean, var, _ = bn_kernels.bn_train_forward_gpu(
+            dev.to_device(x).reshape(M, C, 1, 1), dev.to_device(gamma), dev.to_device(beta),
+            BN["eps"])
+        x64 = x.astype(np.float64).reshape(M, C)
+        ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + BN["eps"]) * gamma + beta
+        tol = TOL[dtype]
+        _nd_row(rows, where, "bn y kernel vs float64", _normwise(_host64(y).reshape(M, C), ref),
+                tol, "max|diff|/max|ref|")
+        _nd_row(rows, where, "bn var kernel vs float64", _normwise(var, x64.var(0)),
+                TOL["float32"], "max|diff|/max|ref|")
+        if torch is not None:
+            tx = t(np.moveaxis(x, -1, 1))
+            ty = torch.nn.functional.batch_norm(tx, None, None,
+                                                torch.as_tensor(gamma, device="cuda"),
+                                                torch.as_tensor(beta, device="cuda"), True, 0.1,
+                                                BN["eps"])
+            _nd_row(rows, where, "bn y kernel vs torch channels_last",
+                    _normwise(_host64(y).reshape(shape), moved(ty)), tol, "max|diff|/max|ref|")
+        return
+    x = rng.standard_normal(shape).astype(npd)
+    x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = np.nan
+    x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = -np.inf
+    xd = dev.to_device(x)
+    xl = last(xd)
+    F = torch.nn.functional if torch is not None else None
+    d = len(shape) - 2
+    if family == "adaptive":
+        ageom = gl.shapes.adaptive_geometry(shape, params)
+        out, off = nk.adaptive_max_pool_forward_gpu(xd, ageom)
+        out_l, off_l = nk.adaptive_max_pool_forward_gpu(xl, ageom, channels_last=True)
+        avg = nk.adaptive_avg_pool_forward_gpu(xd, ageom)
+        avg_l = nk.adaptive_avg_pool_forward_gpu(xl, ageom, channels_last=True)
+        _nd_row(rows, where, "adaptive max channels-last vs first", _exact(out_l, last(out)))
+        _nd_row(rows, where, "adaptive offsets channels-last vs first", _exact(off_l, last(off)))
+        _nd_row(rows, where, "adaptive avg channels-last vs first", _exact(avg_l, last(avg)))
+        if F is not None:
+            tmax = getattr(F, f"adaptive_max_pool{d}d")(t(x), ageom.out)
+            tavg = getattr(F, f"adaptive_avg_pool{d}d")(t(x), ageom.out)
+            _nd_row(rows, where, "adaptive max channels-last vs torch",
+                    _exact(_host64(out_l), moved(tmax)))
+            _nd_row(rows, where, "adaptive avg channels-last vs torch",
+                    _normwise_finite(_host64(avg_l), moved(tavg)), TOL[dtype],
+                    "max|diff|/max|ref|")
+        return
+    geom = gl.shapes.pool_geometry(shape, params, op=family)
+    dout = rng.integers(-8, 9, size=geom.output_shape).astype(npd)  # exact sums
+    dd = dev.to_device(dout)
+    if family == "max":
+        out, off = nk.max_pool_forward_gpu(xd, geom)
+        dx = nk.max_pool_backward_gpu(dd, off, geom)
+        out_l, off_l = nk.max_pool_forward_gpu(xl, geom, channels_last=True)
+        dx_l = nk.max_pool_backward_gpu(last(dd), off_l, geom, channels_last=True)
+        _nd_row(rows, where, "max out channels-last vs first", _exact(out_l, last(out)))
+        _nd_row(rows, where, "max offsets channels-last vs first", _exact(off_l, last(off)))
+        _nd_row(rows, where, "max dx channels-last vs first", _exact(dx_l, last(dx)))
+        if F is not None:
+            r = getattr(F, f"max_pool{d}d")(t(x), geom.kernel, geom.stride, geom.pad,
+                                            geom.dilation, geom.ceil_mode)
+            _nd_row(rows, where, "max out channels-last vs torch",
+                    _exact(_host64(out_l), moved(r)))
+        return
+    for cip, div in AVG_ND_OPTIONS:
+        out = nk.avg_pool_forward_gpu(xd, geom, cip, div)
+        out_l = nk.avg_pool_forward_gpu(xl, geom, cip, div, channels_last=True)
+        dx = nk.avg_pool_backward_gpu(dd, geom, cip, div)
+        dx_l = nk.avg_pool_backward_gpu(last(dd), geom, cip, div, channels_last=True)
+        _nd_row(rows, where, f"avg cip={cip} div={div} channels-last vs first",
+                _exact(out_l, last(out)))
+        _nd_row(rows, where, f"avg dx cip={cip} div={div} channels-last vs first",
+                _exact(dx_l, last(dx)))
+        if F is not None:
+            r = getattr(F, f"avg_pool{d}d")(t(x), geom.kernel, geom.stride, geom.pad,
+                                            geom.ceil_mode, cip, divisor_override=div)
+            _nd_row(rows, where, f"avg cip={cip} div={div} channels-last vs torch",
+                    _normwise_finite(_host64(out_l), moved(r)), TOL[dtype],
+                    "max|diff|/max|ref|")
+
+
 def stage_compare(dev, args, rng):
     rows = []
     pools = DRY_CMP_POOL if dev.dry_run else CMP_POOL
@@ -379,10 +521,14 @@ def stage_compare(dev, args, rng):
     jobs += [("bn", s, None, dt) for s in bns for dt in dtypes]
     if not dev.dry_run and not args.smoke:  # the pool_nd kernels need CuPy
         jobs += [(f"nd-{fam}", s, p, dt) for fam, s, p in CMP_ND for dt in dtypes]
+        jobs += [(f"layout-{fam}", s, p, dt) for fam, s, p in CMP_LAYOUT
+                 for dt in LAYOUT_DTYPES]
     for kind, shape, params, dtype in jobs:
         try:
             if kind == "pool":
                 compare_pool(dev, shape, params, dtype, rng, rows)
+            elif kind.startswith("layout-"):
+                compare_layouts(dev, kind[7:], shape, params, dtype, rng, rows)
             elif kind.startswith("nd-"):
                 compare_pool_nd(dev, kind[3:], shape, params, dtype, rng, rows)
             else:
@@ -414,6 +560,9 @@ def stage_compare(dev, args, rng):
     n_nd = [r for r in rows if r["check"].startswith("pool_nd")]
     say(f"  pool_nd kernel checks: {sum(r['ok'] for r in n_nd)}/{len(n_nd)} ok"
         + ("" if n_nd else " (none: they need CuPy)"))
+    n_layout = [r for r in rows if r["check"].startswith("layout")]
+    say(f"  channels-last / bfloat16 checks: {sum(r['ok'] for r in n_layout)}/{len(n_layout)} ok"
+        + ("" if n_layout else " (none: they need CuPy)"))
     return rows
 
 
@@ -550,11 +699,78 @@ def _nd_timing_cases():
             return {"fwd": lambda: torch.nn.functional.max_unpool2d(out, idx, 2, 2)}
         return make, peer
 
-    return [("max_pool3d 3/2/1", (32, 64, 16, 56, 56), max3),
-            ("avg_pool3d 2/2", (32, 64, 16, 56, 56), avg3),
-            ("adaptive_avg -> 1", (256, 2048, 7, 7), adaptive("avg", 1)),
-            ("adaptive_max -> 7x7", (64, 256, 56, 56), adaptive("max", (7, 7))),
-            ("max_unpool2d 2/2", (128, 128, 56, 56), unpool)]
+    def last_pool(kind, d, params):
+        """Channels-last pooling: ours on (N, *spatial, C), PyTorch on channels_last."""
+        def cases(torch):
+            k, st, pd = params
+
+            def make(x):
+                cf = gl.shapes.to_channels_first_shape(x.shape, "channels_last")
+                geom = gl.shapes.pool_geometry(cf, dict(kernel_size=k, stride=st, pad=pd),
+                                               op=kind)
+                if kind == "max":
+                    out, off = nk.max_pool_forward_gpu(x, geom, channels_last=True)
+                    return {"fwd": lambda: nk.max_pool_forward_gpu(x, geom, channels_last=True),
+                            "bwd": lambda: nk.max_pool_backward_gpu(out, off, geom,
+                                                                    channels_last=True)}
+                out = nk.avg_pool_forward_gpu(x, geom, True, None, channels_last=True)
+                return {"fwd": lambda: nk.avg_pool_forward_gpu(x, geom, True, None,
+                                                               channels_last=True),
+                        "bwd": lambda: nk.avg_pool_backward_gpu(out, geom, True, None,
+                                                                channels_last=True)}
+
+            def peer(t):
+                fn = getattr(torch.nn.functional, f"{kind}_pool{d}d")
+                t = t.requires_grad_(True)
+                out = fn(t, k, st, pd)
+                g = torch.ones_like(out)
+                return {"fwd": lambda: fn(t, k, st, pd),
+                        "bwd": lambda: torch.autograd.grad(out, t, g, retain_graph=True)}
+            return make, peer
+        return cases
+
+    def last_adaptive_avg(torch):
+        def make(x):
+            cf = gl.shapes.to_channels_first_shape(x.shape, "channels_last")
+            ageom = gl.shapes.adaptive_geometry(cf, 1)
+            out = nk.adaptive_avg_pool_forward_gpu(x, ageom, channels_last=True)
+            return {"fwd": lambda: nk.adaptive_avg_pool_forward_gpu(x, ageom,
+                                                                    channels_last=True),
+                    "bwd": lambda: nk.adaptive_avg_pool_backward_gpu(out, ageom,
+                                                                     channels_last=True)}
+
+        def peer(t):
+            return {"fwd": lambda: torch.nn.functional.adaptive_avg_pool2d(t, 1)}
+        return make, peer
+
+    def last_bn(torch):
+        from gpulayers.cuda import bn_kernels
+
+        def make(x):
+            import cupy
+            C = x.shape[-1]
+            m = x.reshape(-1, C, 1, 1)
+            g = cupy.ones(C, dtype=np.float32)
+            return {"fwd": lambda: bn_kernels.bn_train_forward_gpu(m, g, g, 1e-5)}
+
+        def peer(t):
+            C = t.shape[1]
+            w = torch.ones(C, device="cuda")
+            return {"fwd": lambda: torch.nn.functional.batch_norm(t, None, None, w, w, True,
+                                                                  0.1, 1e-5)}
+        return make, peer
+
+    CL = "channels_last"
+    return [("max_pool3d 3/2/1", (32, 64, 16, 56, 56), max3, None),
+            ("avg_pool3d 2/2", (32, 64, 16, 56, 56), avg3, None),
+            ("adaptive_avg -> 1", (256, 2048, 7, 7), adaptive("avg", 1), None),
+            ("adaptive_max -> 7x7", (64, 256, 56, 56), adaptive("max", (7, 7)), None),
+            ("max_unpool2d 2/2", (128, 128, 56, 56), unpool, None),
+            ("NHWC max_pool2d 3/2/1", (256, 64, 112, 112), last_pool("max", 2, (3, 2, 1)), CL),
+            ("NHWC avg_pool2d 2/2", (128, 128, 112, 112), last_pool("avg", 2, (2, 2, 0)), CL),
+            ("NDHWC max_pool3d 3/2/1", (32, 64, 16, 56, 56), last_pool("max", 3, (3, 2, 1)), CL),
+            ("NHWC adaptive_avg -> 1", (256, 2048, 7, 7), last_adaptive_avg, CL),
+            ("NHWC batch_norm train", (256, 64, 56, 56), last_bn, CL)]
 
 
 def stage_nd_timing(dev, args, rng, out_dir, errors):
@@ -564,15 +780,23 @@ def stage_nd_timing(dev, args, rng, out_dir, errors):
         return []
     rows = []
     torch = dev.torch
-    for name, shape, cases in _nd_timing_cases():
-        for dtype in ("float32", "float16"):
+    for name, shape, cases, layout in _nd_timing_cases():
+        for dtype in ("float32", "float16", "bfloat16"):
+            if dtype == "bfloat16" and layout is None and "max_pool3d" not in name:
+                continue  # bfloat16: the channels-last rows and one channels-first row
             try:
                 make, peer = cases(torch)
-                x = dev.xp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+                ours_shape = gl.shapes.from_channels_first_shape(shape, layout or
+                                                                 "channels_first")
+                x = dev.xp.random.standard_normal(ours_shape, dtype=np.float32).astype(
+                    _np_dtype(dtype))
                 ours = make(x)
                 theirs = {}
                 if torch is not None:
                     t = torch.randn(shape, device="cuda", dtype=getattr(torch, dtype))
+                    if layout is not None:
+                        t = t.contiguous(memory_format=torch.channels_last if t.ndim == 4
+                                         else torch.channels_last_3d)
                     theirs = peer(t)
                 for pass_, fn in ours.items():
                     entries = [B.Timed("ours", fn, dev.clock)]
@@ -586,6 +810,7 @@ def stage_nd_timing(dev, args, rng, out_dir, errors):
                             errors.append({"case": f"pool_nd {name} {pass_} {dtype} {e.name}",
                                            "error": e.error})
                     row = {"case": name, "pass": pass_, "shape": list(shape), "dtype": dtype,
+                           "layout": layout or "channels_first",
                            "ours_ms": ms["ours"], "torch_ms": ms.get("torch")}
                     rows.append(row)
                     ratio = (row["ours_ms"] / row["torch_ms"]

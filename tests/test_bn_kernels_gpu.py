@@ -389,3 +389,61 @@ def test_arrays_on_two_devices_are_rejected(rng):
         X1 = cp.asarray(x)
     y, _, _, _ = bn_kernels.bn_train_forward_gpu(X1, G, B, EPS)
     assert y.device.id == 1 and rel(y, ref_forward(x, gamma, beta, EPS)[0]) < 1e-5
+
+
+# ----------------------------------------------------------- bfloat16 and channels-last
+
+def _bf16():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (16, 64, 28, 28), (257, 33, 1, 1),
+                                   (8, 96, 7, 7), (2, 3, 512, 520)])
+def test_bfloat16(rng, shape, train):
+    """bfloat16 input (statistics in float32), both layouts, against float64 NumPy: y and dx
+    within bfloat16 rounding (2e-2 normwise), the statistics at float32 accuracy."""
+    bf16 = _bf16()
+    x, gamma, beta = make(rng, shape, bf16)
+    dout = rng.standard_normal(shape).astype(bf16)
+    X, G, B, D = to_gpu(x, gamma, beta, dout)
+    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(X, G, B, EPS)
+    ry, rmean, rvar, rinv = ref_forward(x, gamma, beta, EPS)
+    assert y.dtype == bf16 and mean.dtype == np.float32
+    assert rel(y, ry) < 2e-2
+    assert rel(mean, rmean) < 1e-5 and rel(var, rvar) < 1e-5
+    dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(D, X, G, mean, invstd, train)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, rmean, rinv, train)
+    assert dx.dtype == bf16
+    assert rel(dx, rdx, dx_scale(dout, gamma, rinv)) < 2e-2
+    assert rel(dgamma, rdg) < 1e-4 and rel(dbeta, rdb) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(8, 14, 14, 96), (4, 7, 7, 2048), (64, 56, 56, 64)])
+def test_channels_last_against_torch(rng, shape, dtype):
+    """(N, H, W, C) data normalised as its (N*H*W, C, 1, 1) matrix (the columns layout)
+    against PyTorch's batch_norm on the same values in the channels_last memory format."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    npd = _bf16() if dtype == "bfloat16" else np.dtype(dtype)
+    cp = cupy()
+    C = shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 1).astype(npd)
+    gamma = (rng.standard_normal(C) + 1).astype(np.float32)
+    beta = rng.standard_normal(C).astype(np.float32)
+    M = x.size // C
+    y, mean, var, invstd = bn_kernels.bn_train_forward_gpu(cp.asarray(x).reshape(M, C, 1, 1),
+                                                           cp.asarray(gamma), cp.asarray(beta),
+                                                           EPS)
+    tx = torch.from_numpy(np.moveaxis(x.astype(np.float64), -1, 1).copy()).cuda()
+    tx = tx.to(getattr(torch, dtype)).contiguous(memory_format=torch.channels_last)
+    ty = torch.nn.functional.batch_norm(tx, None, None, torch.from_numpy(gamma).cuda(),
+                                        torch.from_numpy(beta).cuda(), True, 0.1, EPS)
+    ref = np.moveaxis(ty.detach().double().cpu().numpy(), 1, -1)
+    tol = {"float32": 1e-5}.get(dtype, 2e-2)
+    assert rel(y.reshape(shape), ref) < tol
+    x64 = x.astype(np.float64).reshape(M, C)
+    assert rel(var, x64.var(0)) < 1e-5

@@ -3,15 +3,18 @@
 The shim (tests/cuda_shim) runs every thread of a block as an OS thread, so the block
 reductions (shared memory, __syncthreads, warp shuffles) run as written: every kernel --
 statistics, merges, apply, backward reduce and dx -- is launched here exactly as
-bn_kernels.py builds the launches (same plan, grid and argument types), in float32, float64
-and float16 (when the compiler has _Float16), for both layouts and vector widths 1 and 16
-bytes, and compared with float64 NumPy. Outputs and partials start as NaN, so an element
-or slot the kernels skip fails.
+bn_kernels.py builds the launches (same plan, grid and argument types), in float32, float64,
+bfloat16 (ml_dtypes; the shim's 16-bit __nv_bfloat16) and float16 (when the compiler has
+_Float16), for both layouts and vector widths 1 and 16 bytes, and compared with float64
+NumPy. Outputs and partials start as NaN, so an element or slot the kernels skip fails.
+Channels-last spatial batch norm, (N, *spatial, C), runs as the (N*prod(spatial), C, 1, 1)
+columns layout and is checked against the channels-first reference.
 """
 import dataclasses
 import re
 from importlib import resources
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -21,8 +24,10 @@ from gpulayers.cuda.bn_kernels import plan_layout
 cuda_shim = pytest.importorskip("cuda_shim")
 
 THREADS = 256
-DTYPES = [np.float32, np.float64] + ([np.float16] if cuda_shim.has_half() else [])
-TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-13}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float32, np.float64, BF16] + ([np.float16] if cuda_shim.has_half() else [])
+TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-13,
+       BF16: 8e-3}  # bfloat16: 8 bits of mantissa, outputs rounded to nearest even
 EPS = 1e-5
 
 SHAPES = [
@@ -185,6 +190,27 @@ def test_plan_partial_slots_hold_fewer_than_2_24_values(shape):
         assert plan.grid[0] * per_slot >= (count if plan.layout == "planes" else 0)
 
 
+@pytest.mark.parametrize("shape, dtype, vec, grid", [
+    ((256 * 56 * 56, 64, 1, 1), np.float32, 4, (128, 1)),   # channels-last (256, 56, 56, 64)
+    ((256 * 56 * 56, 64, 1, 1), BF16, 8, (128, 1)),
+    ((32 * 7 * 7, 2048, 1, 1), np.float32, 4, (16, 16)),    # channels-last (32, 7, 7, 2048)
+    ((32 * 7 * 7, 2048, 1, 1), BF16, 8, (33, 8)),
+    ((2**31 - 1, 64, 1, 1), np.float32, 4, (129, 1)),       # the tallest matrix taken
+    ((2**31 - 1, 3, 1, 1), BF16, 1, (129, 1)),
+])
+def test_plan_channels_last_matrices(shape, dtype, vec, grid):
+    """Channels-last spatial BN over (N, *spatial, C) is BN over the (M, C) matrix, M =
+    N*prod(spatial), run as (M, C, 1, 1): the columns layout, row chunks of fewer than 2**24
+    values covering all M rows. (A tall matrix of few channels gets one tile and at most
+    _MAX_SLOTS//2 (+1) row chunks: about one 256-thread block per SM, see the report in
+    bn_kernels.plan_layout's docstring.)"""
+    plan = plan_layout(shape, dtype, num_sms=132)
+    assert (plan.layout, plan.vec, plan.grid) == ("columns", vec, grid)
+    hw, _, n, chunk = (int(a) for a in plan.args)
+    assert hw == 1 and n == shape[0] and chunk * hw < 2**24 and plan.grid[0] * chunk >= n
+    assert plan.slots == 2 * plan.grid[0]
+
+
 def test_plan_many_channels_stride_over_the_grid():
     plan = plan_layout((2, 70000, 9, 9), np.float32, num_sms=132)
     assert plan.layout == "planes" and plan.grid[1] == 65535
@@ -260,6 +286,14 @@ __global__ void elementwise(const float* x, float* y, int n) {
         y[i] = 2 * x[i];
 }
 
+// The shim's bfloat16 conversions: y = x rounded to bfloat16, back = y as float.
+__global__ void bf16_round(const float* x, __nv_bfloat16* y, float* back, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        y[i] = __float2bfloat16_rn(x[i]);
+        back[i] = __bfloat162float(y[i]);
+    }
+}
+
 // Lanes 0-15 shuffle while 16-31 wait in __syncthreads: a deadlock on a GPU too.
 __global__ void deadlock(int* out) {
     if ((threadIdx.x & 31) < 16) out[threadIdx.x] = __shfl_sync(0xffffffffu, 1, 0);
@@ -273,7 +307,7 @@ def sync_lib(tmp_path_factory):
     path = tmp_path_factory.mktemp("shim") / "sync.cu"
     path.write_text(SYNC_SOURCE)
     return cuda_shim.build(str(path), ["block_ops<double>", "block_ops<int>", "elementwise",
-                                       "deadlock"])
+                                       "bf16_round", "deadlock"])
 
 
 @pytest.mark.parametrize("ctype, dtype", [("double", np.float64), ("int", np.int32)])
@@ -299,6 +333,26 @@ def test_shim_fast_path_for_kernels_without_sync(sync_lib):
         assert np.array_equal(y, 2 * x)
 
 
+def test_shim_bfloat16_rounds_to_nearest_even(sync_lib, rng):
+    """__float2bfloat16_rn on the shim is ml_dtypes' float32 -> bfloat16 (round to nearest
+    even) bit for bit on random bit patterns, ties, signed zeros, subnormals and infinities;
+    a NaN stays a NaN (CUDA's canonical 0x7fff); __bfloat162float is exact."""
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 2**16, 2000, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    special = np.array([0, 0x80000000, 0x7f800000, 0xff800000, 0x7f7fffff, 0x00000001,
+                        0x7f7f8000, 0x3f808000, 0x3f818000, 0x7fc00000, 0xffc00001],
+                       np.uint32)
+    x = np.concatenate([bits, ties, special]).view(np.float32)
+    y, back = np.empty(x.size, BF16), np.empty(x.size, np.float32)
+    sync_lib.launch("bf16_round", 4, 64, (x, y, back, np.int32(x.size)))
+    nan = np.isnan(x)
+    with np.errstate(invalid="ignore"):
+        expected = x.astype(BF16)
+    assert np.array_equal(y.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    assert np.all(y.view(np.uint16)[nan] == 0x7fff)
+    assert np.array_equal(back.view(np.uint32), y.astype(np.float32).view(np.uint32))
+
+
 def test_shim_reports_deadlock(sync_lib, monkeypatch):
     monkeypatch.setenv("CUDA_SHIM_DEADLOCK_SECONDS", "1")
     with pytest.raises(cuda_shim.KernelFault, match="deadlock"):
@@ -321,7 +375,7 @@ def test_train_forward(lib, rng, shape, dtype, aligned):
     ry, mean64, var64, inv64 = ref_forward(x, gamma, beta)
     assert not np.isnan(part).any(), "a partial slot is never written"
     assert not np.isnan(y).any() and not np.isnan(stats).any(), "outputs left unwritten"
-    assert rel(y, ry) < TOL[np.dtype(dtype)] * (5 if dtype == np.float16 else 10)
+    assert rel(y, ry) < TOL[np.dtype(dtype)] * (5 if dtype in (np.float16, BF16) else 10)
     assert rel(stats[0], mean64) < stats_tol(dtype)
     assert rel(stats[0].astype(np.float64) + stats[3], mean64) < stats_tol(dtype)
     assert rel(stats[1], var64) < 5 * stats_tol(dtype)
@@ -422,6 +476,64 @@ def test_planes_stride_over_channels(lib, rng, shape):
     assert rel(dgamma, rdg) < 1e-5 and rel(dbeta, rdb) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 16), (3, 4, 4, 70), (2, 3, 3, 5), (40, 6)],
+                         ids=["c16", "c70", "c5", "2d"])
+def test_channels_last_as_columns(lib, rng, shape, dtype):
+    """(N, *spatial, C) channels-last data normalised as its (M, C, 1, 1) matrix: forward,
+    statistics and backward against the reference of the channels-first transpose; y and dx
+    come back in the channels-last layout (a reshape, no copy)."""
+    x_last = _data(rng, shape, dtype, loc=1.0, scale=2.0)
+    dout_last = _data(rng, shape, dtype)
+    C, A = shape[-1], bn_kernels.stats_dtype(dtype)
+    M = x_last.size // C
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    x, dout = x_last.reshape(M, C, 1, 1), dout_last.reshape(M, C, 1, 1)
+    p = _prepared(x.shape, dtype)
+    assert p.plan.layout == "columns"
+    y, stats, _ = forward(lib, x, gamma, beta, p)
+    first = (lambda a: np.moveaxis(a, -1, 1)[..., None, None] if a.ndim == 2
+             else np.moveaxis(a, -1, 1))
+    x_first = first(x_last)
+    ry, mean64, var64, inv64 = ref_forward(x_first.reshape(x_first.shape[:2] + (-1, 1)),
+                                           gamma, beta)
+    tol = TOL[np.dtype(dtype)]
+    assert rel(first(y.reshape(shape)).reshape(ry.shape), ry) < 10 * tol
+    assert rel(stats[0], mean64) < stats_tol(dtype) and rel(stats[1], var64) < 5 * stats_tol(dtype)
+    dx, dgamma, dbeta = backward(lib, dout, x, gamma, stats[0], stats[2], True, stats[3], p)
+    d_first = first(dout_last)
+    rdx, rdg, rdb = ref_backward(d_first.reshape(ry.shape), x_first.reshape(ry.shape), gamma,
+                                 mean64, inv64, True)
+    scale = dx_scale(d_first.reshape(ry.shape), gamma, inv64)
+    assert rel(first(dx.reshape(shape)).reshape(ry.shape), rdx, scale) < 10 * tol
+    assert rel(dgamma, rdg) < 10 * stats_tol(dtype) and rel(dbeta, rdb) < 10 * stats_tol(dtype)
+
+
+def test_bfloat16_outputs_round_to_nearest_even(lib):
+    """The apply kernel's bfloat16 output is the float32 result rounded to nearest even (what
+    ml_dtypes' astype does), the shim's __float2bfloat16_rn included; NaN stays NaN."""
+    C = 4
+    base = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -1.0 - 2**-8, 1.0 + 2**-9, 0.0,
+                     -0.0, np.inf, -np.inf, np.nan, 3.0e38, 1e-40], np.float32)
+    x = np.resize(base, 16 * C).reshape(16, C, 1, 1).astype(BF16)
+    # invstd 1: y = x*gamma, with ties (1 + 2**-8 is halfway between bfloat16 neighbours)
+    gamma = np.array([1.0, 1 + 2**-8, 1 + 2**-9 + 2**-11, 0.7], np.float32)
+    beta = np.zeros(C, np.float32)
+    mean, var = np.zeros(C, np.float32), np.full(C, 1 - EPS, np.float32)
+    scale = (1 / np.sqrt(np.float64(var[0]) + EPS)).astype(np.float32)
+    for aligned in (True, False):
+        p = _prepared(x.shape, BF16, aligned)
+        y, invstd = np.full_like(x, np.nan), np.full(C, np.nan, np.float32)
+        _run(lib, bn_kernels._eval_forward_launches(p, x, gamma, beta, mean, var, EPS, invstd,
+                                                    y))
+        ref = (((x.astype(np.float32) - mean.reshape(1, -1, 1, 1)) * 1)
+               * (gamma * invstd).reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1))
+        assert np.array_equal(np.isnan(y.astype(np.float32)), np.isnan(ref))
+        assert np.array_equal(y.astype(np.float32), ref.astype(BF16).astype(np.float32),
+                              equal_nan=True)
+        assert float(invstd[0]) == float(scale) == 1.0
+
+
 # ------------------------------------------------------------------------ precision
 
 PRECISION_SHAPES = [(4, 3, 16, 16), (64, 3, 1, 1), (20, 3, 3, 3)]  # planes, columns, columns
@@ -499,14 +611,15 @@ def _misaligned(a):
     return view
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(2, 5, 8, 16), (64, 12, 1, 1)], ids=["planes", "columns"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 16), (64, 16, 1, 1)], ids=["planes", "columns"])
 def test_misaligned_input(lib, rng, shape, dtype):
     """The vector kernels fault on a misaligned view (every vector load and store checks);
     vectors_allowed sends such input to the scalar kernels, which give the right results."""
     x, dout = _data(rng, shape, dtype, 1.0, 2.0), _data(rng, shape, dtype)
-    C, A = shape[1], np.dtype(dtype)
-    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    C, S = shape[1], bn_kernels.stats_dtype(dtype)
+    A = np.dtype(dtype)
+    gamma, beta = _data(rng, C, S), _data(rng, C, S)
     xm, dm = _misaligned(x), _misaligned(dout)
     vec = _prepared(shape, dtype, True)
     assert vec.plan.vec > 1
@@ -519,7 +632,7 @@ def test_misaligned_input(lib, rng, shape, dtype):
     y = _misaligned(np.zeros_like(x))
     with pytest.raises(cuda_shim.KernelFault, match="misaligned address: bn::store"):
         _run(lib, bn_kernels._eval_forward_launches(vec, x, gamma, beta, stats[0], stats[1],
-                                                    EPS, np.zeros(C, A), y))
+                                                    EPS, np.zeros(C, S), y))
     # the launchers' choice
     assert bn_kernels.vectors_allowed(x) and bn_kernels.vectors_allowed(x, dout)
     assert not bn_kernels.vectors_allowed(xm) and not bn_kernels.vectors_allowed(x, dm)
@@ -527,11 +640,11 @@ def test_misaligned_input(lib, rng, shape, dtype):
     assert scalar.plan.vec == 1
     y, stats, _ = forward(lib, xm, gamma, beta, scalar)
     ry, mean64, var64, inv64 = ref_forward(x, gamma, beta)
-    assert rel(y, ry) < 10 * TOL[A] and rel(stats[1], var64) < 10 * TOL[A]
+    assert rel(y, ry) < 10 * TOL[A] and rel(stats[1], var64) < 10 * TOL[S]
     dx, dgamma, dbeta = backward(lib, dm, xm, gamma, stats[0], stats[2], True, stats[3], scalar)
     rdx, rdg, rdb = ref_backward(dout, x, gamma, mean64, inv64, True)
     assert rel(dx, rdx, dx_scale(dout, gamma, inv64)) < 10 * TOL[A]
-    assert rel(dgamma, rdg) < 10 * TOL[A]
+    assert rel(dgamma, rdg) < 10 * TOL[S]
 
 
 def test_vectors_allowed():

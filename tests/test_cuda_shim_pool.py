@@ -13,6 +13,7 @@ import types
 from importlib import resources
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -27,7 +28,8 @@ from conftest import make_input  # noqa: E402
 pytestmark = pytest.mark.skipif(cuda_shim.compiler() is None,
                                 reason="no C++ compiler (g++ or $CXX) for the CUDA host shim")
 
-DTYPES = [np.float32, np.float64] + ([np.float16] if cuda_shim.has_half() else [])
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float32, np.float64, BF16] + ([np.float16] if cuda_shim.has_half() else [])
 
 # (input H, W; pool_param): the benchmark geometries, padding, dilation, ceil_mode, windows that
 # leave input elements uncovered, and windows too large for the unrolled fast paths.
@@ -77,9 +79,11 @@ def lib():
 
 
 def reference_forward(x, geom):
-    """Loop reference: per window, its in-range taps in row-major order, PyTorch's rule."""
+    """Loop reference: per window, its in-range taps in row-major order, PyTorch's rule
+    (bfloat16 compared in float32, as the kernels do; the maximum converts back exactly)."""
     out = np.empty(geom.output_shape, x.dtype)
     offsets = np.empty(geom.output_shape, geom.offset_dtype)
+    x = x.astype(np.float32) if x.dtype == BF16 else x
     for oh, ow in np.ndindex(geom.Ho, geom.Wo):
         best = np.full(x.shape[:2], -np.inf, x.dtype)
         arg = np.full(x.shape[:2], -1)
@@ -96,8 +100,8 @@ def reference_forward(x, geom):
 
 def reference_backward(dout, offsets, geom):
     """Loop reference: taps in ascending offset order add dout to the element they name,
-    in float32 for float16."""
-    acc = np.float32 if dout.dtype == np.float16 else dout.dtype
+    in float32 for float16 and bfloat16."""
+    acc = np.float32 if dout.dtype in (np.float16, BF16) else dout.dtype
     dx = np.zeros(geom.input_shape, acc)
     for k in range(geom.window_size):
         i, j = divmod(k, geom.kw)
@@ -130,7 +134,8 @@ def scalars(geom, index):
 
 
 def run_forward(lib, x, geom, index, grid, block, plan=None):
-    plan = plan or pk.forward_plan(geom, {"forward": pk.DEFAULT_VARIANT["forward"]})
+    plan = plan or pk.forward_plan(geom, {"forward": pk.DEFAULT_VARIANT["forward"]},
+                                   dtype=x.dtype)
     out = np.full(geom.output_shape, 1234.5, x.dtype)
     offsets = np.full(geom.output_shape, np.iinfo(geom.offset_dtype).max, geom.offset_dtype)
     lib.launch(expression(plan["kernel"], x.dtype, geom, index, plan["params"]), grid, block,
@@ -139,7 +144,8 @@ def run_forward(lib, x, geom, index, grid, block, plan=None):
 
 
 def run_backward(lib, dout, offsets, geom, index, grid, block, plan=None):
-    plan = plan or pk.backward_plan(geom, {"backward": pk.DEFAULT_VARIANT["backward"]})
+    plan = plan or pk.backward_plan(geom, {"backward": pk.DEFAULT_VARIANT["backward"]},
+                                    dtype=dout.dtype)
     dx = np.full(geom.input_shape, 1234.5, dout.dtype)
     lib.launch(expression(plan["kernel"], dout.dtype, geom, index, plan["params"]), grid, block,
                (dout, offsets, dx) + scalars(geom, index))
@@ -156,15 +162,17 @@ def variant_launches(geom, plan):
     yield (-(-plan["plane"] // 33) + 1, planes + 2, 1), (33, 1, 1)
 
 
-def variant_plans(geom):
-    """{what: plan} of every distinct non-default forward and backward kernel for geom."""
+def variant_plans(geom, dtype=None):
+    """{what: plan} of every distinct non-default forward and backward kernel for geom (and
+    dtype: bfloat16 has fewer)."""
     plans = {}
-    defaults = (pk.forward_plan(geom, {"forward": pk.DEFAULT_VARIANT["forward"]}),
-                pk.backward_plan(geom, {"backward": pk.DEFAULT_VARIANT["backward"]}))
+    defaults = (pk.forward_plan(geom, {"forward": pk.DEFAULT_VARIANT["forward"]}, dtype=dtype),
+                pk.backward_plan(geom, {"backward": pk.DEFAULT_VARIANT["backward"]},
+                                 dtype=dtype))
     for pass_, variants, plan_of in (("forward", FORWARD_VARIANTS, pk.forward_plan),
                                      ("backward", BACKWARD_VARIANTS, pk.backward_plan)):
         for variant in variants:
-            plan = plan_of(geom, {pass_: variant})
+            plan = plan_of(geom, {pass_: variant}, dtype=dtype)
             if (plan["kernel"], plan["params"]) not in [(d["kernel"], d["params"])
                                                         for d in defaults]:
                 plans[pass_, plan["kernel"], plan["params"]] = plan
@@ -172,9 +180,11 @@ def variant_plans(geom):
 
 
 def assert_same_values(a, b, what):
-    """Bitwise for float32/64 (NaN payloads included); NaN-aware equality for float16,
-    whose kernels compare in float."""
-    if a.dtype == np.float16:
+    """Bitwise for float32/64 (NaN payloads included); NaN-aware equality for float16 and
+    bfloat16, whose kernels compare in float (a NaN comes back as float's NaN, rounded)."""
+    if a.dtype == BF16:
+        np.testing.assert_array_equal(a.astype(np.float32), b.astype(np.float32), err_msg=what)
+    elif a.dtype == np.float16:
         np.testing.assert_array_equal(a, b, err_msg=what)
     else:
         uint = np.dtype(f"u{a.dtype.itemsize}")
@@ -211,7 +221,7 @@ def test_variants_match_references(lib, name, dtype, rng):
     index types and three launch grids, against the loop references."""
     (H, W), pool_param = GEOMETRIES[name]
     geom = pool_geometry((2, 3, H, W), pool_param)
-    plans = variant_plans(geom)
+    plans = variant_plans(geom, dtype)
     if geom.offset_dtype == np.uint8:
         assert any(what[0] == "forward" for what in plans), "no forward variant ran"
     for kind in ("ties", "nan"):
@@ -496,8 +506,10 @@ def test_vector_kernels_fault_on_misaligned_pointers(lib, rng, dtype):
     ref_dx = reference_backward(dout, ref_offsets, geom)
     bad_x = misaligned(x)
     grid, block = (2, 2, 1), (7, 1, 1)
-    for planes in pk.PLANES:
-        plan = pk.forward_plan(geom, {"forward": dict(kernel="pairs", planes=planes)})
+    all_planes = pk.BF16_PLANES if np.dtype(dtype) == BF16 else pk.PLANES
+    for planes in all_planes:
+        plan = pk.forward_plan(geom, {"forward": dict(kernel="pairs", planes=planes)},
+                               dtype=dtype)
         assert plan["kernel"] == "max_pool2d_forward_pairs"
         out, offsets = run_forward(lib, x, geom, "int", grid, block, plan)  # aligned: fine
         assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
@@ -507,7 +519,7 @@ def test_vector_kernels_fault_on_misaligned_pointers(lib, rng, dtype):
                                pk.forward_plan(geom, {"forward": dict(kernel="generic")}))
     assert np.array_equal(offsets, ref_offsets) and np.array_equal(out, ref_out)
 
-    name = expression("max_pool2d_backward_blocks", dtype, geom, "int", (2, 1, 2))
+    name = expression("max_pool2d_backward_blocks", dtype, geom, "int", (2, 1, all_planes[-1]))
     for dx in (np.full(geom.input_shape, 1234.5, dtype), misaligned(np.zeros(x.shape, dtype))):
         args = (dout, ref_offsets, dx) + scalars(geom, "int")
         if dx.ctypes.data % (2 * dx.dtype.itemsize) == 0:
@@ -555,6 +567,25 @@ def test_launchers_use_scalar_kernels_on_misaligned_pointers(shim_launchers, rng
             plan = pk.forward_plan(geom, aligned=False)
             assert plan["block"] == pk.VARIANT["forward"]["block"]
             assert plan["planes_per_step"] == pk.VARIANT["forward"]["planes"]
+
+
+def test_bfloat16_has_the_default_variants_only():
+    """bfloat16 instantiates the variant kernels of BF16_PLANES (the default variant's 4
+    planes) only: its plans for another plane count run the default kernels, every plan's
+    expression is instantiated, and the default variant still gets pairs / blocks."""
+    geom = pool_geometry((2, 3, 8, 6), dict(pool_height=2, pool_width=2, stride=2))
+    fwd = pk.forward_plan(geom, dtype=BF16)
+    bwd = pk.backward_plan(geom, dtype=BF16)
+    assert (fwd["kernel"], fwd["params"]) == ("max_pool2d_forward_pairs", (4,))
+    assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_blocks", (2, 1, 4))
+    for planes in (1, 2):
+        fwd = pk.forward_plan(geom, {"forward": dict(planes=planes)}, dtype=BF16)
+        bwd = pk.backward_plan(geom, {"backward": dict(planes=planes)}, dtype=BF16)
+        assert (fwd["kernel"], fwd["params"], fwd["planes_per_step"]) == (
+            "max_pool2d_forward", (), 1)
+        assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_disjoint", ())
+    assert sum("__nv_bfloat16" in e for e in pk.NAME_EXPRESSIONS) == 3 * 3 * 2 + 7 * 2
+    assert pk.forward_plan(geom, {"forward": dict(planes=2)})["planes_per_step"] == 2
 
 
 def test_plans_fall_back_for_unaligned_pointers():
@@ -668,7 +699,7 @@ def test_every_kernel_expression_is_instantiated():
             for variant in FORWARD_VARIANTS + BACKWARD_VARIANTS:
                 pass_ = "forward" if "taps" in variant else "backward"
                 plan = (pk.forward_plan if "taps" in variant else pk.backward_plan)(
-                    geom, {pass_: variant})
+                    geom, {pass_: variant}, dtype=dtype)
                 expression = pk.kernel_expression(plan["kernel"], dtype, geom, plan["params"])
                 assert expression in pk.compile_group(expression)
     with pytest.raises(TypeError, match="int32"):

@@ -9,13 +9,21 @@ bit (NaN-aware: NaN where the reference has NaN, the same bits elsewhere, signed
 included). Outputs are allocated poisoned, so an element a kernel skips fails; every case
 runs with 32- and 64-bit indices and under launch grids smaller and larger than the work
 (7- and 33-thread blocks), backward passes twice (bitwise repeatable), inputs strided (the
-launchers copy them) and checked unchanged afterwards.
+launchers copy them) and checked unchanged afterwards. bfloat16 (ml_dtypes) runs everywhere,
+against references in float32 rounded to bfloat16 to nearest even.
+
+Channels-last: every kernel also runs with ``channels_last=True`` on the transposed arrays,
+(N, *spatial, C), contiguous and as transposed views, in three of the launch runs (the
+launcher's grid with 32-bit indices, the small grid with 64-bit ones, the large grid), and
+must give the channels-first kernels' results transposed, bit for bit (offsets and the
+winners' elements too).
 """
 import sys
 import types
 from importlib import resources
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -31,7 +39,8 @@ from conftest import make_input  # noqa: E402
 pytestmark = pytest.mark.skipif(cuda_shim.compiler() is None,
                                 reason="no C++ compiler (g++ or $CXX) for the CUDA host shim")
 
-DTYPES = [np.float32, np.float64] + ([np.float16] if cuda_shim.has_half() else [])
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float32, np.float64, BF16] + ([np.float16] if cuda_shim.has_half() else [])
 DTYPE_IDS = lambda d: np.dtype(d).name  # noqa: E731
 DATA = ("random", "ties", "nan", "inf", "zeros")
 
@@ -83,7 +92,11 @@ UNPOOL_CASES = {
 
 
 def acc_dtype(dtype):
-    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+    return np.dtype(np.float32) if np.dtype(dtype) in (np.float16, BF16) else np.dtype(dtype)
+
+
+def is_float(a):
+    return a.dtype.kind == "f" or a.dtype == BF16
 
 
 def data(kind, shape, dtype, rng):
@@ -106,9 +119,9 @@ def assert_same(a, b, what):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{a.shape} vs " \
                                                       f"{b.dtype}{b.shape}"
-    nan = np.isnan(b) if b.dtype.kind == "f" else np.zeros(b.shape, bool)
-    if b.dtype.kind == "f":
-        assert np.array_equal(np.isnan(a), nan), f"{what}: NaN positions differ"
+    nan = np.isnan(b.astype(np.float64)) if is_float(b) else np.zeros(b.shape, bool)
+    if is_float(b):
+        assert np.array_equal(np.isnan(a.astype(np.float64)), nan), f"{what}: NaN positions differ"
     uint = np.dtype(f"u{a.dtype.itemsize}")
     bad = (a.view(uint) != b.view(uint)) & ~nan
     assert not bad.any(), (f"{what}: {int(bad.sum())} elements differ, first at "
@@ -150,17 +163,19 @@ def ix(pos):
 
 
 def ref_max_forward(x, windows, out_shape, offset_dtype):
-    """Per window: PyTorch's rule over its taps in row-major order."""
+    """Per window: PyTorch's rule over its taps in row-major order (compared in the
+    accumulation dtype; the maximum converts back exactly)."""
     out = np.empty(out_shape, x.dtype)
     offsets = np.empty(out_shape, offset_dtype)
+    xa = x.astype(acc_dtype(x.dtype))
     for o, taps in windows:
-        best = np.full(x.shape[:2], -np.inf, x.dtype)
+        best = np.full(x.shape[:2], -np.inf, xa.dtype)
         arg = np.full(x.shape[:2], -1)
         for k, pos in taps:
-            v = x[ix(pos)]
+            v = xa[ix(pos)]
             take = (v > best) | np.isnan(v) | (arg < 0)
             best, arg = np.where(take, v, best), np.where(take, k, arg)
-        out[ix(o)], offsets[ix(o)] = best, arg
+        out[ix(o)], offsets[ix(o)] = best.astype(x.dtype), arg
     return out, offsets
 
 
@@ -377,6 +392,28 @@ def runs(cp):
     cp.index, cp.run = None, "own"
 
 
+# Runs (indices into RUNS) that also run the channels-last kernels.
+LAST_RUNS = (0, 1, 2)
+
+
+def last(a):
+    """(N, C, *spatial) -> (N, *spatial, C), C-contiguous NumPy."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(a), 1, -1))
+
+
+def last_views(cp, *arrays):
+    """Channels-last device copies of channels-first NumPy arrays: contiguous, then as
+    transposed (non-contiguous) views of channels-first device arrays."""
+    yield tuple(cp.on(last(a)) for a in arrays)
+    yield tuple(np.moveaxis(cp.on(a), 1, -1) for a in arrays)
+
+
+def launched_last(cp, start):
+    """The kernels launched since cp.launches[start] are all channels-last ones."""
+    names = [n for n, _ in cp.launches[start:]]
+    assert names and all(n.endswith(", ChannelsLast>") for n in names), names
+
+
 def strided(cp, a):
     """a on the fake device as a non-contiguous view (every other element of a wider array)."""
     base = cp.on(np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype))
@@ -407,7 +444,7 @@ def test_max_pool(cp, rng, name, dtype):
         ref_out, ref_off = ref_max_forward(x, windows, geom.output_shape, geom.offset_dtype)
         ref_dx = ref_max_backward(dout, ref_off, windows, geom.input_shape, "taps")
         x_dev, dout_dev = strided(cp, x), strided(cp, dout)
-        for where in runs(cp):
+        for run, where in enumerate(runs(cp)):
             where = f"{name}, {kind}, {np.dtype(dtype)}, {where}"
             out, off = nk.max_pool_forward_gpu(x_dev, geom)
             assert off.dtype == geom.offset_dtype
@@ -420,6 +457,15 @@ def test_max_pool(cp, rng, name, dtype):
             assert [n for n, _ in cp.launches] == [
                 nk.kernel_expression(k, dtype, cp.index or "int", offset=geom.offset_dtype)
                 for k in ("max_pool3d_forward", "max_pool3d_backward", "max_pool3d_backward")]
+            if run in LAST_RUNS:
+                start = len(cp.launches)
+                for x_l, dout_l in last_views(cp, x, dout):
+                    out_l, off_l = nk.max_pool_forward_gpu(x_l, geom, channels_last=True)
+                    assert_same(off_l, last(off), f"channels-last offsets: {where}")
+                    assert_same(out_l, last(out), f"channels-last out: {where}")
+                    dx_l = nk.max_pool_backward_gpu(dout_l, off_l, geom, channels_last=True)
+                    assert_same(dx_l, last(dx), f"channels-last dx: {where}")
+                launched_last(cp, start)
         assert_same(x_dev, x, "x was modified")
         assert_same(dout_dev, dout, "dout was modified")
 
@@ -450,7 +496,7 @@ def test_avg_pool(cp, rng, name, options, dtype):
         ref_out = ref_avg_forward(x, windows, geom.output_shape, divisor)
         ref_dx = ref_avg_backward(dout, windows, geom.input_shape, divisor, "taps")
         x_dev, dout_dev = strided(cp, x), strided(cp, dout)
-        for where in runs(cp):
+        for run, where in enumerate(runs(cp)):
             where = f"{name}, options {options}, {kind}, {np.dtype(dtype)}, {where}"
             out = nk.avg_pool_forward_gpu(x_dev, geom, *options)
             assert_same(out, ref_out, f"out: {where}")
@@ -458,6 +504,15 @@ def test_avg_pool(cp, rng, name, options, dtype):
             assert_same(dx, ref_dx, f"dx: {where}")
             assert_same(nk.avg_pool_backward_gpu(dout_dev, geom, *options), dx,
                         f"dx repeated: {where}")
+            if run in LAST_RUNS:
+                start = len(cp.launches)
+                for x_l, dout_l in last_views(cp, x, dout):
+                    assert_same(nk.avg_pool_forward_gpu(x_l, geom, *options, channels_last=True),
+                                last(out), f"channels-last out: {where}")
+                    assert_same(nk.avg_pool_backward_gpu(dout_l, geom, *options,
+                                                         channels_last=True),
+                                last(dx), f"channels-last dx: {where}")
+                launched_last(cp, start)
         assert_same(x_dev, x, "x was modified")
         assert_same(dout_dev, dout, "dout was modified")
 
@@ -504,7 +559,7 @@ def test_adaptive_pool(cp, rng, name, dtype):
         ref_avg = ref_avg_forward(x, windows, ageom.output_shape, count)
         ref_avg_dx = ref_avg_backward(dout, windows, ageom.input_shape, count, "windows")
         x_dev, dout_dev = strided(cp, x), strided(cp, dout)
-        for where in runs(cp):
+        for run, where in enumerate(runs(cp)):
             where = f"{name}, {kind}, {np.dtype(dtype)}, {where}"
             out, off = nk.adaptive_max_pool_forward_gpu(x_dev, ageom)
             assert off.dtype == ageom.offset_dtype
@@ -516,10 +571,26 @@ def test_adaptive_pool(cp, rng, name, dtype):
                         f"max dx repeated: {where}")
             assert_same(nk.adaptive_avg_pool_forward_gpu(x_dev, ageom), ref_avg,
                         f"avg out: {where}")
-            dx = nk.adaptive_avg_pool_backward_gpu(dout_dev, ageom)
-            assert_same(dx, ref_avg_dx, f"avg dx: {where}")
-            assert_same(nk.adaptive_avg_pool_backward_gpu(dout_dev, ageom), dx,
+            avg_dx = nk.adaptive_avg_pool_backward_gpu(dout_dev, ageom)
+            assert_same(avg_dx, ref_avg_dx, f"avg dx: {where}")
+            assert_same(nk.adaptive_avg_pool_backward_gpu(dout_dev, ageom), avg_dx,
                         f"avg dx repeated: {where}")
+            if run in LAST_RUNS:
+                start = len(cp.launches)
+                for x_l, dout_l in last_views(cp, x, dout):
+                    out_l, off_l = nk.adaptive_max_pool_forward_gpu(x_l, ageom,
+                                                                    channels_last=True)
+                    assert_same(off_l, last(off), f"channels-last offsets: {where}")
+                    assert_same(out_l, last(out), f"channels-last max out: {where}")
+                    assert_same(nk.adaptive_max_pool_backward_gpu(dout_l, off_l, ageom,
+                                                                  channels_last=True),
+                                last(dx), f"channels-last max dx: {where}")
+                    assert_same(nk.adaptive_avg_pool_forward_gpu(x_l, ageom, channels_last=True),
+                                last(ref_avg), f"channels-last avg out: {where}")
+                    assert_same(nk.adaptive_avg_pool_backward_gpu(dout_l, ageom,
+                                                                  channels_last=True),
+                                last(avg_dx), f"channels-last avg dx: {where}")
+                launched_last(cp, start)
         assert_same(x_dev, x, "x was modified")
         assert_same(dout_dev, dout, "dout was modified")
 
@@ -550,7 +621,7 @@ def test_max_unpool(cp, rng, name, dtype, index_dtype):
         ref_out, won = ref_unpool(x, indices, out_shape)
         ref_dx = ref_unpool_backward(dout, indices, won)
         x_dev, idx_dev, dout_dev = strided(cp, x), strided(cp, indices), strided(cp, dout)
-        for where in runs(cp):
+        for run, where in enumerate(runs(cp)):
             where = f"{name}, {kind}, {np.dtype(dtype)}, {np.dtype(index_dtype)}, {where}"
             out, winners = nk.max_unpool_forward_gpu(x_dev, idx_dev, out_shape,
                                                      return_winners=True)
@@ -560,6 +631,25 @@ def test_max_unpool(cp, rng, name, dtype, index_dtype):
             # the backward takes the forward's winners: a gather, no atomic kernel
             assert [n.split("<")[0] for n, _ in cp.launches] == [
                 "max_unpool_winners", "max_unpool_forward", "max_unpool_backward"]
+            if run in LAST_RUNS:
+                start = len(cp.launches)
+                for x_l, idx_l, dout_l in last_views(cp, x, indices, dout):
+                    out_l, won_l = nk.max_unpool_forward_gpu(x_l, idx_l, out_shape,
+                                                             return_winners=True,
+                                                             channels_last=True)
+                    assert_same(out_l, last(out), f"channels-last out: {where}")
+                    # winners: flat indices in x's layout, laid out like out; the same
+                    # elements as the channels-first winners
+                    w = np.asarray(won_l)
+                    cf_index = last(np.arange(x.size).reshape(x_shape)).reshape(-1)
+                    won_cf = np.where(w >= 0, cf_index[np.maximum(w, 0)], -1)
+                    assert_same(won_cf.astype(w.dtype).reshape(out_l.shape),
+                                last(np.asarray(winners).reshape(out_shape)),
+                                f"channels-last winners: {where}")
+                    assert_same(nk.max_unpool_backward_gpu(dout_l, idx_l, won_l, x_shape,
+                                                           channels_last=True),
+                                last(dx), f"channels-last dx: {where}")
+                launched_last(cp, start)
         assert_same(x_dev, x, "x was modified")
         assert_same(idx_dev, indices, "indices were modified")
         assert_same(dout_dev, dout, "dout was modified")
@@ -713,28 +803,62 @@ def test_pool_scalars_reject_what_the_kernels_cannot_take():
 
 
 def test_name_expressions_and_compile_groups():
-    """Every launcher's expression is listed; a group holds one value and index type (plus
-    the winners kernels of that index type); the NVRTC check covers this module."""
+    """Every launcher's expression is listed; a group holds one value type, index type and
+    layout (plus the winners kernels of that index type and layout); the NVRTC check covers
+    this module."""
     assert nk.SOURCE in instantiations()
-    assert len(set(nk.NAME_EXPRESSIONS)) == len(nk.NAME_EXPRESSIONS) == 118
-    for dtype, value in nk.VALUE_TYPES.items():
-        for index in nk.INDEX_TYPES:
-            group = nk.compile_group(nk.kernel_expression("avg_pool3d_forward", dtype, index))
-            winners = nk.kernel_expression("max_unpool_winners", index=index,
-                                           indices=np.int64)
-            assert winners in group and nk.compile_group(winners, dtype) == group
-            for e in group:
-                args = [a.strip() for a in e[e.index("<") + 1:-1].split(",")]
-                assert args[-1] == index
-                assert args[0] == value or e.startswith("max_unpool_winners")
-            assert len(group) == 4 * 3 + 5 + 2 + 2
-    assert sum(len(nk.compile_group(nk.kernel_expression("avg_pool3d_forward", d, i)))
-               for d in nk.VALUE_TYPES for i in nk.INDEX_TYPES) == 118 + 4 * 2
+    # 4 value types, 2 index types, 2 layouts: 4*3 offset kernels... per (value, index, layout)
+    assert len(set(nk.NAME_EXPRESSIONS)) == len(nk.NAME_EXPRESSIONS) == 2 * (
+        4 * 4 * 3 * 2 + 5 * 4 * 2 + 2 * 2 + 4 * 2 * 2) == 312
+    for last in (False, True):
+        for dtype, value in nk.VALUE_TYPES.items():
+            for index in nk.INDEX_TYPES:
+                group = nk.compile_group(nk.kernel_expression("avg_pool3d_forward", dtype, index,
+                                                              channels_last=last))
+                winners = nk.kernel_expression("max_unpool_winners", index=index,
+                                               indices=np.int64, channels_last=last)
+                assert winners in group and nk.compile_group(winners, dtype) == group
+                for e in group:
+                    args = [a.strip() for a in e[e.index("<") + 1:-1].split(",")]
+                    assert (args[-1] == "ChannelsLast") == last
+                    args = args[:-1] if last else args
+                    assert args[-1] == index
+                    assert args[0] == value or e.startswith("max_unpool_winners")
+                assert len(group) == 4 * 3 + 5 + 2 + 2
+    assert sum(len(nk.compile_group(nk.kernel_expression("avg_pool3d_forward", d, i,
+                                                         channels_last=last)))
+               for d in nk.VALUE_TYPES for i in nk.INDEX_TYPES
+               for last in (False, True)) == 312 + 8 * 3
+    assert nk.kernel_expression("max_pool3d_forward", BF16, "long long", offset=np.uint16,
+                                channels_last=True) == (
+        "max_pool3d_forward<__nv_bfloat16, unsigned short, long long, ChannelsLast>")
     with pytest.raises(ValueError, match="no value type"):
         nk.compile_group(nk.kernel_expression("max_unpool_winners", index="int",
                                               indices=np.int32))
     with pytest.raises(TypeError, match="float16"):
         nk.kernel_expression("avg_pool3d_forward", np.int32)
+
+
+def test_channels_last_launchers_check_shapes(cp):
+    """Channels-last arrays must be (N, *spatial, C) of the channels-first geometry; the
+    channels-first shape is refused (unless it happens to be the same)."""
+    geom = geometry((4, 6), dict(kernel_size=2), op="max")
+    x = cp.on(np.zeros(geom.input_shape, np.float32))
+    with pytest.raises(ValueError, match=r"expected \(2, 4, 6, 3\).*channels-last"):
+        nk.max_pool_forward_gpu(x, geom, channels_last=True)
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        nk.max_pool_forward_gpu(x, geom, channels_last=1)
+    x_l = cp.on(np.zeros((2, 4, 6, 3), np.float32))
+    out, off = nk.max_pool_forward_gpu(x_l, geom, channels_last=True)
+    assert out.shape == off.shape == (2, 2, 3, 3)
+    with pytest.raises(ValueError, match="offsets has shape"):
+        nk.max_pool_backward_gpu(out, off[:, :1], geom, channels_last=True)
+    with pytest.raises(ValueError, match="same N, C"):  # out_shape is channels-first
+        nk.max_unpool_forward_gpu(x_l, cp.on(np.zeros((2, 4, 6, 3), np.int64)), (2, 6, 5, 3),
+                                  channels_last=True)
+    up = nk.max_unpool_forward_gpu(x_l, cp.on(np.zeros((2, 4, 6, 3), np.int64)), (2, 3, 5, 7),
+                                   channels_last=True)
+    assert up.shape == (2, 5, 7, 3)
 
 
 def test_every_kernel_runs_somewhere():

@@ -289,3 +289,28 @@ def test_inputs_on_device_1_while_device_0_is_current(cp, rng, name):
     assert np.array_equal(cache.offsets.get(), np_offsets)
     assert_same_values(out, np_out, f"out on device 1: {geom.describe()}")
     assert np.array_equal(dx.get(), _max_pool_backward_xp(dout_np, np_offsets, geom))
+
+
+# ------------------------------------------------------------------------------- bfloat16
+
+@pytest.mark.parametrize("name", ["3x3s2p1", "2x2s2", "3x3s1p1", "2x3s1x2p1ceil",
+                                  "17x16s1_uint16", "large3x3s2p1", "large2x2s2"])
+def test_bfloat16_matches_the_shim_references(cp, poisoned, rng, name):
+    """bfloat16 (ml_dtypes; CuPy >= 14) through the default variant (pairs / blocks where they
+    fit) and a variant that bfloat16 lacks (2 planes: the default kernels run), against the
+    loop references of the shim tests (compared in float32)."""
+    import test_cuda_shim_pool as ref
+    shape, pool_param = CASES[name]
+    if name.startswith("large"):
+        shape = (2, 8) + shape[2:]
+    x = make_input("ties", shape, ref.BF16, rng)
+    geom = pool_geometry(x.shape, pool_param)
+    dout = rng.standard_normal(geom.output_shape).astype(ref.BF16)
+    ref_out, ref_off = ref.reference_forward(x, geom)
+    ref_dx = ref.reference_backward(dout, ref_off, geom)
+    for variant in (None, {"forward": {"planes": 2}, "backward": {"planes": 2}}):
+        out, off = pk.max_pool_forward_gpu(cp.asarray(x), geom, variant)
+        assert np.array_equal(off.get(), ref_off), f"offsets: {name} {variant}"
+        ref.assert_same_values(out.get(), ref_out, f"out: {name} {variant}")
+        dx = pk.max_pool_backward_gpu(cp.asarray(dout), off, geom, variant)
+        ref.assert_same_values(dx.get(), ref_dx, f"dx: {name} {variant}")

@@ -273,3 +273,178 @@ def test_inputs_on_device_1_while_device_0_is_current(cp, rng):
                                            geom.offset_dtype)
     same(out, ref_out, "out on device 1")
     same(off, ref_off, "offsets on device 1")
+
+
+# ------------------------------------------------------- channels-last and bfloat16 on a GPU
+
+BF16 = ref.BF16
+ALL_DTYPES = DTYPES + (BF16,)
+
+
+def last(a):
+    """(N, C, *spatial) -> (N, *spatial, C), contiguous (NumPy or CuPy)."""
+    if isinstance(a, np.ndarray):
+        return ref.last(a)
+    import cupy
+    return cupy.ascontiguousarray(cupy.moveaxis(a, 1, -1))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ref.DTYPE_IDS)
+@pytest.mark.parametrize("name", list(ref.MAX_CASES)[::2] + list(ref.AVG_CASES)[::2])
+def test_channels_last_equals_channels_first(cp, poisoned, rng, name, dtype):
+    """Every pooling kernel with channels_last=True, on the transposed arrays (contiguous and
+    as transposed views), gives the channels-first kernels' results transposed, bit for bit;
+    bfloat16 included (against the loop references too)."""
+    op = "max" if name in ref.MAX_CASES else "avg"
+    size, pool_param = (ref.MAX_CASES if op == "max" else ref.AVG_CASES)[name]
+    geom = pool_geometry((3, 37) + size, pool_param, op=op)   # C = 37: lanes wrap warps
+    for kind in KINDS:
+        x = ref.data(kind, geom.input_shape, dtype, rng)
+        dout = rng.standard_normal(geom.output_shape).astype(dtype)
+        where = f"{name}, {kind}, {np.dtype(dtype)}"
+        x_gpu, dout_gpu = cp.asarray(x), cp.asarray(dout)
+        views = ((last(x_gpu), last(dout_gpu)),
+                 (cp.moveaxis(x_gpu, 1, -1), cp.moveaxis(dout_gpu, 1, -1)))
+        if op == "max":
+            out, off = nk.max_pool_forward_gpu(x_gpu, geom)
+            dx = nk.max_pool_backward_gpu(dout_gpu, off, geom)
+            if np.dtype(dtype) == BF16:
+                ref_out, ref_off = ref.ref_max_forward(x, ref.pool_taps(geom),
+                                                       geom.output_shape, geom.offset_dtype)
+                same(out, ref_out, f"bfloat16 out: {where}")
+                same(off, ref_off, f"bfloat16 offsets: {where}")
+            for x_l, dout_l in views:
+                out_l, off_l = nk.max_pool_forward_gpu(x_l, geom, channels_last=True)
+                same(out_l, backend.to_numpy(last(out)), f"out: {where}")
+                same(off_l, backend.to_numpy(last(off)), f"offsets: {where}")
+                same(nk.max_pool_backward_gpu(dout_l, off_l, geom, channels_last=True),
+                     backend.to_numpy(last(dx)), f"dx: {where}")
+        else:
+            for options in ref.AVG_OPTIONS:
+                out = nk.avg_pool_forward_gpu(x_gpu, geom, *options)
+                dx = nk.avg_pool_backward_gpu(dout_gpu, geom, *options)
+                for x_l, dout_l in views:
+                    same(nk.avg_pool_forward_gpu(x_l, geom, *options, channels_last=True),
+                         backend.to_numpy(last(out)), f"out {options}: {where}")
+                    same(nk.avg_pool_backward_gpu(dout_l, geom, *options, channels_last=True),
+                         backend.to_numpy(last(dx)), f"dx {options}: {where}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ref.DTYPE_IDS)
+@pytest.mark.parametrize("name", list(ref.ADAPTIVE_CASES)[::2])
+def test_channels_last_adaptive_and_unpool(cp, poisoned, rng, name, dtype):
+    size, output_size = ref.ADAPTIVE_CASES[name]
+    ageom = adaptive_geometry((2, 40) + size, output_size)
+    x = ref.data("ties", ageom.input_shape, dtype, rng)
+    dout = rng.standard_normal(ageom.output_shape).astype(dtype)
+    x_gpu, dout_gpu = cp.asarray(x), cp.asarray(dout)
+    out, off = nk.adaptive_max_pool_forward_gpu(x_gpu, ageom)
+    out_l, off_l = nk.adaptive_max_pool_forward_gpu(last(x_gpu), ageom, channels_last=True)
+    same(out_l, backend.to_numpy(last(out)), "adaptive max out")
+    same(off_l, backend.to_numpy(last(off)), "adaptive max offsets")
+    same(nk.adaptive_max_pool_backward_gpu(last(dout_gpu), off_l, ageom, channels_last=True),
+         backend.to_numpy(last(nk.adaptive_max_pool_backward_gpu(dout_gpu, off, ageom))),
+         "adaptive max dx")
+    same(nk.adaptive_avg_pool_forward_gpu(last(x_gpu), ageom, channels_last=True),
+         backend.to_numpy(last(nk.adaptive_avg_pool_forward_gpu(x_gpu, ageom))),
+         "adaptive avg out")
+    same(nk.adaptive_avg_pool_backward_gpu(last(dout_gpu), ageom, channels_last=True),
+         backend.to_numpy(last(nk.adaptive_avg_pool_backward_gpu(dout_gpu, ageom))),
+         "adaptive avg dx")
+    # unpooling with duplicates: targets drawn from a plane smaller than the input's
+    out_shape = ageom.output_shape
+    idx = cp.asarray(rng.integers(0, int(np.prod(ageom.out)), size=ageom.input_shape))
+    up, won = nk.max_unpool_forward_gpu(x_gpu, idx, out_shape, return_winners=True)
+    up_l, won_l = nk.max_unpool_forward_gpu(last(x_gpu), last(idx), out_shape,
+                                            return_winners=True, channels_last=True)
+    same(up_l, backend.to_numpy(last(up)), "unpool out")
+    d_up = cp.asarray(rng.standard_normal(out_shape).astype(dtype))
+    same(nk.max_unpool_backward_gpu(last(d_up), last(idx), won_l, ageom.input_shape,
+                                    channels_last=True),
+         backend.to_numpy(last(nk.max_unpool_backward_gpu(d_up, idx, won, ageom.input_shape))),
+         "unpool dx")
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("PyTorch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    return torch
+
+
+def _torch_dtype(torch, dtype):
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+            BF16: torch.bfloat16}[np.dtype(dtype)]
+
+
+def _to_torch(torch, a, dtype, channels_last):
+    """NumPy (N, C, *spatial) ``a`` as a CUDA tensor of ``dtype`` (values exact), in
+    PyTorch's channels_last (channels_last_3d) memory format, requiring grad."""
+    t = torch.from_numpy(np.asarray(a, np.float64)).cuda().to(_torch_dtype(torch, dtype))
+    if channels_last:
+        fmt = torch.channels_last if t.ndim == 4 else torch.channels_last_3d
+        t = t.contiguous(memory_format=fmt)
+    return t.requires_grad_(True)
+
+
+def _from_torch(t):
+    """A CUDA tensor as float64 NumPy (N, C, *spatial)."""
+    return t.detach().double().cpu().numpy()
+
+
+def flat_argmax(off_last, geom):
+    """Channels-last compact offsets as PyTorch's indices: (N, C, *out) flat positions in
+    each input plane."""
+    d = geom.d
+    taps = np.unravel_index(np.moveaxis(off_last, -1, 1).astype(np.int64), geom.kernel)
+    pos = []
+    for a in range(d):
+        shape = [1] * (2 + d)
+        shape[2 + a] = geom.out[a]
+        o = np.arange(geom.out[a]).reshape(shape)
+        pos.append(o * geom.stride[a] - geom.pad[a] + taps[a] * geom.dilation[a])
+    return np.ravel_multi_index(tuple(pos), geom.size)
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float16, BF16), ids=ref.DTYPE_IDS)
+@pytest.mark.parametrize("case", [
+    ((4, 32, 15, 17), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+    ((2, 64, 14, 14), dict(kernel_size=2, stride=2)),
+    ((2, 16, 5, 9, 11), dict(kernel_size=3, stride=2, pad=1)),
+    ((2, 24, 6, 7, 8), dict(kernel_size=(2, 3, 2), stride=(1, 2, 2), pad=(1, 1, 0),
+                            dilation=(2, 1, 1))),
+], ids=["2d-k3s2p1ceil", "2d-k2s2", "3d-k3s2p1", "3d-dilated"])
+def test_channels_last_against_torch(cp, rng, case, dtype):
+    """Against PyTorch's channels_last (channels_last_3d) tensors: max pooling's output and
+    argmax exactly, its gradient and average pooling (sums in float) to rounding; float16 and
+    bfloat16 too."""
+    torch = _torch_cuda()
+    F = torch.nn.functional
+    shape, pool_param = case
+    d = len(shape) - 2
+    geom = pool_geometry(shape, pool_param)
+    x = ref.data("random", shape, dtype, rng)
+    dout = rng.standard_normal(geom.output_shape).astype(dtype)
+    tx = _to_torch(torch, x, dtype, True)
+    max_pool = {2: F.max_pool2d, 3: F.max_pool3d}[d]
+    t_out, t_idx = max_pool(tx, geom.kernel, geom.stride, geom.pad, geom.dilation,
+                            geom.ceil_mode, return_indices=True)
+    t_out.backward(_to_torch(torch, dout, dtype, True).detach())
+    out, off = nk.max_pool_forward_gpu(cp.asarray(last(x)), geom, channels_last=True)
+    same(out, last(_from_torch(t_out)).astype(dtype), "max out vs torch")
+    assert np.array_equal(flat_argmax(backend.to_numpy(off), geom), t_idx.cpu().numpy()), \
+        "argmax vs torch's indices"
+    dx = nk.max_pool_backward_gpu(cp.asarray(last(dout)), off, geom, channels_last=True)
+    tol = {np.dtype(np.float32): 1e-6}.get(np.dtype(dtype), 1e-2)
+    assert np.allclose(backend.to_numpy(dx).astype(np.float64), last(_from_torch(tx.grad)),
+                       rtol=tol, atol=tol), "max dx vs torch"
+    if all(v == 1 for v in geom.dilation):
+        avg_pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[d]
+        tx.grad = None
+        t_avg = avg_pool(tx, geom.kernel, geom.stride, geom.pad, geom.ceil_mode, True)
+        avg = nk.avg_pool_forward_gpu(cp.asarray(last(x)), geom, True, None, channels_last=True)
+        assert np.allclose(backend.to_numpy(avg).astype(np.float64), last(_from_torch(t_avg)),
+                           rtol=tol, atol=tol), "avg out vs torch"

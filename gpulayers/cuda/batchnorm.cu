@@ -1,6 +1,7 @@
 // Batch normalization over the channels of an NCHW tensor: statistics, normalization
-// and gradients, for T = float, double and __half (statistics in acc_t<T>: float for
-// float and __half, double for double).
+// and gradients, for T = float, double, __half and __nv_bfloat16 (statistics in acc_t<T>:
+// float for float, __half and __nv_bfloat16, double for double; outputs rounded to T to
+// nearest even).
 //
 // Two layouts of the same tensor, chosen by the launcher (gpulayers/cuda/bn_kernels.py):
 //
@@ -42,6 +43,7 @@
 // reduction read last (still in L2) is read first.
 
 #ifndef GPULAYERS_CPU_SHIM
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
 
@@ -66,14 +68,17 @@ enum PartRow { kPartCount = 0, kPartHi, kPartLo, kPartM2, kPartRows };
 
 template <typename T> struct AccType { using type = T; };
 template <> struct AccType<__half> { using type = float; };
+template <> struct AccType<__nv_bfloat16> { using type = float; };
 template <typename T> using acc_t = typename AccType<T>::type;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void from_acc(float& d, float v) { d = v; }
 __device__ __forceinline__ void from_acc(double& d, double v) { d = v; }
 __device__ __forceinline__ void from_acc(__half& d, float v) { d = __float2half_rn(v); }
+__device__ __forceinline__ void from_acc(__nv_bfloat16& d, float v) { d = __float2bfloat16_rn(v); }
 
 // V elements loaded or stored as one (16-byte when V*sizeof(T) == 16) access.
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };

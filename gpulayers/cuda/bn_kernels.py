@@ -4,7 +4,7 @@ Importable without CuPy: CuPy is imported by the first launch. Every launcher
 takes x of shape (N, C, H, W) (plain batch norm on (N, D) is passed as
 (N, D, 1, 1)), makes the arrays it reads C-contiguous, never writes to its
 inputs and returns new arrays. Statistics are in the stats dtype: float32 for
-float16 and float32 input, float64 for float64. :func:`supported` says whether
+float16, bfloat16 and float32 input, float64 for float64. :func:`supported` says whether
 the kernels take a shape at all (None) or why not.
 
 Statistics are centred everywhere (Welford / Chan merges, as PyTorch's
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compile import device_of, get_kernel, launch
+from .compile import CTypes, device_of, get_kernel, launch
 
 __all__ = [
     "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout", "TUNING", "set_tuning",
@@ -54,8 +54,7 @@ __all__ = [
 
 SOURCE = "batchnorm.cu"
 
-_CTYPE = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float",
-          np.dtype(np.float64): "double"}
+_CTYPE = CTypes(float16="__half", bfloat16="__nv_bfloat16", float32="float", float64="double")
 _THREADS = 256   # bn::kThreads
 _UNROLL = 4      # bn::kUnroll
 _MAX_SLOTS = 256  # about this many partial slots per channel at most (the merge is one thread
@@ -80,7 +79,7 @@ STAT_ROWS = ("mean", "var", "invstd", "mean_lo", "running_mean", "running_var")
 def _expressions():
     out = []
     for ctype in _CTYPE.values():
-        for vec in (1, 16 // {"__half": 2, "float": 4, "double": 8}[ctype]):
+        for vec in (1, 16 // {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}[ctype]):
             for layout in ("planes", "columns"):
                 out += [f"bn_stats_{layout}<{ctype}, {vec}>",
                         f"bn_apply_{layout}<{ctype}, {vec}>",
@@ -96,7 +95,7 @@ NAME_EXPRESSIONS = _expressions()
 
 
 def stats_dtype(dtype):
-    """float64 for float64 input, float32 for float16 and float32."""
+    """float64 for float64 input, float32 for float16, bfloat16 and float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -106,7 +105,7 @@ def supported(shape, dtype=None):
 
     Inputs:
     - shape: (N, C, H, W)
-    - dtype: optional; float16, float32 and float64 are supported
+    - dtype: optional; float16, bfloat16, float32 and float64 are supported
 
     The limits: a non-empty tensor (C >= 1 and N*H*W >= 1), N*H*W < 2**31 values per
     channel and C < 2**31. Any number of channels fits the grid (the planes kernels stride
@@ -119,7 +118,8 @@ def supported(shape, dtype=None):
     if len(dims) != 4:
         return f"the batch-norm kernels take (N, C, H, W) tensors, got shape {dims}"
     if dtype is not None and np.dtype(dtype) not in _CTYPE:
-        return f"the batch-norm kernels take float16, float32 or float64, got {np.dtype(dtype)}"
+        return (f"the batch-norm kernels take float16, bfloat16, float32 or float64, "
+                f"got {np.dtype(dtype)}")
     N, C, H, W = dims
     if min(dims) < 0:
         return f"negative size in shape {dims}"
@@ -174,7 +174,7 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
 
     Inputs:
     - shape: (N, C, H, W)
-    - dtype: float16, float32 or float64
+    - dtype: float16, bfloat16, float32 or float64
     - aligned: whether every pointer involved is 16-byte aligned
     - num_sms: streaming multiprocessors of the device; grids of few channels or tiles
       get several blocks per channel, about ``blocks_per_sm`` blocks per SM in all
@@ -183,6 +183,16 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
 
     Returns a LayoutPlan. Raises ValueError with supported()'s reason for a shape the kernels
     cannot take.
+
+    Channels-last spatial batch norm over (N, *spatial, C) is batch norm over the (M, C)
+    matrix, M = N*prod(spatial), passed as (M, C, 1, 1): the columns layout, for any M below
+    2**31 (rows are unsigned, row offsets 64-bit, every slot's count below 2**24). Untuned
+    for very tall matrices of few channels: with one tile (C*vec <= 128 columns, e.g.
+    (256*56*56, 64, 1, 1)) the grid is at most _MAX_SLOTS//2 (+1) row chunks, about one
+    256-thread block per SM on an H200 (2 per SM from columns_blocks_per_sm only when there
+    are more tiles); C = 3 or another width that is no multiple of the vector runs scalar
+    loads of 4 threads per row. (32*7*7, 2048, 1, 1) gets 16 tiles x 16 chunks (float32),
+    as (32, 2048, 7, 7) would. Measure on a GPU before retuning (scripts/tune_bn.py).
     """
     reason = supported(shape)
     if reason is not None:
@@ -303,8 +313,9 @@ def prepare(shape, dtype, aligned, num_sms, get_kernel):
 
 
 def _address(a):
-    """Data pointer of a CuPy or NumPy array."""
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+    """Data pointer of a CuPy or NumPy array (NumPy's through ctypes: ``.data`` of a
+    bfloat16 array cannot be made)."""
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def vectors_allowed(*arrays):
@@ -363,7 +374,7 @@ def _check_x(x, what):
     if x.ndim != 4:
         raise ValueError(f"{what} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in _CTYPE:
-        raise TypeError(f"{what} must be float16, float32 or float64, got {x.dtype}")
+        raise TypeError(f"{what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     reason = supported(x.shape)
     if reason is not None:
         raise ValueError(f"{what}: {reason}")
@@ -435,7 +446,7 @@ def bn_train_forward_gpu(x, gamma, beta, eps):
     """Train-mode batch norm forward: batch statistics, then normalization.
 
     Inputs:
-    - x: cupy array (N, C, H, W), float16/32/64
+    - x: cupy array (N, C, H, W), float16/bfloat16/float32/float64
     - gamma, beta: arrays (C,)
     - eps: float, added to the variance
 
@@ -494,7 +505,7 @@ def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
     """Test-mode batch norm forward with given statistics, in one launch.
 
     Inputs:
-    - x: cupy array (N, C, H, W), float16/32/64
+    - x: cupy array (N, C, H, W), float16/bfloat16/float32/float64
     - gamma, beta: arrays (C,)
     - mean, var: arrays (C,), the running statistics
     - eps: float, added to var
@@ -533,7 +544,7 @@ def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
     """Test-mode batch norm forward with given statistics.
 
     Inputs:
-    - x: cupy array (N, C, H, W), float16/32/64
+    - x: cupy array (N, C, H, W), float16/bfloat16/float32/float64
     - gamma, beta: arrays (C,)
     - mean, var: arrays (C,), the running statistics
     - eps: float, added to var

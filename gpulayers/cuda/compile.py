@@ -23,10 +23,35 @@ from importlib import resources
 from pathlib import Path
 
 __all__ = ["source", "get_kernel", "launch", "device_of", "KernelLaunchError", "OPTIONS",
-           "cuda_include_dir", "set_launch_checks", "launch_checks"]
+           "cuda_include_dir", "set_launch_checks", "launch_checks", "CTypes", "dtype_name"]
 
 # Options used for every compile; the NVRTC check in the tests uses the same.
 OPTIONS = ("-std=c++17",)
+
+
+def dtype_name(dtype):
+    """NumPy's name of ``dtype`` ('float32', 'bfloat16', ...); a str is taken as a name, so
+    'bfloat16' needs no ml_dtypes import."""
+    import numpy as np
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+class CTypes(dict):
+    """{dtype name: C type}, looked up by a dtype, a type or a name (see :func:`dtype_name`):
+    ``CTypes(float32="float")[np.float32] == "float"``; bfloat16 (ml_dtypes.bfloat16, which
+    CuPy >= 14 holds) is found by its name, without importing ml_dtypes."""
+
+    def __getitem__(self, dtype):
+        return super().__getitem__(dtype_name(dtype))
+
+    def __contains__(self, dtype):
+        try:
+            return super().__contains__(dtype_name(dtype))
+        except TypeError:
+            return False
+
+    def get(self, dtype, default=None):
+        return self[dtype] if dtype in self else default
 
 
 class KernelLaunchError(RuntimeError):
@@ -102,7 +127,7 @@ def _compile(name, name_expressions, device_id):
             mod.compile()
         except cupy.cuda.compiler.CompileException as exc:
             include = cuda_include_dir()
-            if "cuda_fp16.h" not in str(exc) or include is None:
+            if not ("cuda_fp16.h" in str(exc) or "cuda_bf16.h" in str(exc)) or include is None:
                 raise
             mod = cupy.RawModule(code=source(name), options=OPTIONS + (f"-I{include}",),
                                  name_expressions=list(name_expressions))

@@ -1,4 +1,6 @@
-// Max pooling over NCHW tensors: forward with compact argmax offsets, deterministic backward.
+// Max pooling over NCHW tensors: forward with compact argmax offsets, deterministic backward,
+// for T = __half, __nv_bfloat16, float and double (compared and summed in float for the 16-bit
+// types).
 //
 // Geometry (gpulayers/shapes.py): window (oh, ow) covers the input rows oh*sh - ph + i*dh,
 // i in [0, kh), and the columns ow*sw - pw + j*dw, j in [0, kw); taps outside [0, H) x [0, W)
@@ -21,6 +23,7 @@
 // kernels serve stride-2 geometries with 2-element vector loads/stores. Every variant gives the
 // same bits as the default kernels.
 #ifndef GPULAYERS_CPU_SHIM
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
 
@@ -31,14 +34,17 @@ enum : int { kForwardTaps = 3, kBackwardWindows = 2 };
 // Offset that no window stores: what a backward thread expects where it must not add.
 enum : unsigned { kNoOffset = 0xffffffffu };
 
-// Accumulation and comparison type: float for __half, T otherwise.
+// Accumulation and comparison type: float for __half and __nv_bfloat16, T otherwise.
 template <typename T> struct Acc { typedef T type; };
 template <> struct Acc<__half> { typedef float type; };
+template <> struct Acc<__nv_bfloat16> { typedef float type; };
 
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 

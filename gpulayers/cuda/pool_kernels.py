@@ -1,14 +1,16 @@
 """Launchers for the max-pooling CUDA kernels in ``maxpool.cu``.
 
 Importable without CuPy or a GPU: CuPy is imported by the launchers.
-Each kernel is a template ``<T, Off, Idx, ...>``: value type (``__half``, ``float``,
-``double``), offset type (``geom.offset_dtype``), index type (``int``, or
+Each kernel is a template ``<T, Off, Idx, ...>``: value type (``__half``, ``__nv_bfloat16``,
+``float``, ``double``), offset type (``geom.offset_dtype``), index type (``int``, or
 ``long long`` when a tensor has 2**31 elements or more, see :func:`index_type`),
 then the variant's compile-time knobs. :data:`NAME_EXPRESSIONS` lists every
 instantiation; one compile serves them all.
 
 Expressions compile in groups of one value and index type (:func:`compile_group`), so a
-program that pools one dtype compiles only its kernels.
+program that pools one dtype compiles only its kernels. bfloat16 has the default kernels and
+the variant kernels of :data:`DEFAULT_VARIANT`'s plane count only (:data:`BF16_PLANES`); a
+bfloat16 plan for another plane count runs the default kernels (same bits).
 
 Variants: :data:`VARIANT` (or a launcher's ``variant=`` argument, merged over it) picks the
 kernel and launch shape of each pass; every variant gives the same bits. Forward keys:
@@ -44,8 +46,8 @@ __all__ = ["max_pool_forward_gpu", "max_pool_backward_gpu", "index_type", "kerne
 SOURCE = "maxpool.cu"
 
 KERNELS = ("max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_disjoint")
-VALUE_TYPES = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float",
-               np.dtype(np.float64): "double"}
+VALUE_TYPES = cuda_compile.CTypes(float16="__half", bfloat16="__nv_bfloat16", float32="float",
+                                  float64="double")
 OFFSET_TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
                 np.dtype(np.uint32): "unsigned int"}
 INDEX_TYPES = {"int": np.int32, "long long": np.int64}
@@ -60,6 +62,11 @@ VARIANT_KERNELS = (
     + [(kernel, (planes,)) for kernel in KERNELS[1:] for planes in PLANES if planes > 1]
     + [("max_pool2d_backward_blocks", (2, nw, planes)) for nw in (1, 2) for planes in PLANES])
 
+# bfloat16 instantiates the variants with this many planes per step only (DEFAULT_VARIANT's),
+# to keep compile time down; its plans for other counts run the default kernels.
+BF16_PLANES = (4,)
+_BF16 = "__nv_bfloat16"
+
 NAME_EXPRESSIONS = tuple(f"{kernel}<{value}, {offset}, {index}>"
                          for kernel in KERNELS
                          for value in VALUE_TYPES.values()
@@ -68,7 +75,8 @@ NAME_EXPRESSIONS = tuple(f"{kernel}<{value}, {offset}, {index}>"
     f"{kernel}<{value}, unsigned char, {index}, {', '.join(map(str, params))}>"
     for kernel, params in VARIANT_KERNELS
     for value in VALUE_TYPES.values()
-    for index in INDEX_TYPES)
+    for index in INDEX_TYPES
+    if value != _BF16 or params[-1] in BF16_PLANES)
 
 _BLOCK = 256
 _MAX_THREADS_X = 2**30       # blockDim.x * gridDim.x at most this, below 2**31
@@ -104,7 +112,8 @@ def kernel_expression(kernel, dtype, geom, params=()):
     ``'max_pool2d_backward_blocks<float, unsigned char, int, 2, 2, 4>'``."""
     dtype = np.dtype(dtype)
     if dtype not in VALUE_TYPES:
-        raise TypeError(f"max-pool kernels take float16, float32 or float64, got {dtype}")
+        raise TypeError(f"max-pool kernels take float16, bfloat16, float32 or float64, "
+                        f"got {dtype}")
     extra = "".join(f", {p}" for p in params)
     return (f"{kernel}<{VALUE_TYPES[dtype]}, {OFFSET_TYPES[geom.offset_dtype]}, "
             f"{index_type(geom)}{extra}>")
@@ -134,20 +143,26 @@ def _plan(kernel, params, plane, planes, options):
             "blocks_per_sm": options["blocks_per_sm"]}
 
 
-def forward_plan(geom, variant=None, *, aligned=True):
+def _variant_planes(dtype, planes):
+    """Whether dtype has the variant kernels of ``planes`` planes per step (see BF16_PLANES)."""
+    return dtype is None or VALUE_TYPES[dtype] != _BF16 or planes in BF16_PLANES
+
+
+def forward_plan(geom, variant=None, *, aligned=True, dtype=None):
     """What the forward launcher runs for geom under VARIANT updated by ``variant``: a dict
     with kernel, params (extra template arguments), plane (positions per plane),
     planes_per_step, block and blocks_per_sm. Variants need uint8 offsets; 'pairs' needs
     2x2 stride-2 unpadded undilated windows, an even W, 2 * Ho <= H and ``aligned`` (x's data
     aligned to 2 elements: the launcher passes what it sees, see :func:`pairs_aligned`); taps
     2 needs a window of at most 2x2; otherwise the default kernel (with the launch knobs)
-    runs."""
+    runs. ``dtype`` (the values'; None: any) matters for bfloat16, which has the variants of
+    BF16_PLANES only: its other plane counts run the default kernel."""
     options = _options("forward", variant)
     plane = geom.Ho * geom.Wo
     if options["kernel"] not in ("generic", "pairs"):
         raise ValueError(f"forward kernel must be 'generic' or 'pairs', "
                          f"got {options['kernel']!r}")
-    if geom.offset_dtype != np.uint8:
+    if geom.offset_dtype != np.uint8 or not _variant_planes(dtype, options["planes"]):
         return _plan("max_pool2d_forward", (), plane, 1, options)
     planes = options["planes"]
     if (options["kernel"] == "pairs" and aligned
@@ -167,19 +182,20 @@ def _block_windows(kernel, stride, pad, dilation):
     return (pad + stride - 1) // stride + (-(pad - (kernel - 1) * dilation) // stride) + 1
 
 
-def backward_plan(geom, variant=None, *, aligned=True):
+def backward_plan(geom, variant=None, *, aligned=True, dtype=None):
     """What the backward launcher runs for geom (see :func:`forward_plan`). 'blocks' needs
     uint8 offsets, stride 2 on both axes, at most 2 windows per axis covering a 2x2 block
     (e.g. 3x3 stride 2 with any padding, 2x2 stride 2) and, for an even W (where it stores dx
     rows as pairs), ``aligned`` (dx's data aligned to 2 elements; it reads dout and offsets
     element by element); otherwise the 'element' kernels run: max_pool2d_backward for
-    overlapping windows, max_pool2d_backward_disjoint otherwise."""
+    overlapping windows, max_pool2d_backward_disjoint otherwise (``dtype``: as for
+    forward_plan)."""
     options = _options("backward", variant)
     if options["kernel"] not in ("element", "blocks"):
         raise ValueError(f"backward kernel must be 'element' or 'blocks', "
                          f"got {options['kernel']!r}")
     element = "max_pool2d_backward" if geom.overlapping else "max_pool2d_backward_disjoint"
-    if geom.offset_dtype != np.uint8:
+    if geom.offset_dtype != np.uint8 or not _variant_planes(dtype, options["planes"]):
         return _plan(element, (), geom.H * geom.W, 1, options)
     planes = options["planes"]
     if options["kernel"] == "blocks" and geom.sh == geom.sw == 2 and (aligned or geom.W % 2):
@@ -256,7 +272,7 @@ def _prepared(pass_, geom, dtype, current, extra, device_id, aligned):
     what a launch needs beyond its arrays, worked out once per geometry instead of on every
     call."""
     plan_of = forward_plan if pass_ == "forward" else backward_plan
-    plan = plan_of(geom, {pass_: dict(extra)}, aligned=aligned)
+    plan = plan_of(geom, {pass_: dict(extra)}, aligned=aligned, dtype=dtype)
     expression = kernel_expression(plan["kernel"], dtype, geom, plan["params"])
     function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression),
                                        device_id=device_id)
@@ -305,7 +321,8 @@ def max_pool_forward_gpu(x, geom, variant=None):
     """Max pooling with the CUDA kernel.
 
     Inputs:
-    - x: cupy array (N, C, H, W), float16/32/64, any strides (not modified)
+    - x: cupy array (N, C, H, W), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - geom: PoolGeometry of x
     - variant: optional {"forward": {knob: value}} over VARIANT (see the module docstring)
 
@@ -335,7 +352,8 @@ def max_pool_backward_gpu(dout, offsets, geom, variant=None):
     order, no atomics) and every element of dx written by the kernel.
 
     Inputs:
-    - dout: cupy array (N, C, Ho, Wo), float16/32/64, any strides (not modified)
+    - dout: cupy array (N, C, Ho, Wo), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - offsets: cupy array (N, C, Ho, Wo) of geom.offset_dtype, from the forward pass, on
       dout's device (else ValueError)
     - geom: PoolGeometry

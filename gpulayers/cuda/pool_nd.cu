@@ -1,5 +1,7 @@
 // Pooling over 1, 2 or 3 spatial axes, written once for 3 (D, H, W): max and average pooling,
-// adaptive max and average pooling, max unpooling; forward and deterministic backward passes.
+// adaptive max and average pooling, max unpooling; forward and deterministic backward passes;
+// for T = __half, __nv_bfloat16, float and double (compared and summed in float for the 16-bit
+// types, results rounded to nearest even), in channels-first or channels-last layout.
 //
 // Ranks below 3 run as D = H = 1 (1-D) or D = 1 (2-D), with kernel 1, stride 1, pad 0 and
 // dilation 1 on the added axes, as PyTorch's kernels do; compact offsets and flat indices are
@@ -11,30 +13,50 @@
 // kernel). Adaptive windows (AdaptiveGeometry) cover [floor(o*L/O), ceil((o+1)*L/O)) per axis;
 // their taps have compact offsets row-major over AdaptiveGeometry.window (wd, wh, ww).
 //
-// Launch layout, every kernel: blockIdx.x/threadIdx.x walk the positions of one plane (output
+// Memory layouts (the kernels' last template argument, a layout functor; ChannelsFirst by
+// default): ChannelsFirst is (N, C, *spatial), ChannelsLast is (N, *spatial, C). A layout
+// splits the work into x-items and y-items and maps (y-item, x-item, spatial position) to an
+// element's address:
+// - ChannelsFirst: an x-item is a position of one (n, c) plane, a y-item one of the N*C
+//   planes; element (plane o, position q) at o*plane + q.
+// - ChannelsLast: an x-item is a (position, channel) pair of one sample, channel fastest (so
+//   consecutive threads read consecutive channels: coalesced), a y-item one of the N samples;
+//   element (sample o, channel c, position q) at (o*plane + q)*C + c.
+// Both visit the same taps and windows in the same order, so the channels-last results are
+// the channels-first results on the transposed tensor, bit for bit (offsets and unpool
+// indices are per (n, c) plane, as for channels-first).
+//
+// Launch layout, every kernel: blockIdx.x/threadIdx.x walk the x-items (over output
 // positions for a forward pass, input positions for a backward pass), blockIdx.y walks the
-// N*C planes; both loops are grid-stride. A thread works out its window (or covering windows)
-// once and reuses it for every plane it visits.
+// y-items; both loops are grid-stride. A thread works out its window (or covering windows)
+// once and reuses it for every y-item it visits.
 //
 // Idx (int or long long) holds element indices and must hold every tensor's size; every
 // product that can reach a plane's or a tensor's size is formed in Idx ((Idx)a * b). The
 // launcher keeps sizes, padded sizes plus a stride and a window extent below 2**31, so
 // positions and window bounds fit int; products of a position and a size (adaptive bounds)
 // are formed in long long. Compact offsets are formed in unsigned (window sizes below 2**32).
+// Channels-last x-items (positions times C) and strides (C per position) are Idx too.
 //
-// No kernel uses vector loads or stores, so no pointer needs more than its element alignment.
+// No kernel uses vector loads or stores, so no pointer needs more than its element alignment
+// (channels-last loads are coalesced across a warp's consecutive channels; vector loads over
+// channels would need C and the pointers aligned to the vector and are not used).
 #ifndef GPULAYERS_CPU_SHIM
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
 
-// Accumulation and comparison type: float for __half, T otherwise.
+// Accumulation and comparison type: float for __half and __nv_bfloat16, T otherwise.
 template <typename T> struct Acc { typedef T type; };
 template <> struct Acc<__half> { typedef float type; };
+template <> struct Acc<__nv_bfloat16> { typedef float type; };
 
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 
@@ -49,12 +71,52 @@ __device__ __forceinline__ Idx grid_next(Idx i, Idx step, Idx n)
     return i < n - step ? i + step : n;
 }
 
-// Grid-stride loops: positions p of one plane of n positions (x), planes nc (y).
-#define FOR_POSITIONS(p, n)                                                                    \
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < (n);                \
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, (Idx)(n)))
-#define FOR_PLANES(nc)                                                                         \
-    for (Idx nc = (Idx)blockIdx.y; nc < planes; nc = grid_next(nc, (Idx)gridDim.y, planes))
+// Grid-stride loops: x-items i of n (x), y-items o of the layout's outer (y).
+#define FOR_ITEMS(i, n)                                                                        \
+    for (Idx i = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; i < (n);                \
+         i = grid_next(i, (Idx)blockDim.x * (Idx)gridDim.x, (Idx)(n)))
+#define FOR_OUTER(o)                                                                           \
+    for (Idx o = (Idx)blockIdx.y; o < layout.outer; o = grid_next(o, (Idx)gridDim.y, layout.outer))
+
+// ------------------------------------------------------------------------- layouts
+// Every kernel takes (Idx outer, int C) and builds its layout L<Idx>{outer, C}: outer is the
+// number of y-items (N*C planes, or N samples), C the channels. For a tensor of `plane`
+// positions per (n, c) plane:
+// - items(plane): x-items per y-item;
+// - split(i, q, lane): x-item i as its spatial position q and its lane (0, or the channel);
+// - offset(o, plane): where y-item o starts; x-item i of it is at offset(o, plane) + i, and
+//   position q of its lane at offset(o, plane) + lane + q*pitch().
+
+// (N, C, *spatial): x-items are a plane's positions, y-items the N*C planes.
+template <typename Idx>
+struct ChannelsFirst {
+    Idx outer;
+    int C;  // not needed
+    __device__ __forceinline__ Idx items(Idx plane) const { return plane; }
+    __device__ __forceinline__ void split(Idx i, Idx& q, Idx& lane) const
+    {
+        q = i;
+        lane = 0;
+    }
+    __device__ __forceinline__ Idx offset(Idx o, Idx plane) const { return o * plane; }
+    __device__ __forceinline__ Idx pitch() const { return 1; }
+};
+
+// (N, *spatial, C): x-items are a sample's (position, channel) pairs, channel fastest; y-items
+// the N samples.
+template <typename Idx>
+struct ChannelsLast {
+    Idx outer;
+    int C;
+    __device__ __forceinline__ Idx items(Idx plane) const { return plane * C; }
+    __device__ __forceinline__ void split(Idx i, Idx& q, Idx& lane) const
+    {
+        q = i / C;
+        lane = i - q * C;
+    }
+    __device__ __forceinline__ Idx offset(Idx o, Idx plane) const { return o * (plane * C); }
+    __device__ __forceinline__ Idx pitch() const { return (Idx)C; }
+};
 
 // Position p of a (n0, n1, n2) plane as its three coordinates.
 template <typename Idx>
@@ -96,11 +158,12 @@ struct Window3 {
     unsigned k0, kstep[3];
 };
 
-// Window (o[0], o[1], o[2]) of a pooling geometry.
+// Window (o[0], o[1], o[2]) of a pooling geometry; a position's elements lie `step` apart
+// (the layout's pitch).
 template <typename Idx>
-__device__ __forceinline__ Window3<Idx> pool_window(const Pool3& g, const int (&o)[3])
+__device__ __forceinline__ Window3<Idx> pool_window(const Pool3& g, const int (&o)[3], Idx step)
 {
-    const Idx pitch[3] = {(Idx)g.a[1].size * g.a[2].size, (Idx)g.a[2].size, (Idx)1};
+    const Idx pitch[3] = {(Idx)g.a[1].size * g.a[2].size * step, (Idx)g.a[2].size * step, step};
     const unsigned kpitch[3] = {(unsigned)g.a[1].kernel * (unsigned)g.a[2].kernel,
                                 (unsigned)g.a[2].kernel, 1u};
     Window3<Idx> w;
@@ -133,12 +196,14 @@ __device__ __forceinline__ int adaptive_end(int o, int size, int out)
 }
 
 // Window o of an adaptive geometry with input (D, H, W) sizes in[], output sizes out[] and
-// largest window lengths (window[1], window[2]) along H and W (what the offsets count over).
+// largest window lengths (window[1], window[2]) along H and W (what the offsets count over);
+// a position's elements lie `step` apart (the layout's pitch).
 template <typename Idx>
 __device__ __forceinline__ Window3<Idx> adaptive_window(const int (&in)[3], const int (&out)[3],
-                                                        int wh, int ww, const int (&o)[3])
+                                                        int wh, int ww, const int (&o)[3],
+                                                        Idx step)
 {
-    const Idx pitch[3] = {(Idx)in[1] * in[2], (Idx)in[2], (Idx)1};
+    const Idx pitch[3] = {(Idx)in[1] * in[2] * step, (Idx)in[2] * step, step};
     const unsigned kpitch[3] = {(unsigned)wh * (unsigned)ww, (unsigned)ww, 1u};
     Window3<Idx> w;
     w.first = 0;
@@ -218,11 +283,13 @@ __device__ __forceinline__ AdaptiveCover adaptive_cover(int pos, int size, int o
 
 // Calls op(q, k, o) for every window that covers one input position, given its covers c[axis]
 // over an output plane (Do, Ho, Wo): row-major over the covers (c[0] outermost, each in its
-// own order); q is the window's in-plane output index, o its coordinates, k the compact offset
-// (counted over kernel or window sizes kpitch1 = k1*k2, kpitch2 = k2) that names the position.
+// own order); q is the window's in-plane output index times `step` (the layout's pitch), o its
+// coordinates, k the compact offset (counted over kernel or window sizes kpitch1 = k1*k2,
+// kpitch2 = k2) that names the position.
 template <typename Idx, typename Cover, typename Op>
 __device__ __forceinline__ void visit_covers(const Cover (&c)[3], int Ho, int Wo,
-                                             unsigned kpitch1, unsigned kpitch2, Op& op)
+                                             unsigned kpitch1, unsigned kpitch2, Idx step,
+                                             Op& op)
 {
     int o[3];
     for (int a = 0; a < c[0].n; ++a) {
@@ -234,7 +301,7 @@ __device__ __forceinline__ void visit_covers(const Cover (&c)[3], int Ho, int Wo
             const Idx row = ((Idx)o[0] * Ho + o[1]) * Wo;
             for (int e = 0; e < c[2].n; ++e) {
                 o[2] = c[2].window(e);
-                op(row + o[2], kb + (unsigned)c[2].tap_of(e), o);
+                op((row + o[2]) * step, kb + (unsigned)c[2].tap_of(e), o);
             }
         }
     }
@@ -329,27 +396,33 @@ struct AdaptiveDivisor {
 };
 
 // ------------------------------------------------------------------- pooling kernels
+// Kernels are templates <T, [Off,] Idx, L = ChannelsFirst>: value, [offset,] index type and
+// layout (see the header). In the comments, "element (n, c, ...)" is one x-item of one y-item.
 
 // One thread per output element (n, c, od, oh, ow): reads the in-range taps of its window in
 // x in row-major order and writes their maximum (PyTorch's rule, see MaxOp) to out and its
 // compact offset to offsets.
-template <typename T, typename Off, typename Idx>
+template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
-                                   Off* __restrict__ offsets, Idx planes, POOL3_PARAMS)
+                                   Off* __restrict__ offsets, Idx outer, int C, POOL3_PARAMS)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const Pool3 g = POOL3_GEOMETRY;
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, out_plane) {
+    FOR_ITEMS(i, layout.items(out_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int o[3];
         decode3(p, Ho, Wo, o);
-        const Window3<Idx> w = pool_window<Idx>(g, o);
-        FOR_PLANES(nc) {
-            const T* xp = x + nc * in_plane;
+        const Window3<Idx> w = pool_window<Idx>(g, o, layout.pitch());
+        FOR_OUTER(nc) {
+            const T* xp = x + layout.offset(nc, in_plane) + lane;
             MaxOp<A> op = {to_acc(xp[w.first]), w.k0};
             visit_taps(xp, w, op);
-            store(out + nc * out_plane + p, op.best);
-            offsets[nc * out_plane + p] = (Off)op.arg;
+            const Idx at = layout.offset(nc, out_plane) + i;
+            store(out + at, op.best);
+            offsets[at] = (Off)op.arg;
         }
     }
 }
@@ -357,44 +430,53 @@ __global__ void max_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
 // One thread per input element (n, c, d, h, w): visits the windows that cover it in ascending
 // tap order and writes to dx the sum (in Acc<T>, 0 when none) of dout over those whose stored
 // offset names it. No atomics, fixed order: every element of dx written, deterministically.
-template <typename T, typename Off, typename Idx>
+template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_pool3d_backward(const T* __restrict__ dout, const Off* __restrict__ offsets,
-                                    T* __restrict__ dx, Idx planes, POOL3_PARAMS)
+                                    T* __restrict__ dx, Idx outer, int C, POOL3_PARAMS)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const Pool3 g = POOL3_GEOMETRY;
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, in_plane) {
+    FOR_ITEMS(i, layout.items(in_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int x[3];
         decode3(p, H, W, x);
         const PoolCover c[3] = {pool_cover(x[0], g.a[0]), pool_cover(x[1], g.a[1]),
                                 pool_cover(x[2], g.a[2])};
-        FOR_PLANES(nc) {
-            MaxGradOp<T, Off, A> op = {dout + nc * out_plane, offsets + nc * out_plane, A(0)};
-            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw, op);
-            store(dx + nc * in_plane + p, op.acc);
+        FOR_OUTER(nc) {
+            const Idx base = layout.offset(nc, out_plane) + lane;
+            MaxGradOp<T, Off, A> op = {dout + base, offsets + base, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
+                              layout.pitch(), op);
+            store(dx + layout.offset(nc, in_plane) + i, op.acc);
         }
     }
 }
 
 // One thread per output element (n, c, od, oh, ow): sums the in-range taps of its window in
 // row-major order (in Acc<T>, from +0) and writes the sum / PyTorch's divisor (PoolDivisor).
-template <typename T, typename Idx>
-__global__ void avg_pool3d_forward(const T* __restrict__ x, T* __restrict__ out, Idx planes,
-                                   POOL3_PARAMS, int count_include_pad, int divisor_override)
+template <typename T, typename Idx, template <typename> class L = ChannelsFirst>
+__global__ void avg_pool3d_forward(const T* __restrict__ x, T* __restrict__ out, Idx outer,
+                                   int C, POOL3_PARAMS, int count_include_pad,
+                                   int divisor_override)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const PoolDivisor divisor = {POOL3_GEOMETRY, count_include_pad, divisor_override};
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, out_plane) {
+    FOR_ITEMS(i, layout.items(out_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int o[3];
         decode3(p, Ho, Wo, o);
-        const Window3<Idx> w = pool_window<Idx>(divisor.g, o);
+        const Window3<Idx> w = pool_window<Idx>(divisor.g, o, layout.pitch());
         const A div = (A)divisor(o);
-        FOR_PLANES(nc) {
+        FOR_OUTER(nc) {
             SumOp<A> op = {A(0)};
-            visit_taps(x + nc * in_plane, w, op);
-            store(out + nc * out_plane + p, op.sum / div);
+            visit_taps(x + layout.offset(nc, in_plane) + lane, w, op);
+            store(out + layout.offset(nc, out_plane) + i, op.sum / div);
         }
     }
 }
@@ -402,23 +484,29 @@ __global__ void avg_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
 // One thread per input element (n, c, d, h, w): visits the windows that cover it in ascending
 // tap order and writes to dx the sum (in Acc<T>, from +0) of dout / divisor over them. No
 // atomics, fixed order.
-template <typename T, typename Idx>
-__global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ dx, Idx planes,
-                                    POOL3_PARAMS, int count_include_pad, int divisor_override)
+template <typename T, typename Idx, template <typename> class L = ChannelsFirst>
+__global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ dx, Idx outer,
+                                    int C, POOL3_PARAMS, int count_include_pad,
+                                    int divisor_override)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const PoolDivisor divisor = {POOL3_GEOMETRY, count_include_pad, divisor_override};
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, in_plane) {
+    FOR_ITEMS(i, layout.items(in_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int x[3];
         decode3(p, H, W, x);
         const PoolCover c[3] = {pool_cover(x[0], divisor.g.a[0]),
                                 pool_cover(x[1], divisor.g.a[1]),
                                 pool_cover(x[2], divisor.g.a[2])};
-        FOR_PLANES(nc) {
-            AvgGradOp<T, A, PoolDivisor> op = {dout + nc * out_plane, divisor, A(0)};
-            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw, op);
-            store(dx + nc * in_plane + p, op.acc);
+        FOR_OUTER(nc) {
+            AvgGradOp<T, A, PoolDivisor> op = {dout + layout.offset(nc, out_plane) + lane,
+                                               divisor, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
+                              layout.pitch(), op);
+            store(dx + layout.offset(nc, in_plane) + i, op.acc);
         }
     }
 }
@@ -428,24 +516,29 @@ __global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ 
 // One thread per output element (n, c, od, oh, ow): reads its adaptive window in x in
 // row-major order and writes the maximum (PyTorch's rule, see MaxOp) to out and its compact
 // offset, row-major over the largest window (wd, wh, ww), to offsets.
-template <typename T, typename Off, typename Idx>
+template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void adaptive_max_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
-                                            Off* __restrict__ offsets, Idx planes, int D, int H,
-                                            int W, int Do, int Ho, int Wo, int wh, int ww)
+                                            Off* __restrict__ offsets, Idx outer, int C, int D,
+                                            int H, int W, int Do, int Ho, int Wo, int wh,
+                                            int ww)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const int in[3] = {D, H, W}, outs[3] = {Do, Ho, Wo};
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, out_plane) {
+    FOR_ITEMS(i, layout.items(out_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int o[3];
         decode3(p, Ho, Wo, o);
-        const Window3<Idx> w = adaptive_window<Idx>(in, outs, wh, ww, o);
-        FOR_PLANES(nc) {
-            const T* xp = x + nc * in_plane;
+        const Window3<Idx> w = adaptive_window<Idx>(in, outs, wh, ww, o, layout.pitch());
+        FOR_OUTER(nc) {
+            const T* xp = x + layout.offset(nc, in_plane) + lane;
             MaxOp<A> op = {to_acc(xp[w.first]), 0u};
             visit_taps(xp, w, op);
-            store(out + nc * out_plane + p, op.best);
-            offsets[nc * out_plane + p] = (Off)op.arg;
+            const Idx at = layout.offset(nc, out_plane) + i;
+            store(out + at, op.best);
+            offsets[at] = (Off)op.arg;
         }
     }
 }
@@ -453,46 +546,55 @@ __global__ void adaptive_max_pool3d_forward(const T* __restrict__ x, T* __restri
 // One thread per input element (n, c, d, h, w): visits the adaptive windows that cover it in
 // ascending window order (row-major) and writes to dx the sum (in Acc<T>, 0 when none) of
 // dout over those whose stored offset names it. No atomics, fixed order.
-template <typename T, typename Off, typename Idx>
+template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void adaptive_max_pool3d_backward(const T* __restrict__ dout,
                                              const Off* __restrict__ offsets,
-                                             T* __restrict__ dx, Idx planes, int D, int H, int W,
-                                             int Do, int Ho, int Wo, int wh, int ww)
+                                             T* __restrict__ dx, Idx outer, int C, int D, int H,
+                                             int W, int Do, int Ho, int Wo, int wh, int ww)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, in_plane) {
+    FOR_ITEMS(i, layout.items(in_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int x[3];
         decode3(p, H, W, x);
         const AdaptiveCover c[3] = {adaptive_cover(x[0], D, Do), adaptive_cover(x[1], H, Ho),
                                     adaptive_cover(x[2], W, Wo)};
-        FOR_PLANES(nc) {
-            MaxGradOp<T, Off, A> op = {dout + nc * out_plane, offsets + nc * out_plane, A(0)};
-            visit_covers<Idx>(c, Ho, Wo, (unsigned)wh * (unsigned)ww, (unsigned)ww, op);
-            store(dx + nc * in_plane + p, op.acc);
+        FOR_OUTER(nc) {
+            const Idx base = layout.offset(nc, out_plane) + lane;
+            MaxGradOp<T, Off, A> op = {dout + base, offsets + base, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)wh * (unsigned)ww, (unsigned)ww,
+                              layout.pitch(), op);
+            store(dx + layout.offset(nc, in_plane) + i, op.acc);
         }
     }
 }
 
 // One thread per output element (n, c, od, oh, ow): sums its adaptive window in row-major
 // order (in Acc<T>, from +0) and writes the sum / the window's element count.
-template <typename T, typename Idx>
+template <typename T, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void adaptive_avg_pool3d_forward(const T* __restrict__ x, T* __restrict__ out,
-                                            Idx planes, int D, int H, int W, int Do, int Ho,
-                                            int Wo)
+                                            Idx outer, int C, int D, int H, int W, int Do,
+                                            int Ho, int Wo)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const AdaptiveDivisor divisor = {{D, H, W}, {Do, Ho, Wo}};
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, out_plane) {
+    FOR_ITEMS(i, layout.items(out_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int o[3];
         decode3(p, Ho, Wo, o);
-        const Window3<Idx> w = adaptive_window<Idx>(divisor.in, divisor.out, 1, 1, o);
+        const Window3<Idx> w = adaptive_window<Idx>(divisor.in, divisor.out, 1, 1, o,
+                                                    layout.pitch());
         const A div = (A)divisor(o);
-        FOR_PLANES(nc) {
+        FOR_OUTER(nc) {
             SumOp<A> op = {A(0)};
-            visit_taps(x + nc * in_plane, w, op);
-            store(out + nc * out_plane + p, op.sum / div);
+            visit_taps(x + layout.offset(nc, in_plane) + lane, w, op);
+            store(out + layout.offset(nc, out_plane) + i, op.sum / div);
         }
     }
 }
@@ -500,23 +602,27 @@ __global__ void adaptive_avg_pool3d_forward(const T* __restrict__ x, T* __restri
 // One thread per input element (n, c, d, h, w): visits the adaptive windows that cover it in
 // ascending window order (row-major) and writes to dx the sum (in Acc<T>, from +0) of
 // dout / count over them. No atomics, fixed order.
-template <typename T, typename Idx>
+template <typename T, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void adaptive_avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ dx,
-                                             Idx planes, int D, int H, int W, int Do, int Ho,
-                                             int Wo)
+                                             Idx outer, int C, int D, int H, int W, int Do,
+                                             int Ho, int Wo)
 {
     typedef typename Acc<T>::type A;
+    const L<Idx> layout = {outer, C};
     const AdaptiveDivisor divisor = {{D, H, W}, {Do, Ho, Wo}};
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
-    FOR_POSITIONS(p, in_plane) {
+    FOR_ITEMS(i, layout.items(in_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
         int x[3];
         decode3(p, H, W, x);
         const AdaptiveCover c[3] = {adaptive_cover(x[0], D, Do), adaptive_cover(x[1], H, Ho),
                                     adaptive_cover(x[2], W, Wo)};
-        FOR_PLANES(nc) {
-            AvgGradOp<T, A, AdaptiveDivisor> op = {dout + nc * out_plane, divisor, A(0)};
-            visit_covers<Idx>(c, Ho, Wo, 1u, 1u, op);
-            store(dx + nc * in_plane + p, op.acc);
+        FOR_OUTER(nc) {
+            AvgGradOp<T, A, AdaptiveDivisor> op = {dout + layout.offset(nc, out_plane) + lane,
+                                                   divisor, A(0)};
+            visit_covers<Idx>(c, Ho, Wo, 1u, 1u, layout.pitch(), op);
+            store(dx + layout.offset(nc, in_plane) + i, op.acc);
         }
     }
 }
@@ -536,32 +642,38 @@ __device__ __forceinline__ void atomic_max_index(Idx* slot, Idx value)
 #endif
 }
 
-// One thread per input element i (n, c, position): raises the winner slot of its target (the
-// plane's output position indices[i]) to i, the input's flat index over the whole tensor, with
-// atomicMax: after the kernel each slot holds the last input in row-major order that targets
-// it (order-independent, so deterministic), or stays -1 (the launcher's fill). Indices are
-// assumed in [0, out_plane) (the caller checks them).
-template <typename Ind, typename Idx>
+// One thread per input element (n, c, position): raises the winner slot of its target (the
+// output element of its plane at position indices[e]) to e, the input's flat index in x's
+// layout, with atomicMax: after the kernel each slot holds the last input of the plane in
+// row-major order that targets it (in either layout the flat index grows with the position
+// within a plane; order-independent, so deterministic), or stays -1 (the launcher's fill).
+// Indices are assumed in [0, out_plane) (the caller checks them).
+template <typename Ind, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_unpool_winners(const Ind* __restrict__ indices, Idx* __restrict__ winners,
-                                   Idx planes, Idx in_plane, Idx out_plane)
+                                   Idx outer, int C, Idx in_plane, Idx out_plane)
 {
-    FOR_POSITIONS(p, in_plane) {
-        FOR_PLANES(nc) {
-            const Idx i = nc * in_plane + p;
-            atomic_max_index(winners + nc * out_plane + (Idx)indices[i], i);
+    const L<Idx> layout = {outer, C};
+    FOR_ITEMS(i, layout.items(in_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
+        FOR_OUTER(nc) {
+            const Idx e = layout.offset(nc, in_plane) + i;
+            atomic_max_index(winners + layout.offset(nc, out_plane) + lane +
+                                 (Idx)indices[e] * layout.pitch(), e);
         }
     }
 }
 
 // One thread per output element t: writes x[winners[t]], or 0 where no input targets t.
-template <typename T, typename Idx>
+template <typename T, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_unpool_forward(const T* __restrict__ x, const Idx* __restrict__ winners,
-                                   T* __restrict__ out, Idx planes, Idx out_plane)
+                                   T* __restrict__ out, Idx outer, int C, Idx out_plane)
 {
     typedef typename Acc<T>::type A;
-    FOR_POSITIONS(p, out_plane) {
-        FOR_PLANES(nc) {
-            const Idx t = nc * out_plane + p;
+    const L<Idx> layout = {outer, C};
+    FOR_ITEMS(i, layout.items(out_plane)) {
+        FOR_OUTER(nc) {
+            const Idx t = layout.offset(nc, out_plane) + i;
             const Idx w = winners[t];
             if (w >= 0) {
                 out[t] = x[w];
@@ -572,28 +684,31 @@ __global__ void max_unpool_forward(const T* __restrict__ x, const Idx* __restric
     }
 }
 
-// One thread per input element i: writes dout at its target to dx[i] if i won the target
+// One thread per input element e: writes dout at its target to dx[e] if e won the target
 // (winners from max_unpool_winners), else 0. A gather: no atomics.
-template <typename T, typename Ind, typename Idx>
+template <typename T, typename Ind, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_unpool_backward(const T* __restrict__ dout, const Ind* __restrict__ indices,
                                     const Idx* __restrict__ winners, T* __restrict__ dx,
-                                    Idx planes, Idx in_plane, Idx out_plane)
+                                    Idx outer, int C, Idx in_plane, Idx out_plane)
 {
     typedef typename Acc<T>::type A;
-    FOR_POSITIONS(p, in_plane) {
-        FOR_PLANES(nc) {
-            const Idx i = nc * in_plane + p;
-            const Idx t = nc * out_plane + (Idx)indices[i];
-            if (winners[t] == i) {
-                dx[i] = dout[t];
+    const L<Idx> layout = {outer, C};
+    FOR_ITEMS(i, layout.items(in_plane)) {
+        Idx p, lane;
+        layout.split(i, p, lane);
+        FOR_OUTER(nc) {
+            const Idx e = layout.offset(nc, in_plane) + i;
+            const Idx t = layout.offset(nc, out_plane) + lane + (Idx)indices[e] * layout.pitch();
+            if (winners[t] == e) {
+                dx[e] = dout[t];
             } else {
-                store(dx + i, A(0));
+                store(dx + e, A(0));
             }
         }
     }
 }
 
-#undef FOR_POSITIONS
-#undef FOR_PLANES
+#undef FOR_ITEMS
+#undef FOR_OUTER
 #undef POOL3_PARAMS
 #undef POOL3_GEOMETRY

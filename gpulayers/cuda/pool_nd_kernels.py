@@ -5,15 +5,25 @@ The kernels are written for 3 axes (D, H, W); a 1-D or 2-D geometry runs as D = 
 D = 1 (kernel 1, stride 1, pad 0, dilation 1 on the added axes: :func:`axes3`), so compact
 offsets and flat indices are those of the lower rank.
 
-Kernels are templates ``<T, Off, Idx>`` (max and adaptive max pooling), ``<T, Idx>`` (average
-pooling, adaptive average pooling, unpooling's scatter), ``<Ind, Idx>`` (unpooling's winners)
-and ``<T, Ind, Idx>`` (unpooling's backward): value type (``__half``, ``float``, ``double``),
-offset type (the geometry's ``offset_dtype``: uint8, uint16 or uint32), index type (``int``, or
-``long long`` when a tensor has 2**31 elements or more, see :func:`index_type`) and the unpool
-indices' type (``int`` for int32 indices, ``long long`` for every other integer dtype, which the
-launcher converts to int64). :data:`NAME_EXPRESSIONS` lists every instantiation; they compile
-in groups of one value and index type (:func:`compile_group`), so a program that pools one
-dtype compiles only its kernels.
+Kernels are templates ``<T, Off, Idx, L>`` (max and adaptive max pooling), ``<T, Idx, L>``
+(average pooling, adaptive average pooling, unpooling's scatter), ``<Ind, Idx, L>``
+(unpooling's winners) and ``<T, Ind, Idx, L>`` (unpooling's backward): value type (``__half``,
+``__nv_bfloat16``, ``float``, ``double``), offset type (the geometry's ``offset_dtype``: uint8,
+uint16 or uint32), index type (``int``, or ``long long`` when a tensor has 2**31 elements or
+more, see :func:`index_type`), the unpool indices' type (``int`` for int32 indices, ``long
+long`` for every other integer dtype, which the launcher converts to int64) and the layout
+``L``: ``ChannelsFirst`` (the default, left out of the name expressions) or ``ChannelsLast``.
+:data:`NAME_EXPRESSIONS` lists every instantiation; they compile in groups of one value type,
+index type and layout (:func:`compile_group`), so a program that pools one dtype in one layout
+compiles only its kernels.
+
+Layouts: every launcher takes ``channels_last=False``. With ``channels_last=True`` every array
+argument and result is laid out (N, *spatial, C) -- x, out, offsets, dout, dx and unpool
+indices (laid out like x) -- while geometries and the shapes passed (unpool's ``out_shape``
+and ``x_shape``) stay (N, C, *spatial). The kernels then map consecutive threads to
+consecutive channels (coalesced) and give, bit for bit, the channels-first results of the
+transposed tensors: offsets and unpool indices count within each (n, c) plane as for
+channels-first. No kernel uses vector loads, so any element-aligned pointer will do.
 
 Semantics (what the xp paths must match bit for bit):
 
@@ -38,7 +48,7 @@ Every launcher takes CuPy arrays of any strides (copied to C order when needed; 
 never written), allocates its outputs with CuPy on the arrays' device
 (``compile.device_of``; arrays on two devices are a ValueError naming them) and compiles and
 launches for that device, whichever device is current. Nothing synchronises with the host.
-Launch plans (kernel, grid, scalar arguments) are cached per (geometry, dtype, device).
+Launch plans (kernel, grid, scalar arguments) are cached per (geometry, dtype, layout, device).
 """
 from __future__ import annotations
 
@@ -47,7 +57,8 @@ import functools
 
 import numpy as np
 
-from ..shapes import AdaptiveGeometry, PoolGeometry, check_floating
+from ..shapes import (AdaptiveGeometry, PoolGeometry, check_floating, from_channels_first_shape,
+                      to_channels_first_shape)
 from . import compile as cuda_compile
 from .pool_kernels import launch_config
 
@@ -56,34 +67,45 @@ __all__ = ["max_pool_forward_gpu", "max_pool_backward_gpu", "avg_pool_forward_gp
            "adaptive_avg_pool_backward_gpu", "adaptive_max_pool_forward_gpu",
            "adaptive_max_pool_backward_gpu", "max_unpool_forward_gpu", "max_unpool_backward_gpu",
            "SOURCE", "NAME_EXPRESSIONS", "compile_group", "index_type", "kernel_expression",
-           "axes3", "pool_scalars", "adaptive_scalars"]
+           "axes3", "pool_scalars", "adaptive_scalars", "array_shape"]
 
 SOURCE = "pool_nd.cu"
 
-VALUE_TYPES = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float",
-               np.dtype(np.float64): "double"}
+VALUE_TYPES = cuda_compile.CTypes(float16="__half", bfloat16="__nv_bfloat16", float32="float",
+                                  float64="double")
 OFFSET_TYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.uint16): "unsigned short",
                 np.dtype(np.uint32): "unsigned int"}
 INDEX_TYPES = {"int": np.int32, "long long": np.int64}
 # Unpool index arrays the kernels read as they are; other integer dtypes go through int64.
 UNPOOL_INDEX_TYPES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
+# Layout template argument per channels_last; channels-first is the default, left out.
+LAYOUTS = {False: (), True: ("ChannelsLast",)}
 
 OFFSET_KERNELS = ("max_pool3d_forward", "max_pool3d_backward", "adaptive_max_pool3d_forward",
-                  "adaptive_max_pool3d_backward")          # <T, Off, Idx>
+                  "adaptive_max_pool3d_backward")          # <T, Off, Idx, L>
 VALUE_KERNELS = ("avg_pool3d_forward", "avg_pool3d_backward", "adaptive_avg_pool3d_forward",
-                 "adaptive_avg_pool3d_backward", "max_unpool_forward")   # <T, Idx>
-WINNERS_KERNEL = "max_unpool_winners"                      # <Ind, Idx>
-UNPOOL_BACKWARD_KERNEL = "max_unpool_backward"             # <T, Ind, Idx>
+                 "adaptive_avg_pool3d_backward", "max_unpool_forward")   # <T, Idx, L>
+WINNERS_KERNEL = "max_unpool_winners"                      # <Ind, Idx, L>
+UNPOOL_BACKWARD_KERNEL = "max_unpool_backward"             # <T, Ind, Idx, L>
 
-NAME_EXPRESSIONS = (
-    tuple(f"{k}<{v}, {o}, {i}>" for k in OFFSET_KERNELS for v in VALUE_TYPES.values()
-          for o in OFFSET_TYPES.values() for i in INDEX_TYPES)
-    + tuple(f"{k}<{v}, {i}>" for k in VALUE_KERNELS for v in VALUE_TYPES.values()
-            for i in INDEX_TYPES)
-    + tuple(f"{WINNERS_KERNEL}<{n}, {i}>" for n in UNPOOL_INDEX_TYPES.values()
-            for i in INDEX_TYPES)
-    + tuple(f"{UNPOOL_BACKWARD_KERNEL}<{v}, {n}, {i}>" for v in VALUE_TYPES.values()
-            for n in UNPOOL_INDEX_TYPES.values() for i in INDEX_TYPES))
+
+def _expressions():
+    out = []
+    for layout in LAYOUTS.values():
+        def name(kernel, *args):
+            return f"{kernel}<{', '.join(args + layout)}>"
+        out += [name(k, v, o, i) for k in OFFSET_KERNELS for v in VALUE_TYPES.values()
+                for o in OFFSET_TYPES.values() for i in INDEX_TYPES]
+        out += [name(k, v, i) for k in VALUE_KERNELS for v in VALUE_TYPES.values()
+                for i in INDEX_TYPES]
+        out += [name(WINNERS_KERNEL, n, i) for n in UNPOOL_INDEX_TYPES.values()
+                for i in INDEX_TYPES]
+        out += [name(UNPOOL_BACKWARD_KERNEL, v, n, i) for v in VALUE_TYPES.values()
+                for n in UNPOOL_INDEX_TYPES.values() for i in INDEX_TYPES]
+    return tuple(out)
+
+
+NAME_EXPRESSIONS = _expressions()
 
 _BLOCK = 256
 _BLOCKS_PER_SM = 32
@@ -94,23 +116,32 @@ def _template_args(expression):
     return [a.strip() for a in expression[expression.index("<") + 1:-1].split(",")]
 
 
+def _split_args(expression):
+    """(template arguments but the layout, channels_last) of a name expression."""
+    args = _template_args(expression)
+    last = args[-1] == LAYOUTS[True][0]
+    return (args[:-1] if last else args), last
+
+
 @functools.lru_cache(maxsize=None)
 def compile_group(expression, dtype=None):
     """The name expressions compiled in one module with ``expression``: every one in
-    NAME_EXPRESSIONS with the same value type and index type, plus the unpool winners kernels
-    of that index type. A winners expression has no value type: ``dtype`` (the values'
-    dtype) picks the group; for the others it defaults to the expression's own."""
+    NAME_EXPRESSIONS with the same value type, index type and layout, plus the unpool winners
+    kernels of that index type and layout. A winners expression has no value type: ``dtype``
+    (the values' dtype) picks the group; for the others it defaults to the expression's
+    own."""
     if expression not in NAME_EXPRESSIONS:
         raise ValueError(f"{expression!r} is not in NAME_EXPRESSIONS")
-    args = _template_args(expression)
-    value = VALUE_TYPES[np.dtype(dtype)] if dtype is not None else args[0]
+    args, last = _split_args(expression)
+    value = VALUE_TYPES[dtype] if dtype is not None else args[0]
     if value not in VALUE_TYPES.values():
         raise ValueError(f"{expression!r} has no value type: pass the values' dtype")
     index = args[-1]
 
     def member(e):
-        a = _template_args(e)
-        return a[-1] == index and (a[0] == value or e.startswith(WINNERS_KERNEL + "<"))
+        a, l = _split_args(e)
+        return (a[-1] == index and l == last
+                and (a[0] == value or e.startswith(WINNERS_KERNEL + "<")))
     return tuple(e for e in NAME_EXPRESSIONS if member(e))
 
 
@@ -121,25 +152,35 @@ def index_type(*shapes):
         else "int"
 
 
-def kernel_expression(kernel, dtype=None, index="int", offset=None, indices=None):
+def kernel_expression(kernel, dtype=None, index="int", offset=None, indices=None,
+                      channels_last=False):
     """Name expression of ``kernel`` for values of ``dtype``, C index type ``index``, offsets
-    of dtype ``offset`` (max kernels) and unpool indices of dtype ``indices`` (int32 or int64;
-    unpool kernels), e.g. ``'max_pool3d_forward<float, unsigned char, int>'``."""
+    of dtype ``offset`` (max kernels), unpool indices of dtype ``indices`` (int32 or int64;
+    unpool kernels) and the layout, e.g. ``'max_pool3d_forward<float, unsigned char, int>'``,
+    ``'avg_pool3d_forward<__nv_bfloat16, int, ChannelsLast>'``."""
     parts = []
     if kernel != WINNERS_KERNEL:
-        dtype = np.dtype(dtype)
         if dtype not in VALUE_TYPES:
-            raise TypeError(f"pooling kernels take float16, float32 or float64, got {dtype}")
+            raise TypeError(f"pooling kernels take float16, bfloat16, float32 or float64, "
+                            f"got {cuda_compile.dtype_name(dtype)}")
         parts.append(VALUE_TYPES[dtype])
     if kernel in OFFSET_KERNELS:
         parts.append(OFFSET_TYPES[np.dtype(offset)])
     if kernel in (WINNERS_KERNEL, UNPOOL_BACKWARD_KERNEL):
         parts.append(UNPOOL_INDEX_TYPES[np.dtype(indices)])
     parts.append(index)
+    parts += LAYOUTS[bool(channels_last)]
     expression = f"{kernel}<{', '.join(parts)}>"
     if expression not in NAME_EXPRESSIONS:
         raise ValueError(f"{expression!r} is not in NAME_EXPRESSIONS")
     return expression
+
+
+def array_shape(shape, channels_last=False):
+    """The arrays' shape for an (N, C, *spatial) ``shape``: itself, or (N, *spatial, C) with
+    ``channels_last``."""
+    return from_channels_first_shape(shape, "channels_last" if channels_last else
+                                     "channels_first")
 
 
 def axes3(geom):
@@ -205,46 +246,61 @@ def _sm_count(device_id):
 
 
 @functools.lru_cache(maxsize=512)
-def _prepared(expression, dtype, plane, planes, device_id):
-    """(function, grid, block) of ``expression`` (compiled in dtype's group) for ``planes``
-    planes of ``plane`` positions on device ``device_id``."""
+def _prepared(expression, dtype, items, outer, device_id):
+    """(function, grid, block) of ``expression`` (compiled in dtype's group) for ``outer``
+    y-items of ``items`` x-items each on device ``device_id``."""
     function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression, dtype),
                                        device_id=device_id)
-    grid, block = launch_config(plane, planes, _sm_count(device_id), _BLOCK, _BLOCKS_PER_SM)
+    grid, block = launch_config(items, outer, _sm_count(device_id), _BLOCK, _BLOCKS_PER_SM)
     return function, grid, block
 
 
-def _launch(expression, dtype, plane, planes, arrays, scalars, device_id):
-    if planes == 0 or plane == 0:
+def _launch(expression, dtype, items, outer, arrays, scalars, device_id):
+    if outer == 0 or items == 0:
         return
-    function, grid, block = _prepared(expression, np.dtype(dtype), plane, planes, device_id)
+    function, grid, block = _prepared(expression, np.dtype(dtype), items, outer, device_id)
     cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalars,
                         device_id=device_id)
 
 
+def _layout_work(N, C, positions, index, channels_last):
+    """(x-items, y-items, (outer, C) scalar arguments) of a layout: positions of the N*C
+    planes, or (position, channel) pairs of the N samples."""
+    if C >= _LIMIT:
+        raise ValueError(f"pooling kernels take fewer than 2**31 channels, got C = {C}")
+    if channels_last:
+        items, outer = positions * C, N
+    else:
+        items, outer = positions, N * C
+    return items, outer, (INDEX_TYPES[index](outer), np.int32(C))
+
+
 @functools.lru_cache(maxsize=512)
-def _pool_plan(kernel, geom, dtype, extra=()):
-    """(expression, positions per plane, scalar arguments) of a pooling kernel for geom and
-    dtype; ``extra`` are trailing int arguments (avg pooling's options)."""
+def _pool_plan(kernel, geom, dtype, extra=(), channels_last=False):
+    """(expression, x-items, y-items, scalar arguments) of a pooling kernel for geom, dtype
+    and layout; ``extra`` are trailing int arguments (avg pooling's options)."""
     index = index_type(geom.input_shape, geom.output_shape)
     offset = geom.offset_dtype if kernel in OFFSET_KERNELS else None
-    expression = kernel_expression(kernel, dtype, index, offset=offset)
-    positions = geom.out if kernel.endswith("forward") else geom.size
-    scalars = ((INDEX_TYPES[index](geom.N * geom.C),) + pool_scalars(geom)
-               + tuple(np.int32(v) for v in extra))
-    return expression, int(np.prod(positions, dtype=object)), scalars
+    expression = kernel_expression(kernel, dtype, index, offset=offset,
+                                   channels_last=channels_last)
+    positions = int(np.prod(geom.out if kernel.endswith("forward") else geom.size,
+                            dtype=object))
+    items, outer, layout = _layout_work(geom.N, geom.C, positions, index, channels_last)
+    scalars = layout + pool_scalars(geom) + tuple(np.int32(v) for v in extra)
+    return expression, items, outer, scalars
 
 
 @functools.lru_cache(maxsize=512)
-def _adaptive_plan(kernel, ageom, dtype):
+def _adaptive_plan(kernel, ageom, dtype, channels_last=False):
     index = index_type(ageom.input_shape, ageom.output_shape)
     offsets = kernel in OFFSET_KERNELS
     expression = kernel_expression(kernel, dtype, index,
-                                   offset=ageom.offset_dtype if offsets else None)
-    positions = ageom.out if kernel.endswith("forward") else ageom.size
-    scalars = ((INDEX_TYPES[index](ageom.N * ageom.C),)
-               + adaptive_scalars(ageom, offsets=offsets))
-    return expression, int(np.prod(positions, dtype=object)), scalars
+                                   offset=ageom.offset_dtype if offsets else None,
+                                   channels_last=channels_last)
+    positions = int(np.prod(ageom.out if kernel.endswith("forward") else ageom.size,
+                            dtype=object))
+    items, outer, layout = _layout_work(ageom.N, ageom.C, positions, index, channels_last)
+    return expression, items, outer, layout + adaptive_scalars(ageom, offsets=offsets)
 
 
 def _device(**arrays):
@@ -301,245 +357,229 @@ def _avg_options(geom, count_include_pad, divisor_override):
 
 
 # --------------------------------------------------------------------------- pooling
+#
+# Shapes in the docstrings are channels-first; with channels_last=True every array is
+# (N, *spatial, C) instead (see the module docstring).
 
-def max_pool_forward_gpu(x, geom):
+def _check_layout(channels_last):
+    if not isinstance(channels_last, (bool, np.bool_)):
+        raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
+    return bool(channels_last)
+
+
+def _pool(kernel, geom, inputs, outputs, extra=(), channels_last=False, adaptive=False):
+    """Checks the named ``inputs`` ({name: (array, geometry shape)}; the first one's dtype is
+    the values') against geom in the layout, launches ``kernel`` on them (made C-contiguous)
+    and on new ``outputs`` ({name: (geometry shape, dtype or None for the values')}); returns
+    the outputs in order."""
+    import cupy
+    channels_last = _check_layout(channels_last)
+    _check_geometry(geom, AdaptiveGeometry if adaptive else PoolGeometry)
+    where = geom.describe() + (" (arrays channels-last)" if channels_last else "")
+    for name, (a, shape) in inputs.items():
+        _check(a, name, array_shape(shape, channels_last), where)
+    name, (values, _) = next(iter(inputs.items()))
+    check_floating(values, name)
+    dtype = np.dtype(values.dtype)
+    if kernel in OFFSET_KERNELS and kernel.endswith("backward"):
+        _check_offsets(inputs["offsets"][0], geom)
+    if adaptive:
+        expression, items, outer, scalars = _adaptive_plan(kernel, geom, dtype, channels_last)
+    else:
+        expression, items, outer, scalars = _pool_plan(kernel, geom, dtype, extra,
+                                                       channels_last)
+    device_id = _device(**{n: a for n, (a, _) in inputs.items()})
+    with _on_device(device_id):
+        arrays = [cupy.ascontiguousarray(a) for a, _ in inputs.values()]
+        results = [cupy.empty(array_shape(shape, channels_last),
+                              dtype=dtype if out_dtype is None else out_dtype)
+                   for shape, out_dtype in outputs.values()]
+        _launch(expression, dtype, items, outer, arrays + results, scalars, device_id)
+    return results
+
+
+def max_pool_forward_gpu(x, geom, channels_last=False):
     """Max pooling over 1, 2 or 3 spatial axes with the CUDA kernel.
 
     Inputs:
-    - x: cupy array (N, C, *size), float16/32/64, any strides (not modified)
-    - geom: PoolGeometry of x (any d)
+    - x: cupy array (N, C, *size), float16/bfloat16/float32/float64, any strides (not
+      modified); (N, *size, C) with channels_last
+    - geom: PoolGeometry of x (any d; channels-first shapes in either layout)
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns a tuple of:
     - out: cupy array (N, C, *out), dtype of x, on x's device
     - offsets: cupy array (N, C, *out) of geom.offset_dtype: each window's argmax as its
       compact offset (row-major over geom.kernel), on x's device
     """
-    import cupy
-    _check_geometry(geom, PoolGeometry)
-    _check(x, "x", geom.input_shape, geom.describe())
-    check_floating(x, "x")
-    expression, plane, scalars = _pool_plan("max_pool3d_forward", geom, np.dtype(x.dtype))
-    device_id = _device(x=x)
-    with _on_device(device_id):
-        x = cupy.ascontiguousarray(x)
-        out = cupy.empty(geom.output_shape, dtype=x.dtype)
-        offsets = cupy.empty(geom.output_shape, dtype=geom.offset_dtype)
-        _launch(expression, x.dtype, plane, geom.N * geom.C, (x, out, offsets), scalars,
-                device_id)
+    out, offsets = _pool("max_pool3d_forward", geom, {"x": (x, geom.input_shape)},
+                         {"out": (geom.output_shape, None),
+                          "offsets": (geom.output_shape, geom.offset_dtype)},
+                         channels_last=channels_last)
     return out, offsets
 
 
-def max_pool_backward_gpu(dout, offsets, geom):
+def max_pool_backward_gpu(dout, offsets, geom, channels_last=False):
     """Backward pass of max pooling: a gather per dx element over the windows that cover it
-    (ascending tap order, float32 sums for float16, no atomics); every element of dx is
-    written by the kernel.
+    (ascending tap order, float32 sums for float16 and bfloat16, no atomics); every element of
+    dx is written by the kernel.
 
     Inputs:
-    - dout: cupy array (N, C, *out), float16/32/64, any strides (not modified)
+    - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - offsets: cupy array (N, C, *out) of geom.offset_dtype from the forward pass, on dout's
       device
     - geom: PoolGeometry
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns:
     - dx: cupy array (N, C, *size), dtype of dout, on dout's device
     """
-    import cupy
-    _check_geometry(geom, PoolGeometry)
-    _check(dout, "dout", geom.output_shape, geom.describe())
-    _check(offsets, "offsets", geom.output_shape, geom.describe())
-    check_floating(dout, "dout")
-    _check_offsets(offsets, geom)
-    expression, plane, scalars = _pool_plan("max_pool3d_backward", geom, np.dtype(dout.dtype))
-    device_id = _device(dout=dout, offsets=offsets)
-    with _on_device(device_id):
-        dout = cupy.ascontiguousarray(dout)
-        offsets = cupy.ascontiguousarray(offsets)
-        dx = cupy.empty(geom.input_shape, dtype=dout.dtype)
-        _launch(expression, dout.dtype, plane, geom.N * geom.C, (dout, offsets, dx), scalars,
-                device_id)
+    (dx,) = _pool("max_pool3d_backward", geom,
+                  {"dout": (dout, geom.output_shape), "offsets": (offsets, geom.output_shape)},
+                  {"dx": (geom.input_shape, None)}, channels_last=channels_last)
     return dx
 
 
-def avg_pool_forward_gpu(x, geom, count_include_pad, divisor_override):
+def avg_pool_forward_gpu(x, geom, count_include_pad, divisor_override, channels_last=False):
     """Average pooling over 1, 2 or 3 spatial axes (PyTorch's avg_pool semantics; sum
     pooling is divisor_override=1).
 
     Inputs:
-    - x: cupy array (N, C, *size), float16/32/64, any strides (not modified)
+    - x: cupy array (N, C, *size), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - geom: PoolGeometry of x, without dilation
     - count_include_pad: bool: the divisor counts the padding (never the ceil_mode overhang)
     - divisor_override: positive int that replaces the divisor, or None
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns:
     - out: cupy array (N, C, *out), dtype of x, on x's device
     """
-    import cupy
     _check_geometry(geom, PoolGeometry)
-    _check(x, "x", geom.input_shape, geom.describe())
-    check_floating(x, "x")
     options = _avg_options(geom, count_include_pad, divisor_override)
-    expression, plane, scalars = _pool_plan("avg_pool3d_forward", geom, np.dtype(x.dtype),
-                                            options)
-    device_id = _device(x=x)
-    with _on_device(device_id):
-        x = cupy.ascontiguousarray(x)
-        out = cupy.empty(geom.output_shape, dtype=x.dtype)
-        _launch(expression, x.dtype, plane, geom.N * geom.C, (x, out), scalars, device_id)
+    (out,) = _pool("avg_pool3d_forward", geom, {"x": (x, geom.input_shape)},
+                   {"out": (geom.output_shape, None)}, options, channels_last)
     return out
 
 
-def avg_pool_backward_gpu(dout, geom, count_include_pad, divisor_override):
+def avg_pool_backward_gpu(dout, geom, count_include_pad, divisor_override, channels_last=False):
     """Backward pass of average pooling: a gather per dx element of dout / divisor over the
-    windows that cover it (ascending tap order, float32 sums for float16, no atomics).
+    windows that cover it (ascending tap order, float32 sums for float16 and bfloat16, no
+    atomics).
 
     Inputs:
-    - dout: cupy array (N, C, *out), float16/32/64, any strides (not modified)
-    - geom, count_include_pad, divisor_override: as for the forward pass
+    - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
+      modified)
+    - geom, count_include_pad, divisor_override, channels_last: as for the forward pass
 
     Returns:
     - dx: cupy array (N, C, *size), dtype of dout, on dout's device
     """
-    import cupy
     _check_geometry(geom, PoolGeometry)
-    _check(dout, "dout", geom.output_shape, geom.describe())
-    check_floating(dout, "dout")
     options = _avg_options(geom, count_include_pad, divisor_override)
-    expression, plane, scalars = _pool_plan("avg_pool3d_backward", geom, np.dtype(dout.dtype),
-                                            options)
-    device_id = _device(dout=dout)
-    with _on_device(device_id):
-        dout = cupy.ascontiguousarray(dout)
-        dx = cupy.empty(geom.input_shape, dtype=dout.dtype)
-        _launch(expression, dout.dtype, plane, geom.N * geom.C, (dout, dx), scalars,
-                device_id)
+    (dx,) = _pool("avg_pool3d_backward", geom, {"dout": (dout, geom.output_shape)},
+                  {"dx": (geom.input_shape, None)}, options, channels_last)
     return dx
 
 
 # ------------------------------------------------------------------ adaptive pooling
 
-def adaptive_avg_pool_forward_gpu(x, ageom):
+def adaptive_avg_pool_forward_gpu(x, ageom, channels_last=False):
     """Adaptive average pooling over 1, 2 or 3 spatial axes (PyTorch's windows).
 
     Inputs:
-    - x: cupy array (N, C, *size), float16/32/64, any strides (not modified)
+    - x: cupy array (N, C, *size), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - ageom: AdaptiveGeometry of x
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns:
-    - out: cupy array (N, C, *out): each window's sum (row-major, float32 for float16)
-      divided by its element count, dtype of x, on x's device
+    - out: cupy array (N, C, *out): each window's sum (row-major, float32 for float16 and
+      bfloat16) divided by its element count, dtype of x, on x's device
     """
-    import cupy
-    _check_geometry(ageom, AdaptiveGeometry)
-    _check(x, "x", ageom.input_shape, ageom.describe())
-    check_floating(x, "x")
-    expression, plane, scalars = _adaptive_plan("adaptive_avg_pool3d_forward", ageom,
-                                                np.dtype(x.dtype))
-    device_id = _device(x=x)
-    with _on_device(device_id):
-        x = cupy.ascontiguousarray(x)
-        out = cupy.empty(ageom.output_shape, dtype=x.dtype)
-        _launch(expression, x.dtype, plane, ageom.N * ageom.C, (x, out), scalars, device_id)
+    (out,) = _pool("adaptive_avg_pool3d_forward", ageom, {"x": (x, ageom.input_shape)},
+                   {"out": (ageom.output_shape, None)}, channels_last=channels_last,
+                   adaptive=True)
     return out
 
 
-def adaptive_avg_pool_backward_gpu(dout, ageom):
+def adaptive_avg_pool_backward_gpu(dout, ageom, channels_last=False):
     """Backward pass of adaptive average pooling: a gather per dx element of dout / count
     over the windows that cover it (ascending window order, no atomics).
 
     Inputs:
-    - dout: cupy array (N, C, *out), float16/32/64, any strides (not modified)
+    - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - ageom: AdaptiveGeometry
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns:
     - dx: cupy array (N, C, *size), dtype of dout, on dout's device
     """
-    import cupy
-    _check_geometry(ageom, AdaptiveGeometry)
-    _check(dout, "dout", ageom.output_shape, ageom.describe())
-    check_floating(dout, "dout")
-    expression, plane, scalars = _adaptive_plan("adaptive_avg_pool3d_backward", ageom,
-                                                np.dtype(dout.dtype))
-    device_id = _device(dout=dout)
-    with _on_device(device_id):
-        dout = cupy.ascontiguousarray(dout)
-        dx = cupy.empty(ageom.input_shape, dtype=dout.dtype)
-        _launch(expression, dout.dtype, plane, ageom.N * ageom.C, (dout, dx), scalars,
-                device_id)
+    (dx,) = _pool("adaptive_avg_pool3d_backward", ageom, {"dout": (dout, ageom.output_shape)},
+                  {"dx": (ageom.input_shape, None)}, channels_last=channels_last,
+                  adaptive=True)
     return dx
 
 
-def adaptive_max_pool_forward_gpu(x, ageom):
+def adaptive_max_pool_forward_gpu(x, ageom, channels_last=False):
     """Adaptive max pooling over 1, 2 or 3 spatial axes (PyTorch's windows and max rule).
 
     Inputs:
-    - x: cupy array (N, C, *size), float16/32/64, any strides (not modified)
+    - x: cupy array (N, C, *size), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - ageom: AdaptiveGeometry of x
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns a tuple of:
     - out: cupy array (N, C, *out), dtype of x, on x's device
     - offsets: cupy array (N, C, *out) of ageom.offset_dtype: the argmax's offset inside its
       window, row-major over ageom.window, on x's device
     """
-    import cupy
-    _check_geometry(ageom, AdaptiveGeometry)
-    _check(x, "x", ageom.input_shape, ageom.describe())
-    check_floating(x, "x")
-    expression, plane, scalars = _adaptive_plan("adaptive_max_pool3d_forward", ageom,
-                                                np.dtype(x.dtype))
-    device_id = _device(x=x)
-    with _on_device(device_id):
-        x = cupy.ascontiguousarray(x)
-        out = cupy.empty(ageom.output_shape, dtype=x.dtype)
-        offsets = cupy.empty(ageom.output_shape, dtype=ageom.offset_dtype)
-        _launch(expression, x.dtype, plane, ageom.N * ageom.C, (x, out, offsets), scalars,
-                device_id)
+    out, offsets = _pool("adaptive_max_pool3d_forward", ageom, {"x": (x, ageom.input_shape)},
+                         {"out": (ageom.output_shape, None),
+                          "offsets": (ageom.output_shape, ageom.offset_dtype)},
+                         channels_last=channels_last, adaptive=True)
     return out, offsets
 
 
-def adaptive_max_pool_backward_gpu(dout, offsets, ageom):
+def adaptive_max_pool_backward_gpu(dout, offsets, ageom, channels_last=False):
     """Backward pass of adaptive max pooling: a gather per dx element over the windows that
-    cover it (ascending window order, float32 sums for float16, no atomics).
+    cover it (ascending window order, float32 sums for float16 and bfloat16, no atomics).
 
     Inputs:
-    - dout: cupy array (N, C, *out), float16/32/64, any strides (not modified)
+    - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
+      modified)
     - offsets: cupy array (N, C, *out) of ageom.offset_dtype from the forward pass, on dout's
       device
     - ageom: AdaptiveGeometry
+    - channels_last: arrays in (N, *spatial, C) layout
 
     Returns:
     - dx: cupy array (N, C, *size), dtype of dout, on dout's device
     """
-    import cupy
-    _check_geometry(ageom, AdaptiveGeometry)
-    _check(dout, "dout", ageom.output_shape, ageom.describe())
-    _check(offsets, "offsets", ageom.output_shape, ageom.describe())
-    check_floating(dout, "dout")
-    _check_offsets(offsets, ageom)
-    expression, plane, scalars = _adaptive_plan("adaptive_max_pool3d_backward", ageom,
-                                                np.dtype(dout.dtype))
-    device_id = _device(dout=dout, offsets=offsets)
-    with _on_device(device_id):
-        dout = cupy.ascontiguousarray(dout)
-        offsets = cupy.ascontiguousarray(offsets)
-        dx = cupy.empty(ageom.input_shape, dtype=dout.dtype)
-        _launch(expression, dout.dtype, plane, ageom.N * ageom.C, (dout, offsets, dx),
-                scalars, device_id)
+    (dx,) = _pool("adaptive_max_pool3d_backward", ageom,
+                  {"dout": (dout, ageom.output_shape),
+                   "offsets": (offsets, ageom.output_shape)},
+                  {"dx": (ageom.input_shape, None)}, channels_last=channels_last,
+                  adaptive=True)
     return dx
 
 
 # ---------------------------------------------------------------------- max unpooling
 
 def _unpool_shapes(in_shape, out_shape, what):
+    """(N, C, in_plane, out_plane, index type) of channels-first in_shape and out_shape."""
     in_shape, out_shape = tuple(int(s) for s in in_shape), tuple(int(s) for s in out_shape)
     if (len(in_shape) != len(out_shape) or len(in_shape) not in (3, 4, 5)
             or in_shape[:2] != out_shape[:2] or min(out_shape[2:]) <= 0):
         raise ValueError(f"max unpooling needs input and output shapes (N, C, *spatial) of one "
                          f"rank (1 to 3 spatial axes) with the same N, C and non-empty output "
                          f"planes, got {what}")
-    planes = in_shape[0] * in_shape[1]
     in_plane = int(np.prod(in_shape[2:], dtype=object))
     out_plane = int(np.prod(out_shape[2:], dtype=object))
-    return planes, in_plane, out_plane, index_type(in_shape, out_shape)
+    return in_shape[0], in_shape[1], in_plane, out_plane, index_type(in_shape, out_shape)
 
 
 def _unpool_indices(indices):
@@ -551,19 +591,21 @@ def _unpool_indices(indices):
     return cupy.ascontiguousarray(indices)
 
 
-def _winners(indices, dtype, planes, in_plane, out_plane, index, device_id):
-    """int32/int64 (Idx) array of planes * out_plane: per output element the flat index of the
-    last input (row-major) that targets it, or -1. Compiled in the group of the values'
-    dtype."""
+def _winners(indices, dtype, N, C, in_plane, out_plane, index, device_id, channels_last):
+    """int32/int64 (Idx) array of N*C*out_plane, laid out like the output: per output element
+    the flat index (in x's layout) of the last input of its plane (row-major) that targets
+    it, or -1. Compiled in the group of the values' dtype."""
     import cupy
-    winners = cupy.full(planes * out_plane, -1, dtype=INDEX_TYPES[index])
-    expression = kernel_expression(WINNERS_KERNEL, index=index, indices=indices.dtype)
-    scalars = tuple(INDEX_TYPES[index](v) for v in (planes, in_plane, out_plane))
-    _launch(expression, dtype, in_plane, planes, (indices, winners), scalars, device_id)
+    winners = cupy.full(N * C * out_plane, -1, dtype=INDEX_TYPES[index])
+    expression = kernel_expression(WINNERS_KERNEL, index=index, indices=indices.dtype,
+                                   channels_last=channels_last)
+    items, outer, layout = _layout_work(N, C, in_plane, index, channels_last)
+    scalars = layout + (INDEX_TYPES[index](in_plane), INDEX_TYPES[index](out_plane))
+    _launch(expression, dtype, items, outer, (indices, winners), scalars, device_id)
     return winners
 
 
-def max_unpool_forward_gpu(x, indices, out_shape, return_winners=False):
+def max_unpool_forward_gpu(x, indices, out_shape, return_winners=False, channels_last=False):
     """Max unpooling over 1, 2 or 3 spatial axes: each input written at its target, the
     last one in row-major order winning where several inputs of a plane share a target
     (deterministic: an integer atomicMax of the inputs' flat indices picks the winners, then
@@ -573,40 +615,49 @@ def max_unpool_forward_gpu(x, indices, out_shape, return_winners=False):
     host (the launcher never synchronises).
 
     Inputs:
-    - x: cupy array (N, C, *in), float16/32/64, any strides (not modified)
-    - indices: integer cupy array of x's shape: flat index into each output plane (L, H*W or
-      D*H*W), on x's device
-    - out_shape: (N, C, *out), the full output shape
+    - x: cupy array (N, C, *in), float16/bfloat16/float32/float64, any strides (not
+      modified); (N, *in, C) with channels_last
+    - indices: integer cupy array of x's shape (and layout): flat index into each output
+      plane (L, H*W or D*H*W, row-major over the spatial axes in either layout), on x's
+      device
+    - out_shape: (N, C, *out), the full output shape, channels-first in either layout
     - return_winners: also return the winners (what the backward pass needs)
+    - channels_last: x, indices and out in (N, *spatial, C) layout
 
     Returns:
-    - out: cupy array of out_shape, dtype of x, on x's device
-    - winners (with return_winners): int32/int64 cupy array of prod(out_shape): per output
-      element the flat index of the input that won it, or -1
+    - out: cupy array of out_shape ((N, *out, C) with channels_last), dtype of x, on x's
+      device
+    - winners (with return_winners): int32/int64 cupy array of prod(out_shape), laid out like
+      out: per output element the flat index (in x's layout) of the input that won it, or -1
     """
     import cupy
+    channels_last = _check_layout(channels_last)
     out_shape = tuple(int(s) for s in out_shape)
-    what = f"x {tuple(x.shape)}, output {out_shape}"
+    what = (f"x {tuple(x.shape)}, output {out_shape}"
+            + (" (x channels-last, output shape channels-first)" if channels_last else ""))
     _check(x, "x", x.shape, what)
     _check(indices, "indices", x.shape, what)
     check_floating(x, "x")
-    planes, in_plane, out_plane, index = _unpool_shapes(x.shape, out_shape, what)
+    x_shape = to_channels_first_shape(x.shape, "channels_last") if channels_last else x.shape
+    N, C, in_plane, out_plane, index = _unpool_shapes(x_shape, out_shape, what)
     device_id = _device(x=x, indices=indices)
     with _on_device(device_id):
         x = cupy.ascontiguousarray(x)
         indices = _unpool_indices(indices)
-        out = cupy.empty(out_shape, dtype=x.dtype)
+        out = cupy.empty(array_shape(out_shape, channels_last), dtype=x.dtype)
         winners = cupy.full(0, -1, dtype=INDEX_TYPES[index])
-        if planes:
-            winners = _winners(indices, x.dtype, planes, in_plane, out_plane, index, device_id)
-            expression = kernel_expression("max_unpool_forward", x.dtype, index)
-            scalars = (INDEX_TYPES[index](planes), INDEX_TYPES[index](out_plane))
-            _launch(expression, x.dtype, out_plane, planes, (x, winners, out), scalars,
-                    device_id)
+        if N * C:
+            winners = _winners(indices, x.dtype, N, C, in_plane, out_plane, index, device_id,
+                               channels_last)
+            expression = kernel_expression("max_unpool_forward", x.dtype, index,
+                                           channels_last=channels_last)
+            items, outer, layout = _layout_work(N, C, out_plane, index, channels_last)
+            _launch(expression, x.dtype, items, outer, (x, winners, out),
+                    layout + (INDEX_TYPES[index](out_plane),), device_id)
     return (out, winners) if return_winners else out
 
 
-def max_unpool_backward_gpu(dout, indices, winners, x_shape):
+def max_unpool_backward_gpu(dout, indices, winners, x_shape, channels_last=False):
     """Backward pass of max unpooling: dx[i] = dout at input i's target if i won it (the last
     input in row-major order with that target), else 0: a gather, without atomics (the
     winners come from the forward pass).
@@ -614,34 +665,43 @@ def max_unpool_backward_gpu(dout, indices, winners, x_shape):
     Indices are assumed in range (see max_unpool_forward_gpu).
 
     Inputs:
-    - dout: cupy array (N, C, *out), float16/32/64, any strides (not modified)
-    - indices: integer cupy array of x_shape, as given to the forward pass, on dout's device
-    - winners: what max_unpool_forward_gpu(..., return_winners=True) returned
-    - x_shape: (N, C, *in), the forward input's shape
+    - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
+      modified); (N, *out, C) with channels_last
+    - indices: integer cupy array as given to the forward pass (x's shape and layout), on
+      dout's device
+    - winners: what max_unpool_forward_gpu(..., return_winners=True) returned (same layout)
+    - x_shape: (N, C, *in), the forward input's shape, channels-first in either layout
+    - channels_last: dout, indices and dx in (N, *spatial, C) layout
 
     Returns:
-    - dx: cupy array of x_shape, dtype of dout, on dout's device
+    - dx: cupy array of x_shape ((N, *in, C) with channels_last), dtype of dout, on dout's
+      device
     """
     import cupy
+    channels_last = _check_layout(channels_last)
     x_shape = tuple(int(s) for s in x_shape)
-    what = f"x {x_shape}, dout {tuple(dout.shape)}"
+    what = (f"x {x_shape}, dout {tuple(dout.shape)}"
+            + (" (x shape channels-first, arrays channels-last)" if channels_last else ""))
     _check(dout, "dout", dout.shape, what)
-    _check(indices, "indices", x_shape, what)
+    _check(indices, "indices", array_shape(x_shape, channels_last), what)
     check_floating(dout, "dout")
-    planes, in_plane, out_plane, index = _unpool_shapes(x_shape, dout.shape, what)
+    dout_shape = (to_channels_first_shape(dout.shape, "channels_last") if channels_last
+                  else dout.shape)
+    N, C, in_plane, out_plane, index = _unpool_shapes(x_shape, dout_shape, what)
     device_id = _device(dout=dout, indices=indices)
     with _on_device(device_id):
         dout = cupy.ascontiguousarray(dout)
         indices = _unpool_indices(indices)
-        dx = cupy.empty(x_shape, dtype=dout.dtype)
-        if planes:
-            if winners.dtype != INDEX_TYPES[index] or winners.size != planes * out_plane:
+        dx = cupy.empty(array_shape(x_shape, channels_last), dtype=dout.dtype)
+        if N * C:
+            if winners.dtype != INDEX_TYPES[index] or winners.size != N * C * out_plane:
                 raise ValueError(f"winners must be the {np.dtype(INDEX_TYPES[index])} array of "
-                                 f"{planes * out_plane} elements that max_unpool_forward_gpu "
+                                 f"{N * C * out_plane} elements that max_unpool_forward_gpu "
                                  f"returned, got {winners.dtype} of {winners.size}: {what}")
             expression = kernel_expression(UNPOOL_BACKWARD_KERNEL, dout.dtype, index,
-                                           indices=indices.dtype)
-            scalars = tuple(INDEX_TYPES[index](v) for v in (planes, in_plane, out_plane))
-            _launch(expression, dout.dtype, in_plane, planes, (dout, indices, winners, dx),
+                                           indices=indices.dtype, channels_last=channels_last)
+            items, outer, layout = _layout_work(N, C, in_plane, index, channels_last)
+            scalars = layout + (INDEX_TYPES[index](in_plane), INDEX_TYPES[index](out_plane))
+            _launch(expression, dout.dtype, items, outer, (dout, indices, winners, dx),
                     scalars, device_id)
     return dx

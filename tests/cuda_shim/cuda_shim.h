@@ -27,10 +27,13 @@
 //   threaded); CUDA_SHIM_THREADS=1 in the environment runs every launch threaded.
 // - atomicAdd under one global mutex (threads may run at once), __ldg as a plain load;
 // - isnan/isinf/fabs/sqrt/... from <cmath>, and __half as the compiler's _Float16 with the usual
-//   conversions (compilers without _Float16 get a storage-only __half whose conversions abort);
+//   conversions (compilers without _Float16 get a storage-only __half whose conversions abort),
+//   and __nv_bfloat16 as 16-bit storage with __bfloat162float and __float2bfloat16_rn (round
+//   to nearest even, NaN kept as a NaN), so bfloat16 kernels run with any compiler;
 // - GPULAYERS_CPU_SHIM, which a .cu uses to skip its CUDA-only includes:
 //       #ifndef GPULAYERS_CPU_SHIM
 //       #include <cuda_fp16.h>
+//       #include <cuda_bf16.h>
 //       #endif
 // - CUDA_SHIM_EXPORT(name, kernel<...>): extern "C" entry points for ctypes (see __init__.py);
 // - faults: cuda_shim::fault(message) records the first fault of a launch (what a GPU would
@@ -91,6 +94,29 @@ inline float __half2float(__half) { std::abort(); }
 inline __half __float2half(float) { std::abort(); }
 inline __half __float2half_rn(float) { std::abort(); }
 #endif
+
+// __nv_bfloat16 (cuda_bf16.h) as 16-bit storage: the top half of a float32. Conversions as
+// CUDA's: to float exact; from float rounded to nearest even, a NaN becomes the canonical
+// NaN 0x7fff (what __float2bfloat16_rn gives on a GPU), infinities and signed zeros kept.
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h)
+{
+    const std::uint32_t u = static_cast<std::uint32_t>(h.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f)
+{
+    std::uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fffu};
+    u += 0x7fffu + ((u >> 16) & 1u);  // to nearest, ties to even; large values round to inf
+    return __nv_bfloat16{static_cast<unsigned short>(u >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
 
 namespace cuda_shim {
 
