@@ -79,17 +79,27 @@ def train_forward(x, gamma, beta, eps, sd):
 def eval_forward(x, gamma, beta, mean, invstd, sd):
     """Test-mode BN of the rows of x with given statistics: (y, x) as train_forward."""
     x = _rows(x)
-    return _affine(x, mean, gamma * invstd, beta, sd), x
+    return _affine(x, mean, gamma * invstd, beta, sd, invstd), x
 
 
-def _affine(x, mean, scale, shift, sd):
+def _affine(x, mean, scale, shift, sd, invstd=None):
+    """y = (x - mean)*scale + shift. In test mode (invstd given), where every channel's
+    |mean|/std is small (numpy_fast's guard), as x*scale + (shift - mean*scale): one pass
+    fewer, with the same error bound as numpy_fast's eval path."""
     y = np.empty(x.shape, x.dtype)
+    if invstd is not None and numpy_fast._foldable(mean, invstd):
+        folded = (shift.astype(np.float64) - mean.astype(np.float64) * scale).astype(sd)
 
-    def work(s, e, t):
-        np.subtract(x[s:e], mean, out=t, dtype=sd)
-        t *= scale
-        t += shift
-        y[s:e] = t
+        def work(s, e, t):
+            np.multiply(x[s:e], scale, out=t, dtype=sd)
+            t += folded
+            y[s:e] = t
+    else:
+        def work(s, e, t):
+            np.subtract(x[s:e], mean, out=t, dtype=sd)
+            t *= scale
+            t += shift
+            y[s:e] = t
     _each_block(x, sd, work)
     return y
 

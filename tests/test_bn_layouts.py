@@ -157,3 +157,14 @@ def test_bfloat16_gamma_and_running_stats_accepted(rng):
     out, _ = G.spatial_batchnorm_forward(x, np.ones(3, BF16), np.zeros(3, BF16), bp)
     np.testing.assert_allclose(out.astype(np.float64), x.astype(np.float64) / np.sqrt(1 + 1e-5),
                                rtol=1e-2)
+
+
+def test_channels_last_eval_with_a_large_running_mean_is_not_folded(rng):
+    """x*a + (b - mean*a) would lose ~1e5 ulps at mean 1e4, std 0.1 in float32: the rows
+    path folds the affine only under numpy_fast's |mean|/std guard."""
+    x = (rng.standard_normal((4, 6, 6, 3)) * 0.1 + 1e4).astype(np.float32)
+    bp = {"mode": "test", "data_format": "channels_last",
+          "running_mean": np.full(3, 1e4, np.float32), "running_var": np.full(3, 0.01, np.float32)}
+    out, _ = G.spatial_batchnorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), bp)
+    ref = (x.astype(np.float64) - 1e4) / np.sqrt(0.01 + 1e-5)
+    assert np.abs(out - ref).max() < 2e-2
