@@ -2,11 +2,14 @@
 
 Prints the backends this machine can use (and why CuPy is not usable when it
 isn't); on each usable backend runs forward and backward of every layer in
-float32 on ResNet's stem shapes with a small batch, checks the results against
-reference implementations, and prints a table of timings in ms and GB/s with
-each case's shape and dtype. Exits non-zero when a check fails.
+float32 on ResNet's stem shapes with a small batch (plus a 3-D max pool on an
+(N, 16, 8, 28, 28) volume, global average pooling and channels-last batch norm),
+checks the results against reference implementations, and prints a table of
+timings in ms and GB/s with each case's shape and dtype. Exits non-zero when a
+check fails.
 
-Shapes per --size (pooling, unpooling and spatial batch norm on x; batchnorm
+Shapes per --size (pooling, unpooling and spatial batch norm on x, and on x in
+channels-last order; the 3-D max pool on a volume (N, 16, 8, 28, 28); batchnorm
 (N, D) on features):
 
   small  (default)  x (2, 64, 112, 112)    features (32, 512)
@@ -130,6 +133,54 @@ def _cases(xp, N, rng):
     cases.append(("spatial_batchnorm train", shape, 2 * nx * itemsize, 3 * nx * itemsize,
                   lambda: batchnorm.spatial_batchnorm_forward(x, gamma, beta, {"mode": "train"}),
                   lambda: batchnorm.spatial_batchnorm_backward(bdout, bcache), check_bn, 1e-5))
+
+    # every rank, the other pooling ops and the channels-last layout (issue 11/12 layers)
+    vshape = (N, 16, 8, 28, 28)   # a 3-D volume
+    v_h = rng.standard_normal(vshape).astype(np.float32)
+    v = xp.asarray(v_h)
+    P3 = dict(kernel_size=3, stride=2, pad=1)
+    vout, vcache = pooling.max_pool_forward(v, P3)
+    vdout = xp.asarray(rng.standard_normal(vout.shape).astype(np.float32))
+
+    def check_max3d():
+        ref_out, ref_cache = pooling.max_pool_forward_general(v_h.astype(np.float64), P3)
+        ref_dx = pooling.max_pool_backward_general(backend.to_numpy(vdout).astype(np.float64),
+                                                   ref_cache)
+        return max(_err(vout, ref_out), _err(pooling.max_pool_backward(vdout, vcache), ref_dx))
+    cases.append(("max_pool 3-D 3x3x3/2 pad 1", vshape, v_h.nbytes + vout.size * 5,
+                  vout.size * 5 + v_h.nbytes, lambda: pooling.max_pool_forward(v, P3),
+                  lambda: pooling.max_pool_backward(vdout, vcache), check_max3d, 1e-6))
+
+    gout, gcache = pooling.adaptive_avg_pool_forward(x, 1)
+    gdout = xp.asarray(rng.standard_normal(gout.shape).astype(np.float32))
+
+    def check_global():
+        ref = x_h.astype(np.float64).mean(axis=(2, 3), keepdims=True)
+        ref_dx = np.broadcast_to(backend.to_numpy(gdout).astype(np.float64) / (HW[0] * HW[1]),
+                                 shape)
+        return max(_err(gout, ref), _err(pooling.adaptive_avg_pool_backward(gdout, gcache),
+                                         ref_dx))
+    cases.append(("adaptive_avg_pool global", shape, nx * itemsize, nx * itemsize,
+                  lambda: pooling.adaptive_avg_pool_forward(x, 1),
+                  lambda: pooling.adaptive_avg_pool_backward(gdout, gcache), check_global,
+                  1e-6))
+
+    xl_h = np.ascontiguousarray(np.moveaxis(x_h, 1, -1))
+    xl = xp.asarray(xl_h)
+    LAST = {"mode": "train", "data_format": "channels_last"}
+    lout, lcache = batchnorm.spatial_batchnorm_forward(xl, gamma, beta, dict(LAST))
+    ldout = xp.asarray(np.ascontiguousarray(np.moveaxis(backend.to_numpy(bdout), 1, -1)))
+
+    def check_bn_last():
+        ref = np.moveaxis(_ref_bn(x_h, backend.to_numpy(gamma), backend.to_numpy(beta)), 1, -1)
+        dx, _, _ = batchnorm.spatial_batchnorm_backward(ldout, lcache)
+        rdx, _, _ = batchnorm.spatial_batchnorm_backward(bdout, bcache)
+        return max(_err(lout, ref),
+                   _err(dx, np.moveaxis(backend.to_numpy(rdx).astype(np.float64), 1, -1)))
+    cases.append(("spatial_batchnorm NHWC", xl_h.shape, 2 * nx * itemsize, 3 * nx * itemsize,
+                  lambda: batchnorm.spatial_batchnorm_forward(xl, gamma, beta, dict(LAST)),
+                  lambda: batchnorm.spatial_batchnorm_backward(ldout, lcache), check_bn_last,
+                  1e-5))
 
     fshape = (N * FEATURES[0], FEATURES[1])
     D = fshape[1]
@@ -280,10 +331,10 @@ def main(argv=None):
     backends = [args.backend] if args.backend else info["available"]
     rows, failed = run(backends, args.size, args.reps)
 
-    print(f"\n{'backend':8} {'layer':24} {'shape':20} {'dtype':8} {'fwd ms':>9} {'fwd GB/s':>9} "
+    print(f"\n{'backend':8} {'layer':26} {'shape':20} {'dtype':8} {'fwd ms':>9} {'fwd GB/s':>9} "
           f"{'bwd ms':>9} {'bwd GB/s':>9} {'rel err':>9}  check")
     for r in rows:
-        print(f"{r['backend']:8} {r['layer']:24} {_shape_str(r['shape']):20} {r['dtype']:8} "
+        print(f"{r['backend']:8} {r['layer']:26} {_shape_str(r['shape']):20} {r['dtype']:8} "
               f"{r['forward_ms']:9.2f} {r['forward_GBps']:9.2f} "
               f"{r['backward_ms']:9.2f} {r['backward_GBps']:9.2f} {r['rel_error']:9.1e}  "
               f"{'ok' if r['ok'] else 'FAILED'}")

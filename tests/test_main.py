@@ -52,12 +52,15 @@ def test_table_shows_shape_and_dtype_of_every_case(capsys):
     assert main_job.main(["--backend", "numpy", "--reps", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     lines = [ln for ln in out if ln.startswith("numpy ")]
-    assert len(lines) == 5
+    assert len(lines) == 8
     assert any(ln.split()[:4] == ["backend", "layer", "shape", "dtype"] for ln in out)
     for ln in lines:
         assert "float32" in ln, ln
-    pooled = [ln for ln in lines if "pool" in ln or "spatial" in ln]
-    assert len(pooled) == 4 and all("(2, 64, 112, 112)" in ln for ln in pooled), pooled
+    pooled = [ln for ln in lines if ("pool" in ln or "spatial" in ln)
+              and "3-D" not in ln and "NHWC" not in ln]
+    assert len(pooled) == 5 and all("(2, 64, 112, 112)" in ln for ln in pooled), pooled
+    assert any("3-D" in ln and "(2, 16, 8, 28, 28)" in ln for ln in lines), lines
+    assert any("NHWC" in ln and "(2, 112, 112, 64)" in ln for ln in lines), lines
     assert any("batchnorm (N, D)" in ln and "(32, 512)" in ln for ln in lines), lines
 
 
@@ -74,7 +77,8 @@ def test_default_size_and_shapes_are_documented(tmp_path, capsys):
     assert main_job.main(["--backend", "numpy", "--reps", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["size"] == "small"
-    assert {tuple(r["shape"]) for r in doc["rows"]} == {(2, 64, 112, 112), (32, 512)}
+    assert {tuple(r["shape"]) for r in doc["rows"]} == {(2, 64, 112, 112), (32, 512),
+                                                       (2, 16, 8, 28, 28), (2, 112, 112, 64)}
 
 
 @pytest.mark.parametrize("reps", ["0", "-3", "two"])
