@@ -17,9 +17,11 @@ Implementations:
 - :class:`NCCLComm`: ``cupy.cuda.nccl`` for CuPy buffers (NumPy buffers are
   staged through the device); :meth:`NCCLComm.from_mpi` builds one from an
   MPI communicator.
+- :class:`TorchDistComm`: a ``torch.distributed`` process group (gloo on the CPU,
+  NCCL on GPUs), for PyTorch users (``gpulayers.torch.nn.SyncBatchNorm`` uses it).
 
-mpi4py and CuPy are imported by the constructors, never by this module, so
-``import gpulayers`` works without either.
+mpi4py, CuPy and torch are imported by the constructors, never by this module, so
+``import gpulayers`` (and ``import gpulayers.distributed``) works without any of them.
 
 Failures raise on every rank instead of hanging. A collective is only safe
 when every rank enters it with the same element count, so each call sends one
@@ -46,7 +48,7 @@ import numpy as np
 
 from .backend import is_cupy_array
 
-__all__ = ["CommError", "LocalComm", "MPIComm", "NCCLComm"]
+__all__ = ["CommError", "LocalComm", "MPIComm", "NCCLComm", "TorchDistComm"]
 
 
 class CommError(RuntimeError):
@@ -359,3 +361,74 @@ class NCCLComm(_FlaggedComm):
             if check is not None:
                 check()
         return out
+
+
+class TorchDistComm(_FlaggedComm):
+    """``allreduce_sum`` over a ``torch.distributed`` process group.
+
+    The buffer crosses to a torch tensor (``torch.from_numpy`` / ``torch.from_dlpack``, no
+    copy), is copied into the float64 payload ``[flag, data...]`` on the group's device
+    (the CPU for gloo, the current CUDA device for NCCL; so NumPy buffers work over NCCL
+    and CuPy buffers over gloo, staged) and reduced with ``dist.all_reduce``; the result
+    is a new array of the buffer's backend, device and dtype (the buffer is not modified).
+    The failure flag and ``timeout`` work as in :class:`MPIComm`.
+
+    Inputs:
+    - group: a process group (``dist.new_group(...)``) or None, the default group;
+      torch.distributed must be initialised (``dist.init_process_group``)
+    - timeout: None (block, the default) or seconds after which a rank still waiting
+      raises CommError (an ``async_op`` all-reduce polled with short sleeps)
+    """
+
+    def __init__(self, group=None, timeout=None):
+        _check_timeout(timeout)
+        try:
+            import torch
+            import torch.distributed as dist
+        except ImportError as exc:
+            raise ImportError("TorchDistComm needs PyTorch (pip install torch)") from exc
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("TorchDistComm needs torch.distributed initialised first "
+                               "(torch.distributed.init_process_group)")
+        self._torch = torch
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self.timeout = timeout
+
+    def _device(self):
+        torch = self._torch
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _to_transport(self, buf):
+        torch = self._torch
+        t = torch.from_dlpack(buf) if is_cupy_array(buf) else torch.from_numpy(
+            np.ascontiguousarray(buf))
+        return t.to(device=self._device(), dtype=torch.float64)
+
+    def _payload(self, data, n, failed):
+        torch = self._torch
+        payload = torch.zeros(n + 1, dtype=torch.float64, device=self._device())
+        if data is not None:
+            payload[1:] = data
+        if failed:
+            payload[0] = 1.0
+        return payload
+
+    def _reduce(self, payload):
+        dist = self._dist
+        if self.timeout is None:
+            dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
+        else:
+            work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group,
+                                   async_op=True)
+            self._deadline_wait(work.is_completed, lambda: None, payload.numel() - 1)
+            work.wait()
+        if payload.device.type == "cuda":
+            import cupy
+            return cupy.from_dlpack(payload)
+        return payload.numpy()
