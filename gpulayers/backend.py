@@ -19,7 +19,7 @@ import numpy
 __all__ = [
     "available_backends", "backend_info", "get_backend", "set_backend", "use_backend",
     "get_array_module", "asarray", "to_numpy", "cupy_unusable_reason", "is_cupy_array",
-    "backend_module", "device_scope", "BACKENDS",
+    "backend_module", "device_scope", "BACKENDS", "kernels_enabled", "set_kernels",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -90,6 +90,24 @@ def _reason_suffix():
 
 _current = None
 
+# GPULAYERS_KERNELS=0 (read once, at import, like GPULAYERS_CHECK_LAUNCHES): CuPy inputs take
+# the plain xp path instead of the CUDA kernels. set_kernels changes it at run time.
+_KERNELS = os.environ.get("GPULAYERS_KERNELS", "1") != "0"
+
+
+def kernels_enabled():
+    """Whether CuPy inputs go to the CUDA kernels (GPULAYERS_KERNELS at import, or the last
+    set_kernels)."""
+    return _KERNELS
+
+
+def set_kernels(on):
+    """Send CuPy inputs to the CUDA kernels (True) or the plain xp path (False); returns the
+    previous setting. The environment variable GPULAYERS_KERNELS=0 sets False at import."""
+    global _KERNELS
+    previous, _KERNELS = _KERNELS, bool(on)
+    return previous
+
 
 def get_backend():
     """The current backend name; on first use from env GPULAYERS_BACKEND, else 'numpy'."""
@@ -142,6 +160,28 @@ def get_array_module(*arrays):
     nd = _cupy_ndarray()
     if nd is None:  # the common CPU case: no CuPy at all
         return numpy
+    # The usual calls (all CuPy on one device, or no CuPy array at all) in two short passes;
+    # the loops below find what is wrong otherwise and word the error (kinds before devices).
+    gpu = cpu = False
+    for a in arrays:
+        if a is not None:
+            if isinstance(a, nd):
+                gpu = True
+            else:
+                cpu = True
+    if not gpu:
+        return numpy
+    if not cpu:
+        device = None
+        for a in arrays:
+            if a is not None:
+                d = a.device.id
+                if device is None:
+                    device = d
+                elif d != device:
+                    break
+        else:
+            return _cupy()
     kinds = {}
     on_gpu = []
     for a in arrays:
@@ -166,16 +206,19 @@ def get_array_module(*arrays):
     return _cupy() if "cupy" in kinds else numpy
 
 
+NO_SCOPE = contextlib.nullcontext()   # reusable: what device_scope returns for "no switch"
+
+
 def device_scope(a):
     """Context in which work on array ``a`` runs: its CUDA device for a CuPy array on
-    another device than the current one, else a no-op. Layer functions run under it, so
+    another device than the current one, else a no-op (the shared :data:`NO_SCOPE`, which
+    callers may test for with ``is`` and skip). Layer functions run under it, so
     their allocations and kernel launches follow the inputs, not the current device."""
     nd = _cupy_ndarray()
     if nd is None or not isinstance(a, nd):
-        return contextlib.nullcontext()
-    cp = _cupy()
-    if a.device.id == cp.cuda.runtime.getDevice():
-        return contextlib.nullcontext()
+        return NO_SCOPE
+    if a.device.id == _cupy().cuda.runtime.getDevice():
+        return NO_SCOPE
     return a.device
 
 

@@ -32,12 +32,13 @@ channel gives zeros, and large means do not cancel.
 """
 from __future__ import annotations
 
-import os
+import math
 from typing import NamedTuple
 
 import numpy as np
 
-from . import bn_rows, numpy_fast
+from . import backend, bn_rows, numpy_fast
+from .cuda import bn_kernels   # imports no CuPy: its launchers do
 from .backend import get_array_module
 from .backend import device_scope
 from .shapes import (acc_dtype, channels_last_strided, check_array, check_data_format,
@@ -51,8 +52,8 @@ __all__ = [
 ]
 
 _CONVENTIONS = {"cs231n": 0.9, "torch": 0.1}
-_BN_KEYS = {"mode", "eps", "momentum", "running_mean", "running_var", "convention", "comm",
-            "data_format"}
+_BN_KEYS = frozenset({"mode", "eps", "momentum", "running_mean", "running_var", "convention", "comm",
+            "data_format"})
 
 
 class BatchNormCache(NamedTuple):
@@ -95,9 +96,34 @@ class BatchNormCache(NamedTuple):
     layout: str = "channels_first"
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def _stats_dtype(dtype):
     """float64 for float64 input, float32 for float16, bfloat16 and float32."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    if dtype is _F64 or dtype is _F32:   # the usual dtype objects: no conversion
+        return dtype
+    return _F64 if np.dtype(dtype) == np.float64 else _F32
+
+
+def _reshaped(a, shape):
+    """``a.reshape(shape)``, or ``a`` itself when it has that shape (a CuPy view costs host
+    time)."""
+    return a if a.shape == shape else a.reshape(shape)
+
+
+# Row views (mean, invstd, mean_lo) of the CUDA train caches' stats blocks, made once per block
+# by the first backward (the forward leaves them to it): id(stats) -> (stats, views).
+_STAT_VIEWS = {}
+
+
+def _stat_views(stats):
+    entry = _STAT_VIEWS.get(id(stats))
+    if entry is None or entry[0] is not stats:
+        if len(_STAT_VIEWS) >= 16:
+            _STAT_VIEWS.clear()
+        entry = _STAT_VIEWS[id(stats)] = (stats, (stats[0], stats[2], stats[3]))
+    return entry[1]
 
 
 def _bcast(v, ndim):
@@ -153,15 +179,19 @@ def _parse(x, gamma, beta, bn_param, op, what):
     check_floating(x, "x")
     if not isinstance(bn_param, dict):
         raise TypeError(f"bn_param must be a dict, got {type(bn_param).__name__}")
-    unknown = set(bn_param) - _BN_KEYS
+    unknown = () if _BN_KEYS.issuperset(bn_param) else set(bn_param) - _BN_KEYS
     if unknown:
         raise ValueError(f"unknown bn_param keys {sorted(unknown)}; known: {sorted(_BN_KEYS)}")
-    data_format = check_data_format(bn_param.get("data_format", "channels_first"),
-                                    f"bn_param['data_format'] of {what}")
+    data_format = bn_param.get("data_format", "channels_first")
+    if data_format.__class__ is not str or data_format != "channels_first":
+        data_format = check_data_format(data_format, f"bn_param['data_format'] of {what}")
     shape = tuple(x.shape)
     pdt = _param_dtype(x.dtype)
     params = []
     for name, a in (("gamma", gamma), ("beta", beta)):
+        if is_floating(a.dtype):
+            params.append(a)
+            continue
         kind = np.dtype(a.dtype).kind
         if kind in "iu":
             a = a.astype(pdt)
@@ -196,7 +226,10 @@ def _parse(x, gamma, beta, bn_param, op, what):
     if convention not in _CONVENTIONS:
         raise ValueError(f"bn_param['convention'] must be 'cs231n' or 'torch', got {convention!r}")
     eps = bn_param.get("eps", 1e-5)
-    if not _real(eps) or not (np.isfinite(eps) and eps > 0):
+    if eps.__class__ is float:   # the usual case, without NumPy's scalar machinery
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"bn_param['eps'] must be a finite number > 0, got {eps!r}")
+    elif not _real(eps) or not (np.isfinite(eps) and eps > 0):
         raise ValueError(f"bn_param['eps'] must be a finite number > 0, got {eps!r}")
     momentum = bn_param.get("momentum", _CONVENTIONS[convention])
     if not _real(momentum) or not 0 <= momentum <= 1:
@@ -300,7 +333,7 @@ def _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
 
 
 def _use_kernels(xp, comm):
-    return xp is not np and comm is None and os.environ.get("GPULAYERS_KERNELS", "1") != "0"
+    return xp is not np and comm is None and backend._KERNELS
 
 
 def _as4(shape):
@@ -319,11 +352,20 @@ def _as4(shape):
     return shape[:2] + (1, rest)
 
 
+_FALLBACK = {}   # shape -> kernel_fallback_reason(shape): a pure function of the shape
+
+
 def kernel_fallback_reason(shape):
     """Why the CUDA kernels cannot take BN input of ``shape`` ((N, D) or (N, C, H, W)), or
     None when they can. Such input runs on the xp path instead, as on NumPy."""
-    from .cuda import bn_kernels
-    return bn_kernels.supported(_as4(shape))
+    reason = _FALLBACK.get(shape, False) if shape.__class__ is tuple else False
+    if reason is False:
+        reason = bn_kernels.supported(_as4(shape))
+        if shape.__class__ is tuple:
+            if len(_FALLBACK) >= 1024:
+                _FALLBACK.clear()
+            _FALLBACK[shape] = reason
+    return reason
 
 
 def _forward(x, gamma, beta, bn_param, op, what, kernels):
@@ -333,31 +375,36 @@ def _forward(x, gamma, beta, bn_param, op, what, kernels):
         layout = "channels_first"     # (N, D) has one layout
     elif layout == "channels_first" and channels_last_strided(x):
         layout = "channels_last_strided"
-    with device_scope(x):
+    scope = device_scope(x)
+    with scope:
         if layout == "channels_first":
-            y, cache = _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps,
-                                   momentum, convention, comm)
-            return y, cache._replace(shape=tuple(x.shape))
+            return _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps,
+                               momentum, convention, comm, tuple(x.shape), layout)
         # Channels-last: per channel over every other axis is BN over the (M, C) matrix
         # of the rows of x, a view of x (no copy of a C-contiguous channels-last array).
         xl = x if layout == "channels_last" else xp.moveaxis(x, 1, -1)
         y, cache = _forward_on(xp, xl.reshape(-1, xl.shape[-1]), gamma, beta, bn_param, op,
-                               what, kernels, mode, eps, momentum, convention, comm)
+                               what, kernels, mode, eps, momentum, convention, comm,
+                               tuple(x.shape), layout)
         y = y.reshape(xl.shape)
         if layout == "channels_last_strided":
             y = xp.moveaxis(y, -1, 1)  # the input's memory format, as PyTorch keeps it
-        return y, cache._replace(shape=tuple(x.shape), layout=layout)
+        return y, cache
 
 
 def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, momentum,
-                convention, comm):
+                convention, comm, shape, layout):
+    """(y, cache) of one BN forward on x as the implementations see it (channels-first, or
+    the (M, C) matrix of a channels-last input); the cache records the caller's ``shape``
+    and ``layout``."""
+    where = dict(shape=shape, layout=layout)
     ndim = x.ndim
     train = mode == "train"
     axes = (0,) + tuple(range(2, ndim))
     C = x.shape[1]
     sd = _stats_dtype(x.dtype)
     total = x.size // C
-    dtypes = dict(gamma_dtype=np.dtype(gamma.dtype), beta_dtype=np.dtype(beta.dtype))
+    dtypes = dict(gamma_dtype=np.dtype(gamma.dtype), beta_dtype=np.dtype(beta.dtype), **where)
     if train and comm is None and total <= 1:
         raise ValueError(f"{what} in train mode needs more than one value per channel, "
                          f"got x of shape {tuple(x.shape)}")
@@ -365,8 +412,7 @@ def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, mome
     if kernels and _use_kernels(xp, comm) and kernel_fallback_reason(x.shape) is None:
         # CUDA path: statistics, running-stat update and normalization in three kernel
         # launches (train) or one (test, which also returns invstd); no CuPy op in between
-        from .cuda import bn_kernels
-        x4 = x.reshape(_as4(x.shape))
+        x4 = _reshaped(x, _as4(x.shape))
         if train:
             y, stats = bn_kernels.bn_train_forward_block_gpu(x4, gamma, beta, eps, rm, rv,
                                                              momentum, convention)
@@ -375,10 +421,10 @@ def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, mome
         else:
             y, mean, invstd = bn_kernels.bn_eval_forward_stats_gpu(x4, gamma, beta, rm, rv, eps)
             stats = None
-        cache = BatchNormCache(op, "cuda", axes, train, np.dtype(x.dtype),
+        cache = BatchNormCache(op, "cuda", axes, train, x.dtype,
                                gamma if gamma.dtype == sd else gamma.astype(sd), invstd, total,
                                x=x, mean=mean, stats=stats, **dtypes)
-        return y.reshape(x.shape), cache
+        return _reshaped(y, x.shape), cache
     # Reductions follow memory order: a C-contiguous x makes every layout give the same bits.
     x = xp.ascontiguousarray(x)
     g = gamma.astype(sd)
@@ -448,7 +494,7 @@ def _backward(dout, cache, op, what):
         raise ValueError(f"{what}: dout has shape {tuple(dout.shape)} but the forward input "
                          f"had shape {cache.shape}{where}")
     xp = get_array_module(dout, ref)
-    with device_scope(dout):
+    with device_scope(dout):   # the shared no-op context when no switch is needed
         if cache.layout == "channels_first":
             dx, dgamma, dbeta = _backward_on(xp, dout, cache, len(ref.shape))
         else:
@@ -457,8 +503,13 @@ def _backward(dout, cache, op, what):
             dx = dx.reshape(dl.shape)
             if cache.layout == "channels_last_strided":
                 dx = xp.moveaxis(dx, -1, 1)
-    return (dx.astype(cache.dtype, copy=False), dgamma.astype(cache.gamma_dtype, copy=False),
-            dbeta.astype(cache.beta_dtype, copy=False))
+    return (_as_dtype(dx, cache.dtype), _as_dtype(dgamma, cache.gamma_dtype),
+            _as_dtype(dbeta, cache.beta_dtype))
+
+
+def _as_dtype(a, dtype):
+    """``a.astype(dtype, copy=False)``, without the call when it already has that dtype."""
+    return a if a.dtype == dtype else a.astype(dtype, copy=False)
 
 
 def _backward_on(xp, dout, cache, ndim):
@@ -474,16 +525,16 @@ def _backward_on(xp, dout, cache, ndim):
                                                    cache.train, sd)
         return dx.reshape(cache.x.shape), dgamma, dbeta
     if cache.path == "cuda":
-        from .cuda import bn_kernels
-        x4 = cache.x.reshape(_as4(cache.x.shape))
-        d4 = dout.astype(cache.dtype, copy=False).reshape(x4.shape)
+        x4 = _reshaped(cache.x, _as4(cache.x.shape))
+        d4 = dout if dout.dtype == cache.dtype else dout.astype(cache.dtype, copy=False)
+        d4 = _reshaped(d4, x4.shape)
         if cache.stats is None:
             mean, invstd, mean_lo = cache.mean, cache.invstd, None
         else:
-            mean, invstd, mean_lo = cache.stats[0], cache.stats[2], cache.stats[3]
+            mean, invstd, mean_lo = _stat_views(cache.stats)
         dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, mean, invstd,
                                                         cache.train, mean_lo=mean_lo)
-        return dx.reshape(dout.shape), dgamma, dbeta
+        return _reshaped(dx, dout.shape), dgamma, dbeta
     axes, xhat = cache.axes, cache.xhat
     d = xp.ascontiguousarray(dout).astype(sd, copy=False)
     dbeta = d.sum(axis=axes, dtype=sd)

@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import numpy_fast
-from .backend import device_scope, get_array_module
+from . import backend, numpy_fast
+from .cuda import pool_kernels, pool_nd_kernels   # import no CuPy: their launchers do
+from .backend import NO_SCOPE, device_scope, get_array_module
 from .shapes import (AdaptiveGeometry, PoolGeometry, acc_dtype, adaptive_geometry,
                      channels_last_strided, check_array, check_data_format, check_floating,
                      check_pool_options, from_channels_first_shape, pool_data_format,
@@ -168,6 +169,15 @@ class UnpoolKernelCache:
     layout: str = "channels_first"
 
 
+def _cache(cls, **fields):
+    """A frozen cache dataclass made without its generated __init__ (which sets each field
+    through object.__setattr__): the same object, for a fraction of the host time. Every
+    field is given; ``dtype`` must be an np.dtype (an array's .dtype is)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
 # Which forward makes each cache (for the error messages of the backward passes).
 _MADE_BY = {MaxPoolCache: "max_pool_forward*", AvgPoolCache: "avg_pool_forward",
             SumPoolCache: "sum_pool_forward", AdaptiveAvgPoolCache: "adaptive_avg_pool_forward",
@@ -182,7 +192,10 @@ def _on_input_device(fn):
     array on another device than the current one: allocations and launches follow it."""
     @functools.wraps(fn)
     def wrapper(a, *args, **kwargs):
-        with device_scope(a):
+        scope = device_scope(a)
+        if scope is NO_SCOPE:
+            return fn(a, *args, **kwargs)
+        with scope:
             return fn(a, *args, **kwargs)
     return wrapper
 
@@ -233,8 +246,36 @@ def _sp0(cl):
     return 1 if cl else 2
 
 
+# Checked forwards: (type of x, shape, strides, dtype, op, pool_param items) -> (geom, layout,
+# pool_param values). Everything _check_x_full decides follows from that key (the layout
+# from shape and strides), so a warm call costs the key and one lookup, and the values'
+# identity check keeps typed values apart that compare equal (2.0 == 2, True == 1): a hit
+# needs the very objects that passed the checks (tuples are immutable; lists are unhashable
+# and never make a key). Any other call runs every check.
+_CHECKED = {}
+_is = operator.is_
+
+
 def _check_x(x, pool_param, op):
     """(geom, layout) of a pooling forward's x and pool_param."""
+    if pool_param.__class__ is dict:
+        try:
+            key = (x.__class__, x.shape, x.strides, x.dtype, op, tuple(pool_param.items()))
+            hit = _CHECKED.get(key)
+        except (AttributeError, TypeError):   # not an array, or an unhashable value
+            key = hit = None
+        if hit is not None and all(map(_is, hit[2], pool_param.values())):
+            return hit[0], hit[1]
+        geom, layout = _check_x_full(x, pool_param, op)
+        if key is not None:
+            if len(_CHECKED) >= 1024:
+                _CHECKED.clear()
+            _CHECKED[key] = (geom, layout, tuple(pool_param.values()))
+        return geom, layout
+    return _check_x_full(x, pool_param, op)
+
+
+def _check_x_full(x, pool_param, op):
     check_array(x, "x")
     data_format = pool_data_format(pool_param)
     check_floating(x, "x")
@@ -246,10 +287,18 @@ def _check_x(x, pool_param, op):
     return geom, _layout(x, data_format)
 
 
+_DOUT_SHAPES = {}   # (geom, layout) -> the dout shape a backward expects (geom hashes fast)
+
+
 def _check_dout(dout, geom, layout="channels_first"):
     check_array(dout, "dout")
     check_floating(dout, "dout")
-    want = _caller_shape(geom.output_shape, layout)
+    want = _DOUT_SHAPES.get((geom, layout))
+    if want is None:
+        want = _caller_shape(geom.output_shape, layout)
+        if len(_DOUT_SHAPES) >= 1024:
+            _DOUT_SHAPES.clear()
+        _DOUT_SHAPES[(geom, layout)] = want
     if tuple(dout.shape) != want:
         where = " (data_format='channels_last')" if layout == "channels_last" else ""
         raise ValueError(f"dout has shape {tuple(dout.shape)} but the forward pass produced "
@@ -264,7 +313,9 @@ def _backward_inputs(dout, cache, *classes):
     _check_dout(dout, cache.geom, cache.layout)
     offsets = getattr(cache, "offsets", None)
     xp = get_array_module(dout) if offsets is None else get_array_module(dout, offsets)
-    dout = _internal(dout.astype(cache.dtype, copy=False), cache.layout)
+    if dout.dtype != cache.dtype:
+        dout = dout.astype(cache.dtype, copy=False)
+    dout = _internal(dout, cache.layout)
     return cache.geom, xp, dout, _is_cl(cache.layout)
 
 
@@ -407,12 +458,24 @@ def _max_pool_backward_xp(dout, offsets, geom, cl=False):
     return dx.astype(dout.dtype, copy=False)
 
 
+_FALLBACK = {}   # geom -> kernel_fallback_reason(geom) (geometries hash fast, see shapes)
+
+
 def _use_kernels(xp, geom=None):
-    """True when CuPy inputs should go to the CUDA kernels (GPULAYERS_KERNELS=0 disables)
-    and the kernels take ``geom`` (sizes below 2**31); else the xp path runs."""
-    if xp is np or os.environ.get("GPULAYERS_KERNELS", "1") == "0":
+    """True when CuPy inputs should go to the CUDA kernels (GPULAYERS_KERNELS=0 at import, or
+    gpulayers.backend.set_kernels(False), disables) and the kernels take ``geom`` (sizes below
+    2**31); else the xp path runs."""
+    if xp is np or not backend._KERNELS:
         return False
-    return geom is None or kernel_fallback_reason(geom) is None
+    if geom is None:
+        return True
+    reason = _FALLBACK.get(geom, False)
+    if reason is False:
+        reason = kernel_fallback_reason(geom)
+        if len(_FALLBACK) >= 1024:
+            _FALLBACK.clear()
+        _FALLBACK[geom] = reason
+    return reason is None
 
 
 def kernel_fallback_reason(geom):
@@ -433,8 +496,8 @@ def _max_forward(x, pool_param, impl):
     the layout's internal representation, return (out as the caller's layout, cache)."""
     geom, layout = _check_x(x, pool_param, "max")
     out, offsets = impl(_internal(x, layout), geom, _is_cl(layout))
-    return _external(out, layout), MaxPoolCache(geom, np.dtype(x.dtype), _freeze(offsets),
-                                                layout)
+    return _external(out, layout), _cache(MaxPoolCache, geom=geom, dtype=np.dtype(x.dtype),
+                                          offsets=_freeze(offsets), layout=layout)
 
 
 def _max_backward(dout, cache, impl):
@@ -903,11 +966,11 @@ def _max_pool_backward_np_cl(dout, offsets, geom):
 
 def _max_pool_forward_kernels(x, geom, cl=False):
     if geom.d == 3 or cl:
-        from .cuda import pool_nd_kernels
         if cl:   # the tuned 2-D kernels are channels-first only
             return pool_nd_kernels.max_pool_forward_gpu(x, geom, channels_last=True)
         return pool_nd_kernels.max_pool_forward_gpu(x, geom)
-    from .cuda import pool_kernels
+    if geom.d == 2:   # the 2-D kernels' own shapes: no reshapes (views cost host time)
+        return pool_kernels.max_pool_forward_gpu(x, geom)
     x4, g2 = _as_2d_input(x, geom)
     out, offsets = pool_kernels.max_pool_forward_gpu(x4, g2)
     return out.reshape(geom.output_shape), offsets.reshape(geom.output_shape)
@@ -915,12 +978,12 @@ def _max_pool_forward_kernels(x, geom, cl=False):
 
 def _max_pool_backward_kernels(dout, offsets, geom, cl=False):
     if geom.d == 3 or cl:
-        from .cuda import pool_nd_kernels
         if cl:
             return pool_nd_kernels.max_pool_backward_gpu(dout, offsets, geom,
                                                          channels_last=True)
         return pool_nd_kernels.max_pool_backward_gpu(dout, offsets, geom)
-    from .cuda import pool_kernels
+    if geom.d == 2:
+        return pool_kernels.max_pool_backward_gpu(dout, offsets, geom)
     d4, g2 = _as_2d_output(dout, geom)
     o4 = offsets.reshape(g2.output_shape)
     return pool_kernels.max_pool_backward_gpu(d4, o4, g2).reshape(geom.input_shape)
@@ -1185,7 +1248,6 @@ def _kernel_kw(cl):
 def _avg_forward(x, geom, cl, cip, div, divisor):
     xp = get_array_module(x)
     if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
         return pool_nd_kernels.avg_pool_forward_gpu(x, geom, cip, div, **_kernel_kw(cl))
     return _sum_pool_xp(x, geom, divisor, cl).astype(x.dtype, copy=False)
 
@@ -1193,7 +1255,6 @@ def _avg_forward(x, geom, cl, cip, div, divisor):
 def _avg_backward(dout, geom, cl, cip, div, divisor):
     xp = get_array_module(dout)
     if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
         return pool_nd_kernels.avg_pool_backward_gpu(dout, geom, cip, div, **_kernel_kw(cl))
     return _sum_pool_backward_xp(dout, geom, divisor, cl)
 
@@ -1376,7 +1437,6 @@ def adaptive_avg_pool_forward(x, output_size, data_format="channels_first"):
 def _adaptive_avg_forward(x, geom, cl):
     xp = get_array_module(x)
     if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
         return pool_nd_kernels.adaptive_avg_pool_forward_gpu(x, geom, **_kernel_kw(cl))
     acc = acc_dtype(x.dtype)
     axes = _adaptive_axes(geom)
@@ -1414,7 +1474,6 @@ def adaptive_avg_pool_backward(dout, cache):
 def _adaptive_avg_backward(dout, geom, cl):
     xp = get_array_module(dout)
     if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
         return pool_nd_kernels.adaptive_avg_pool_backward_gpu(dout, geom, **_kernel_kw(cl))
     acc = acc_dtype(dout.dtype)
     axes = _adaptive_axes(geom)
@@ -1482,7 +1541,7 @@ def _adaptive_max_backward_xp(dout, offsets, geom, cl=False):
     acc = acc_dtype(dout.dtype)
     axes = _adaptive_axes(geom)
     window = geom.window
-    d, ndim, sp0 = geom.d, dout.ndim, _sp0(cl)
+    ndim, sp0 = dout.ndim, _sp0(cl)
     g = dout.astype(acc, copy=False)
     dx = xp.zeros(_internal_shape(geom.input_shape, cl), dtype=acc)
     zero = xp.zeros((), dtype=acc)
@@ -1527,7 +1586,6 @@ def adaptive_max_pool_forward(x, output_size, data_format="channels_first"):
     xi, cl = _internal(x, layout), _is_cl(layout)
     xp = get_array_module(x)
     if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
         out, offsets = pool_nd_kernels.adaptive_max_pool_forward_gpu(xi, geom, **_kernel_kw(cl))
     elif xp is np and all(o == 1 for o in geom.out):
         out, offsets = _global_max(xi, geom, cl)
@@ -1588,7 +1646,6 @@ def adaptive_max_pool_backward(dout, cache):
     """
     geom, xp, dout, cl = _backward_inputs(dout, cache, AdaptiveMaxPoolCache)
     if _use_kernels(xp, geom):
-        from .cuda import pool_nd_kernels
         dx = pool_nd_kernels.adaptive_max_pool_backward_gpu(dout, cache.offsets, geom,
                                                             **_kernel_kw(cl))
         return _external(dx, cache.layout)
@@ -1686,9 +1743,8 @@ def max_unpool_forward(x, indices, output_size, data_format="channels_first"):
                              f"positions (x shape {tuple(x.shape)}, output "
                              f"{_caller_shape(out_cf, layout)})")
     x_shape, out_shape = tuple(x.shape), _caller_shape(out_cf, layout)
-    in_int, out_int = _internal_shape(x_cf, cl), _internal_shape(out_cf, cl)
+    out_int = _internal_shape(out_cf, cl)
     if _use_kernels(xp) and max(out_cf + (P,)) < 2**31:
-        from .cuda import pool_nd_kernels
         idx = xp.ascontiguousarray(idx)
         # with channels_last=True the arrays are channels-last, out_shape stays (N, C, *out)
         out, won = pool_nd_kernels.max_unpool_forward_gpu(
@@ -1741,7 +1797,6 @@ def max_unpool_backward(dout, cache):
     x_int = _internal_shape(x_cf, cl)
     if isinstance(cache, UnpoolKernelCache):
         get_array_module(dout, cache.indices)
-        from .cuda import pool_nd_kernels
         return _external(pool_nd_kernels.max_unpool_backward_gpu(   # x_shape: (N, C, *in)
             dout, cache.indices, cache.winners, x_cf, **_kernel_kw(cl)), layout)
     xp = get_array_module(dout, cache.targets)

@@ -16,6 +16,7 @@ over the kernel's axes.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,25 +116,47 @@ def is_bfloat16(dtype):
         return False
 
 
+# {np.dtype: bool}: the answers of is_floating for dtype objects, so a call on a warmed
+# dtype is one dict lookup (np.dtype(...).name builds a string on every call).
+_FLOATING = {}
+
+
 def is_floating(dtype):
     """True for the floating dtypes the layers take: float16, float32, float64, bfloat16."""
+    if dtype.__class__ is not type and isinstance(dtype, np.dtype):
+        known = _FLOATING.get(dtype)
+        if known is not None:
+            return known
     try:
-        dtype = np.dtype(dtype)
+        dt = np.dtype(dtype)
     except TypeError:
         return False
-    return (dtype.kind == "f" and dtype.name in FLOATING_NAMES) or dtype.name == "bfloat16"
+    answer = (dt.kind == "f" and dt.name in FLOATING_NAMES) or dt.name == "bfloat16"
+    if isinstance(dtype, np.dtype):
+        _FLOATING[dtype] = answer
+    return answer
+
+
+_ACC = {}   # {np.dtype: accumulation dtype}, as _FLOATING
 
 
 def acc_dtype(dtype):
     """Accumulation dtype: float32 for float16 and bfloat16, else the dtype itself."""
-    dtype = np.dtype(dtype)
-    if dtype == np.float16 or dtype.name == "bfloat16":
-        return np.dtype(np.float32)
-    return dtype
+    if isinstance(dtype, np.dtype):
+        known = _ACC.get(dtype)
+        if known is not None:
+            return known
+    dt = np.dtype(dtype)
+    answer = np.dtype(np.float32) if dt == np.float16 or dt.name == "bfloat16" else dt
+    if isinstance(dtype, np.dtype):
+        _ACC[dtype] = answer
+    return answer
 
 
 def check_floating(x, name="x"):
     """TypeError unless ``x`` has a floating dtype (float16, float32, float64 or bfloat16)."""
+    if _FLOATING.get(x.dtype) is True:   # a dtype seen before: one dict lookup
+        return
     dtype = np.dtype(x.dtype)
     if not is_floating(dtype):
         raise TypeError(
@@ -201,20 +224,34 @@ def _prod(values):
 
 
 class _Sizes:
-    """What every pooling geometry answers from N, C and the spatial ``size``/``out``."""
+    """What every pooling geometry answers from N, C and the spatial ``size``/``out``.
+
+    Geometries are immutable, so what is derived from their fields is computed once per
+    object (``functools.cached_property`` writes to the instance ``__dict__``, which a frozen
+    dataclass allows), and so is the hash: launch plans are cached per geometry, and a warm
+    call then costs a dict lookup, not a hash of nine nested tuples."""
 
     @property
     def d(self):
         """Number of spatial axes."""
         return len(self.size)
 
-    @property
+    @functools.cached_property
     def input_shape(self):
         return (self.N, self.C) + tuple(self.size)
 
-    @property
+    @functools.cached_property
     def output_shape(self):
         return (self.N, self.C) + tuple(self.out)
+
+    def __hash__(self):
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash(self._fields())
+        return h
+
+    def _fields(self):
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -282,11 +319,14 @@ class PoolGeometry(_Sizes):
                             (1,) + self.stride, (0,) + self.pad, (1,) + self.dilation,
                             self.ceil_mode, (1,) + self.out)
 
-    @property
+    def __hash__(self):   # explicit, so dataclass keeps it: cached (see _Sizes)
+        return _Sizes.__hash__(self)
+
+    @functools.cached_property
     def window_size(self):
         return _prod(self.kernel)
 
-    @property
+    @functools.cached_property
     def offset_dtype(self):
         return offset_dtype(self.window_size)
 
@@ -303,12 +343,12 @@ class PoolGeometry(_Sizes):
         """Per axis, the span of one window: (kernel - 1)*dilation + 1."""
         return tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel, self.dilation))
 
-    @property
+    @functools.cached_property
     def overlapping(self):
         """True when two windows can share an input element."""
         return any(s < e for s, e in zip(self.stride, self.extent))
 
-    @property
+    @functools.cached_property
     def tiles(self):
         """True when the windows tile the input exactly (the reshape precondition)."""
         return all(k == s and p == 0 and dl == 1 and n % k == 0
@@ -545,11 +585,14 @@ class AdaptiveGeometry(_Sizes):
     size: tuple
     out: tuple
 
+    def __hash__(self):   # explicit, so dataclass keeps it: cached (see _Sizes)
+        return _Sizes.__hash__(self)
+
     def bounds(self, axis):
         """(start, end) int64 arrays of the windows along spatial axis ``axis``."""
         return adaptive_bounds(self.size[axis], self.out[axis])
 
-    @property
+    @functools.cached_property
     def window(self):
         """Largest window length per axis."""
         out = []
@@ -558,11 +601,11 @@ class AdaptiveGeometry(_Sizes):
             out.append(int((end - start).max()))
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def window_size(self):
         return _prod(self.window)
 
-    @property
+    @functools.cached_property
     def offset_dtype(self):
         return offset_dtype(self.window_size)
 

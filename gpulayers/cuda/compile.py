@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -29,11 +30,21 @@ __all__ = ["source", "get_kernel", "launch", "device_of", "KernelLaunchError", "
 OPTIONS = ("-std=c++17",)
 
 
+_DTYPE_NAMES = {}   # {np.dtype: name}: np.dtype(...).name builds the string on every call
+
+
 def dtype_name(dtype):
     """NumPy's name of ``dtype`` ('float32', 'bfloat16', ...); a str is taken as a name, so
     'bfloat16' needs no ml_dtypes import."""
-    import numpy as np
-    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if isinstance(dtype, str):
+        return dtype
+    name = _DTYPE_NAMES.get(dtype) if dtype.__class__ is not type else None
+    if name is None:
+        import numpy as np
+        name = np.dtype(dtype).name
+        if isinstance(dtype, np.dtype):
+            _DTYPE_NAMES[dtype] = name
+    return name
 
 
 class CTypes(dict):
@@ -105,7 +116,18 @@ def device_of(*arrays):
     Raises ValueError naming the arrays' positions, shapes and devices when they sit on
     different devices.
     """
-    import cupy
+    cupy = _cupy()
+    nd = cupy.ndarray
+    device = None
+    for a in arrays:   # the usual case in one pass; the loop below words the error
+        if isinstance(a, nd):
+            d = a.device.id
+            if device is None:
+                device = d
+            elif d != device:
+                break
+    else:
+        return cupy.cuda.runtime.getDevice() if device is None else device
     seen = {}
     for i, a in enumerate(arrays):
         if isinstance(a, cupy.ndarray):
@@ -116,6 +138,15 @@ def device_of(*arrays):
         raise ValueError(f"arrays on different CUDA devices in one call: {where}; "
                          "move them to one device first")
     return next(iter(seen)) if seen else cupy.cuda.runtime.getDevice()
+
+
+def _cupy():
+    """The imported cupy module (imported here if nobody has yet): ``sys.modules`` first, as
+    a launch needs it on every call and an ``import`` statement costs more than the lookup."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        import cupy
+    return cupy
 
 
 def _compile(name, name_expressions, device_id):
@@ -188,11 +219,10 @@ def launch(kernel, name, grid, block, args, device_id=None):
     With launch checks on (see set_launch_checks) the stream is synchronised after the
     launch, so an asynchronous fault of this kernel is raised here, naming it.
     """
-    import cupy
-    switch = device_id is not None and device_id != cupy.cuda.runtime.getDevice()
+    switch = device_id is not None and device_id != _cupy().cuda.runtime.getDevice()
     try:
         if switch:
-            with cupy.cuda.Device(device_id):
+            with _cupy().cuda.Device(device_id):
                 _launch(kernel, grid, block, args)
         else:
             _launch(kernel, grid, block, args)
@@ -205,5 +235,4 @@ def launch(kernel, name, grid, block, args, device_id=None):
 def _launch(kernel, grid, block, args):
     kernel(grid, block, args)
     if _CHECK_LAUNCHES:
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
+        _cupy().cuda.get_current_stream().synchronize()

@@ -22,14 +22,13 @@ strides.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 
 from .. import batchnorm as _bn
 from .. import pooling as _pool
-from ..backend import get_array_module
+from ..backend import get_array_module, kernels_enabled
 from ..shapes import adaptive_geometry, channels_last_strided, pool_geometry
 from ._bridge import array_scope, empty_like_layout, is_cl, to_array, to_tensor
 
@@ -516,7 +515,7 @@ def _bn_cache(xa, w, stats, training, count, comm):
     if comm is None and xp is np and xa.dtype.kind == "f":
         return _bn.BatchNormCache(path="numpy_fast", x=np.ascontiguousarray(ref), mean=mean,
                                   **common)
-    if (comm is None and xp is not np and os.environ.get("GPULAYERS_KERNELS", "1") != "0"
+    if (comm is None and xp is not np and kernels_enabled()
             and _bn.kernel_fallback_reason(ref.shape) is None):
         block = xp.stack([mean, mean, invstd, lo]) if training else None
         return _bn.BatchNormCache(path="cuda", x=ref, mean=mean, stats=block, **common)
