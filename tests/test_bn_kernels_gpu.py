@@ -154,7 +154,8 @@ def test_eval_forward(rng, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES[:8])
 def test_train_forward_update(rng, shape, dtype, convention):
-    """Running statistics updated in the merge kernel: new arrays, inputs unchanged."""
+    """Running statistics updated by the train apply kernel (which merges the partials):
+    new arrays, inputs unchanged."""
     x, gamma, beta = make(rng, shape, dtype)
     C, sd = shape[1], bn_kernels.stats_dtype(dtype)
     M = x.size // C
@@ -447,3 +448,37 @@ def test_channels_last_against_torch(rng, shape, dtype):
     assert rel(y.reshape(shape), ref) < tol
     x64 = x.astype(np.float64).reshape(M, C)
     assert rel(var, x64.var(0)) < 1e-5
+
+
+ISSUE_SHAPES = [(256, 512, 14, 14), (256, 2048, 7, 7), (1024, 64, 8, 8), (1, 2048, 7, 7)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", ISSUE_SHAPES)
+def test_small_planes_and_merge_in_every_block(rng, shape, dtype):
+    """Issue 13's small-plane shapes (and N = 1): 2-launch train forward and backward against
+    float64 NumPy on a few channels, deterministic bit for bit, and the merges inside the apply
+    and dx blocks give the bits of the test-mode merge kernel (dgamma, dbeta)."""
+    cp = cupy()
+    C = shape[1]
+    sd = bn_kernels.stats_dtype(dtype)
+    X = (cp.random.standard_normal(shape, dtype=np.float32) * 2 + 1).astype(dtype)
+    D = cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+    gamma, beta = (rng.standard_normal(C) + 1).astype(sd), rng.standard_normal(C).astype(sd)
+    G, B = to_gpu(gamma, beta)
+    y, stats = bn_kernels.bn_train_forward_block_gpu(X, G, B, EPS, None, None, 0.9, "cs231n")
+    y2, stats2 = bn_kernels.bn_train_forward_block_gpu(X, G, B, EPS, None, None, 0.9, "cs231n")
+    assert cp.array_equal(y, y2) and cp.array_equal(stats, stats2)
+    mean, invstd, lo = stats[0], stats[2], stats[3]
+    dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(D, X, G, mean, invstd, True, mean_lo=lo)
+    _, tdgamma, tdbeta = bn_kernels.bn_backward_gpu(D, X, G, mean, invstd, False, mean_lo=lo)
+    assert cp.array_equal(dgamma, tdgamma) and cp.array_equal(dbeta, tdbeta)
+    idx = np.array(sorted({0, 1 % C, C // 2, C - 1}))
+    x, d = cp.asnumpy(X[:, idx]), cp.asnumpy(D[:, idx])
+    ry, rmean, rvar, rinv = ref_forward(x, gamma[idx], beta[idx], EPS)
+    tol = TOL[np.dtype(dtype)]
+    assert rel(y[:, idx], ry) < 10 * tol and rel(stats[1][idx], rvar) < 10 * stats_tol(dtype)
+    rdx, rdg, rdb = ref_backward(d, x, gamma[idx], rmean, rinv, True)
+    assert rel(dx[:, idx], rdx, dx_scale(d, gamma[idx], rinv)) < 10 * tol
+    assert rel(dgamma[idx], rdg) < 10 * stats_tol(dtype)
+    assert rel(dbeta[idx], rdb) < 10 * stats_tol(dtype)

@@ -2,13 +2,17 @@
 
 The shim (tests/cuda_shim) runs every thread of a block as an OS thread, so the block
 reductions (shared memory, __syncthreads, warp shuffles) run as written: every kernel --
-statistics, merges, apply, backward reduce and dx -- is launched here exactly as
+statistics, apply (which merges the statistics partials in train mode), backward reduce, dx
+(which merges the backward partials) and the test-mode merge -- is launched here exactly as
 bn_kernels.py builds the launches (same plan, grid and argument types), in float32, float64,
 bfloat16 (ml_dtypes; the shim's 16-bit __nv_bfloat16) and float16 (when the compiler has
 _Float16), for both layouts and vector widths 1 and 16 bytes, and compared with float64
 NumPy. Outputs and partials start as NaN, so an element or slot the kernels skip fails.
 Channels-last spatial batch norm, (N, *spatial, C), runs as the (N*prod(spatial), C, 1, 1)
-columns layout and is checked against the channels-first reference.
+columns layout and is checked against the channels-first reference. The 2-launch train
+forward and backward are checked bit for bit against the 3-launch path they replaced (its
+merge kernels kept here, REFERENCE_SOURCE), and the issue-13 small-plane geometries for
+the share of launched threads with work.
 """
 import dataclasses
 import re
@@ -85,7 +89,8 @@ def _run(lib, launches):
 
 def forward(lib, x, gamma, beta, p=None, running=(None, None), keep=1.0, take=0.0,
             unbiased=False, default=0.0):
-    """Train forward (stats, merge, apply) on the shim; returns (y, stats, part)."""
+    """Train forward (stats, then apply with the merge: 2 launches) on the shim; returns
+    (y, stats, part)."""
     p = _prepared(x.shape, x.dtype) if p is None else p
     C, A = x.shape[1], bn_kernels.stats_dtype(x.dtype)
     rm, rv = running
@@ -95,12 +100,13 @@ def forward(lib, x, gamma, beta, p=None, running=(None, None), keep=1.0, take=0.
     y = np.full_like(x, np.nan)
     launches = bn_kernels._train_forward_launches(p, x, gamma, beta, EPS, rm, rv, given, keep,
                                                   take, unbiased, default, part, stats, y)
-    assert _run(lib, launches) == [p.kernels[k][1] for k in ("stats", "merge", "apply")]
+    assert _run(lib, launches) == [p.kernels[k][1] for k in ("stats", "apply_train")]
     return y, stats, part
 
 
 def backward(lib, dout, x, gamma, mean, invstd, train, mean_lo=None, p=None):
-    """Backward (reduce, merge, and dx in train mode) on the shim; returns (dx, dgamma, dbeta)."""
+    """Backward (reduce, then dx with the merge (train) or the merge (test): 2 launches) on
+    the shim; returns (dx, dgamma, dbeta)."""
     p = _prepared(x.shape, x.dtype) if p is None else p
     C, A = x.shape[1], bn_kernels.stats_dtype(x.dtype)
     part = np.full(p.part_size, np.nan, A)
@@ -108,7 +114,9 @@ def backward(lib, dout, x, gamma, mean, invstd, train, mean_lo=None, p=None):
     dgamma, dbeta = np.full(C, np.nan, A), np.full(C, np.nan, A)
     launches = bn_kernels._backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx,
                                              dgamma, dbeta, mean_lo)
-    assert len(_run(lib, launches)) == (3 if train else 2)
+    assert _run(lib, launches) == [p.kernels[k][1] for k in
+                                   (("reduce_train", "dx") if train else ("reduce_test",
+                                                                          "backward_merge"))]
     return dx, dgamma, dbeta
 
 
@@ -149,7 +157,8 @@ def dx_scale(dout, gamma, invstd):
     ((32, 64, 56, 56), np.float64, "planes", 2),
     ((4096, 1024, 1, 1), np.float32, "columns", 4),
     ((1000, 1, 1, 1), np.float32, "planes", 4),
-    ((3, 5, 7, 7), np.float32, "planes", 1),
+    ((16, 5, 7, 7), np.float32, "planes", 1),   # 49 columns > a tile of 32 scalar loads
+    ((3, 5, 7, 7), np.float32, "columns", 1),   # N = 3 < 8 rows of threads: wider tiles
 ])
 def test_plan_layout_choices(shape, dtype, layout, vec):
     plan = plan_layout(shape, dtype, num_sms=132)
@@ -672,3 +681,241 @@ def test_tuning_knobs():
     finally:
         bn_kernels.set_tuning(**before)
     assert bn_kernels.TUNING == before
+
+
+# ------------------------------------------------------------------------ 2 launches = 3 launches
+
+REFERENCE_SOURCE = r"""
+// The merge kernels of the 3-launch path (batchnorm.cu until 2026-12), verbatim but renamed:
+// stats -> bn_stats_merge_ref -> apply, and reduce -> bn_backward_merge_ref -> dx.
+template <typename A>
+__global__ void bn_stats_merge_ref(
+        const A* __restrict__ part, int C, int slots, double eps,
+        const A* __restrict__ running_mean, const A* __restrict__ running_var, int given,
+        double keep, double take, double var_factor, double var_default,
+        A* __restrict__ stats) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const unsigned long long row = (unsigned long long)C * slots;
+    const A* p = part + (unsigned long long)c * slots;
+    double n[4] = {0.0, 0.0, 0.0, 0.0};
+    bn::Moments<double> acc[4] = {};
+    int k = 0;
+    for (; k + 4 <= slots; k += 4)
+        for (int u = 0; u < 4; ++u) bn::merge_slot(n[u], acc[u], p, row, k + u);
+    for (; k < slots; ++k) bn::merge_slot(n[0], acc[0], p, row, k);
+    bn::merge_double(n[0], acc[0], n[1], acc[1]);
+    bn::merge_double(n[2], acc[2], n[3], acc[3]);
+    bn::merge_double(n[0], acc[0], n[2], acc[2]);
+    const double mu = acc[0].hi + acc[0].lo, v = n[0] > 0.0 ? acc[0].m2 / n[0] : 0.0;
+    const A m = (A)mu;
+    const double rm = (given & 1) ? (double)running_mean[c] : 0.0;
+    const double rv = (given & 2) ? (double)running_var[c] : var_default;
+    stats[bn::kMean * C + c] = m;
+    stats[bn::kVar * C + c] = (A)v;
+    stats[bn::kInvstd * C + c] = (A)(1.0 / sqrt(v + eps));
+    stats[bn::kMeanLo * C + c] = (A)((acc[0].hi - (double)m) + acc[0].lo);
+    stats[bn::kRunMean * C + c] = (A)(keep * rm + take * mu);
+    stats[bn::kRunVar * C + c] = (A)(keep * rv + take * (v * var_factor));
+}
+
+template <typename A>
+__global__ void bn_backward_merge_ref(
+        const A* __restrict__ part, int C, int slots, const A* __restrict__ invstd,
+        A* __restrict__ dgamma, A* __restrict__ dbeta) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const A* p1 = part + (unsigned long long)c * slots;
+    const A* p2 = p1 + (unsigned long long)C * slots;
+    double s1[4] = {0.0, 0.0, 0.0, 0.0}, s2[4] = {0.0, 0.0, 0.0, 0.0};
+    int k = 0;
+    for (; k + 4 <= slots; k += 4)
+        for (int u = 0; u < 4; ++u) {
+            s1[u] += (double)p1[k + u];
+            s2[u] += (double)p2[k + u];
+        }
+    for (; k < slots; ++k) {
+        s1[0] += (double)p1[k];
+        s2[0] += (double)p2[k];
+    }
+    dbeta[c] = (A)((s1[0] + s1[1]) + (s1[2] + s1[3]));
+    dgamma[c] = (A)((double)invstd[c] * ((s2[0] + s2[1]) + (s2[2] + s2[3])));
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ref_lib(tmp_path_factory):
+    """batchnorm.cu (its text, so the shim's cache follows it) plus REFERENCE_SOURCE."""
+    if cuda_shim.compiler() is None:
+        pytest.skip("no C++ compiler for the CPU shim")
+    text = resources.files("gpulayers.cuda").joinpath(bn_kernels.SOURCE).read_text()
+    path = tmp_path_factory.mktemp("ref") / "batchnorm_ref.cu"
+    path.write_text(text + REFERENCE_SOURCE)
+    return cuda_shim.build(str(path), [f"bn_{k}_merge_ref<{t}>" for k in ("stats", "backward")
+                                       for t in ("float", "double")])
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(_bits(a), _bits(b))
+
+
+def _ctype(A):
+    return "double" if A == np.float64 else "float"
+
+
+def reference_forward(lib, ref_lib, x, gamma, beta, p, running=(None, None), keep=1.0, take=0.0,
+                      factor=1.0, default=0.0):
+    """The 3-launch train forward: bn_stats_* (lib), bn_stats_merge_ref, and the apply
+    arithmetic of those kernels in NumPy, op by op in the stats dtype (the shim compiles
+    without FMA contraction, so this is bit for bit). Returns (y, stats)."""
+    C, A = x.shape[1], bn_kernels.stats_dtype(x.dtype)
+    part = np.full(p.part_size, np.nan, A)
+    lib.launch(p.kernels["stats"][1], p.plan.grid, THREADS, (x, part, p.C) + p.plan.args)
+    rm, rv = running
+    given = (rm is not None) | (rv is not None) << 1
+    stats = np.full((len(bn_kernels.STAT_ROWS), C), np.nan, A)
+    ref_lib.launch(f"bn_stats_merge_ref<{_ctype(A)}>", -(-C // THREADS), THREADS,
+                   (part, p.C, p.slots, np.float64(EPS), part if rm is None else rm,
+                    part if rv is None else rv, np.int32(given), np.float64(keep),
+                    np.float64(take), np.float64(factor), np.float64(default), stats))
+    s = (1, -1, 1, 1)
+    m, lo = stats[0].reshape(s), stats[3].reshape(s)
+    y = ((x.astype(A) - m) - lo) * (gamma * stats[2]).reshape(s) + beta.reshape(s)
+    return y.astype(x.dtype), stats
+
+
+def reference_backward(lib, ref_lib, dout, x, gamma, mean, invstd, mean_lo, train, p):
+    """The 3-launch backward: reduce (lib), bn_backward_merge_ref, and (train) the dx
+    arithmetic of the dx kernels in NumPy, op by op. Returns (dx, dgamma, dbeta)."""
+    C, A = x.shape[1], bn_kernels.stats_dtype(x.dtype)
+    part = np.full(p.part_size, np.nan, A)
+    dx = np.full_like(x, np.nan)
+    with_lo = np.int32(mean_lo is not None)
+    lo = mean if mean_lo is None else mean_lo
+    lib.launch(p.kernels["reduce_train" if train else "reduce_test"][1], p.plan.grid, THREADS,
+               (dout, x, gamma, mean, lo, invstd, part, dx, with_lo, p.C) + p.plan.args)
+    dgamma, dbeta = np.full(C, np.nan, A), np.full(C, np.nan, A)
+    ref_lib.launch(f"bn_backward_merge_ref<{_ctype(A)}>", -(-C // THREADS), THREADS,
+                   (part, p.C, p.slots, invstd, dgamma, dbeta))
+    if train:
+        s = (1, -1, 1, 1)
+        a = gamma * invstd
+        count = float(p.count)
+        e = (-a.astype(np.float64) * invstd.astype(np.float64) * dgamma.astype(np.float64)
+             / count).astype(A)
+        f = (-a.astype(np.float64) * dbeta.astype(np.float64) / count).astype(A)
+        lo = lo if mean_lo is not None else np.zeros(C, A)
+        xc = (x.astype(A) - mean.reshape(s)) - lo.reshape(s)
+        dx = ((a.reshape(s) * dout.astype(A) + e.reshape(s) * xc) + f.reshape(s)).astype(x.dtype)
+    return dx, dgamma, dbeta
+
+
+BIT_SHAPES = SHAPES + [
+    (40, 2, 32, 32),   # planes, 10 slots (10 % 4 = 2: chain 0 takes the last two)
+    (16, 512, 1, 1),   # columns, 64 to 256 channels per tile (tile_constants' passes)
+    (1, 3, 40, 40),    # planes, N = 1
+]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BIT_SHAPES)
+def test_two_launch_forward_is_the_three_launch_result(lib, ref_lib, rng, shape, dtype, aligned):
+    """Train forward: stats + apply (merging in every block) gives the bits of stats + merge
+    kernel + apply: y and the whole stats block (running rows included)."""
+    x = _data(rng, shape, dtype, loc=2.0, scale=1.5)
+    C, A = shape[1], bn_kernels.stats_dtype(dtype)
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    rm, rv = _data(rng, C, A), (rng.random(C) + 0.5).astype(A)
+    p = _prepared(shape, dtype, aligned)
+    y, stats, _ = forward(lib, x, gamma, beta, p, (rm, rv), 0.9, 0.1, True, 1.0)
+    ry, rstats = reference_forward(lib, ref_lib, x, gamma, beta, p, (rm, rv), 0.9, 0.1,
+                                   p.unbiased, 1.0)
+    assert same_bits(stats, rstats)
+    assert same_bits(y, ry)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BIT_SHAPES)
+def test_two_launch_backward_is_the_three_launch_result(lib, ref_lib, rng, shape, dtype, train):
+    """Backward: reduce + dx (merging in every block) gives the bits of reduce + merge
+    kernel + dx; the test-mode merge (4 lanes per channel) those of the old merge kernel."""
+    x, dout = _data(rng, shape, dtype, loc=0.5, scale=2.0), _data(rng, shape, dtype)
+    C, A = shape[1], bn_kernels.stats_dtype(dtype)
+    gamma = _data(rng, C, A)
+    p = _prepared(shape, dtype)
+    _, stats, _ = forward(lib, x, gamma, gamma, p)
+    mean, invstd, lo = (np.ascontiguousarray(stats[r]) for r in (0, 2, 3))
+    got = backward(lib, dout, x, gamma, mean, invstd, train, lo, p)
+    want = reference_backward(lib, ref_lib, dout, x, gamma, mean, invstd, lo, train, p)
+    for g, w in zip(got, want):
+        assert same_bits(g, w)
+
+
+# ------------------------------------------------------------------------ small planes (issue 13)
+
+ISSUE_SHAPES = [(256, 512, 14, 14), (256, 2048, 7, 7), (1024, 64, 8, 8)]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, BF16])
+@pytest.mark.parametrize("shape", ISSUE_SHAPES)
+def test_thread_utilisation_of_issue_shapes(shape, dtype, aligned):
+    """At least 75% of the launched threads of every kernel have work on the issue's shapes."""
+    share = bn_kernels.thread_utilisation(shape, np.dtype(dtype), aligned)
+    assert set(share) == {"stats", "apply", "backward_reduce", "backward_dx", "backward_merge"}
+    assert min(share.values()) >= 0.75, share
+
+
+def test_thread_utilisation_values():
+    """Known shares: 49 vectors of a (1, 512, 14, 14) float32 channel for a 256-thread block
+    (the planes layout's small-batch limit); the test-mode merge at 4 threads per channel
+    (C = 64: all 256 threads; the old one-thread-per-channel merge had 64 of 256); one row of
+    (1, 2048, 7, 7) on 256-column-wide blocks (the old 32 x 8 blocks had 1 row in 8)."""
+    share = bn_kernels.thread_utilisation((1, 512, 14, 14), np.float32)
+    assert share["stats"] == 49 / 256
+    assert bn_kernels.thread_utilisation((1024, 64, 8, 8), np.float32)["backward_merge"] == 1
+    assert bn_kernels.thread_utilisation((2, 3, 4, 4), np.float32)["backward_merge"] == 12 / 256
+    plan = plan_layout((1, 2048, 7, 7), np.float32)
+    assert plan.layout == "columns" and int(plan.args[1]) == 8  # 256 x 1 threads
+    assert bn_kernels.thread_utilisation((1, 2048, 7, 7), np.float32)["stats"] == 1
+
+
+# the issue's plane sizes, N (and C, for the shim's time) scaled down: 14x14 planes, 7x7
+# columns with channels straddling 1024-column tiles, 8x8 columns
+SMALL_PLANE_SHAPES = [(4, 64, 14, 14), (2, 512, 7, 7), (4, 64, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+@pytest.mark.parametrize("shape", SMALL_PLANE_SHAPES, ids=["14x14", "7x7", "8x8"])
+def test_small_planes(lib, ref_lib, rng, shape, dtype):
+    """The issue's plane sizes with N scaled down for the shim: the layout of the full-size
+    shape, >= 75% of launched threads with work, and train forward and backward right
+    (float64 reference) and bit for bit the 3-launch result."""
+    full = next(s for s in ISSUE_SHAPES if s[2:] == shape[2:])
+    assert plan_layout(shape, dtype).layout == plan_layout(full, dtype).layout
+    assert min(bn_kernels.thread_utilisation(shape, dtype).values()) >= 0.75
+    x, dout = _data(rng, shape, dtype, loc=1.0, scale=2.0), _data(rng, shape, dtype)
+    C, A = shape[1], bn_kernels.stats_dtype(dtype)
+    gamma, beta = _data(rng, C, A), _data(rng, C, A)
+    p = _prepared(shape, dtype)
+    y, stats, _ = forward(lib, x, gamma, beta, p)
+    ry, mean64, var64, inv64 = ref_forward(x, gamma, beta)
+    tol = TOL[np.dtype(dtype)]
+    assert rel(y, ry) < 10 * tol and rel(stats[1], var64) < 5 * stats_tol(dtype)
+    y3, stats3 = reference_forward(lib, ref_lib, x, gamma, beta, p)
+    assert same_bits(y, y3) and same_bits(stats, stats3)
+    mean, invstd, lo = (np.ascontiguousarray(stats[r]) for r in (0, 2, 3))
+    dx, dgamma, dbeta = backward(lib, dout, x, gamma, mean, invstd, True, lo, p)
+    rdx, rdg, rdb = ref_backward(dout, x, gamma, mean64, inv64, True)
+    assert rel(dx, rdx, dx_scale(dout, gamma, inv64)) < 10 * tol
+    assert rel(dgamma, rdg) < 10 * stats_tol(dtype) and rel(dbeta, rdb) < 10 * stats_tol(dtype)
+    want = reference_backward(lib, ref_lib, dout, x, gamma, mean, invstd, lo, True, p)
+    assert all(same_bits(g, w) for g, w in zip((dx, dgamma, dbeta), want))

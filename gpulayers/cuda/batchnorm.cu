@@ -14,7 +14,9 @@
 //   j / HW. Grid (S, tiles): block (b, t) covers a tile of TX*V consecutive columns and
 //   chunk b of the rows; a thread owns V consecutive columns (its channels and
 //   per-channel constants are fixed) and walks rows. Used when HW is small (HW = 1 is
-//   plain batch norm on (N, D)); a channel then touches at most two tiles.
+//   plain batch norm on (N, D)); a channel then touches at most two tiles, a tile holds at
+//   most 256 channels. TX = 32 (8 rows of threads), wider (up to 256) when N has fewer
+//   rows than that, so that at least 75% of launched threads have work.
 //
 // Every vector load and store goes through bn::load / bn::store (alignment-checked on the CPU
 // shim).
@@ -29,12 +31,21 @@
 //   delta = mean_b - mean_a,  mean = mean_a + delta*n_b/n,  M2 = M2_a + M2_b + delta^2*n_a*n_b/n
 // (bn::chan); threads merge the same way across a warp (shuffles), the warps of a block and,
 // in the columns layout, the rows of threads and the columns of a channel. Every block writes
-// the moments of its part of a channel to `part`, and a small merge kernel merges them per
-// channel in double and writes one (kStatRows, C) block `stats`: mean, biased var, invstd,
-// mean_lo and the updated running mean and var (see bn::StatRow). Partial layout:
-// part[row][c][k] for row = bn::PartRow (count, mean hi, mean lo, M2) and k < slots (slots = S
-// for planes, 2*S for columns). Counts are exact: the launcher keeps every slot's count
-// below 2**24. The order of every merge is fixed: results are deterministic.
+// the moments of its part of a channel to `part`. Partial layout: part[row][c][k] for row =
+// bn::PartRow (count, mean hi, mean lo, M2) and k < slots (slots = S for planes, 2*S for
+// columns). Counts are exact: the launcher keeps every slot's count below 2**24.
+//
+// Launches per op: train forward 2 (bn_stats_*, then bn_apply_*<TRAIN = true>), eval forward
+// 1 (bn_apply_*<false>), train backward 2 (bn_backward_reduce_*<false>, bn_backward_dx_*),
+// test backward 2 (bn_backward_reduce_*<true>, which writes dx, then bn_backward_merge). No
+// merge kernel of its own in train mode: every block of the second kernel merges the slots of
+// its channels itself, in double, in one fixed order (bn::merge_chains: 4 lanes per channel,
+// chain u takes slots u, u + 4, ..., then the chains 0+1, 2+3, (0+1)+(2+3)), so every block
+// of a channel -- and the test-mode merge kernel -- gets the same bits, and one designated
+// block per channel (b = 0, in the tile of the channel's first column) writes the per-channel
+// results: the (kStatRows, C) block `stats` (mean, biased var, invstd, mean_lo and the updated
+// running mean and var, bn::StatRow), or dgamma and dbeta. The order of every merge is fixed
+// and no kernel uses atomics: results are deterministic, bit for bit.
 //
 // Backward sums dout and dout*(x - mean - mean_lo) per channel the same two-level way (plain
 // sums; part[0/1][c][k]).
@@ -49,7 +60,7 @@
 
 namespace bn {
 
-constexpr int kThreads = 256;  // every kernel but the merges runs 256-thread blocks,
+constexpr int kThreads = 256;  // every kernel runs 256-thread blocks, the big ones
                                // declared with __launch_bounds__(kThreads, 2): without the
                                // occupancy hint NVRTC 13's ptxas spilled a few bytes in
                                // some __half kernels at 48-64 registers
@@ -58,7 +69,7 @@ constexpr int kUnroll = 4;     // loads in flight per thread and input
 // V = 8 (__half) keep them spill-free (2 x 16 bytes per input are still plenty).
 template <int V> constexpr int kColumnUnroll = V >= 8 ? 2 : kUnroll;
 
-// Rows of the merge's output block stats[row * C + c] (gpulayers/cuda/bn_kernels.py names
+// Rows of the train forward's output block stats[row * C + c] (gpulayers/cuda/bn_kernels.py names
 // them too): batch mean, biased batch var, invstd = 1/sqrt(var + eps), mean_lo (what
 // rounding the mean to acc_t<T> lost), new running mean, new running var.
 enum StatRow { kMean = 0, kVar, kInvstd, kMeanLo, kRunMean, kRunVar, kStatRows };
@@ -580,126 +591,204 @@ __device__ __forceinline__ void merge_slot(double& n, Moments<double>& a, const 
                  Moments<double>{(double)p[kPartHi * row + k], (double)p[kPartLo * row + k],
                                  (double)p[kPartM2 * row + k]});
 }
-}  // namespace bn
 
-// One thread per channel c: merges the `slots` partial moments of c in double, the mean as a
-// pair hi + lo (slots 4i + j into accumulator j, the last slots % 4 into accumulator 0,
-// then 0+1, 2+3 and the two: a fixed order), and writes column c of the
-// (kStatRows, C) block `stats`: mean, var (biased), invstd = 1/sqrt(var + eps), mean_lo (the
-// part of the mean that rounding to A lost: a float32 mean of 1e4 is off by up to 5e-4) and
-// the running statistics updated in double precision,
+// What merge_chains merges: the moments of statistics partials (count, mean hi + lo, M2 in
+// double: bn_stats_* wrote them), ...
+struct MomentChain {
+    double n;
+    Moments<double> s;
+    template <typename A>
+    __device__ __forceinline__ void add_slot(const A* __restrict__ p, unsigned long long row, int k) {
+        merge_slot(n, s, p, row, k);
+    }
+    __device__ __forceinline__ void add(const MomentChain& b) { merge_double(n, s, b.n, b.s); }
+    __device__ __forceinline__ MomentChain down(int o) const {
+        return MomentChain{__shfl_down_sync(0xffffffffu, n, o),
+                           Moments<double>{__shfl_down_sync(0xffffffffu, s.hi, o),
+                                           __shfl_down_sync(0xffffffffu, s.lo, o),
+                                           __shfl_down_sync(0xffffffffu, s.m2, o)}};
+    }
+};
+
+// ... or two plain sums in double (the backward's sum(dout) and sum(dout*(x - mean)): rows
+// part[c][k] and part[C*slots + c][k]).
+struct SumChain {
+    double s1, s2;
+    template <typename A>
+    __device__ __forceinline__ void add_slot(const A* __restrict__ p, unsigned long long row, int k) {
+        s1 += (double)p[k];
+        s2 += (double)p[row + k];
+    }
+    __device__ __forceinline__ void add(const SumChain& b) {
+        s1 += b.s1;
+        s2 += b.s2;
+    }
+    __device__ __forceinline__ SumChain down(int o) const {
+        return SumChain{__shfl_down_sync(0xffffffffu, s1, o), __shfl_down_sync(0xffffffffu, s2, o)};
+    }
+};
+
+// The per-channel merge of the partial slots, in one fixed order wherever it runs (so every
+// block that merges a channel gets the same bits): lanes 4i .. 4i+3 of a warp take one
+// channel, whose slots start at p (rows `row` apart); lane 4i + u merges chain u, slots u,
+// u + 4, ... below 4*(slots/4), in order (chain 0 then also the last slots % 4), and the
+// chains are merged 0+1 and 2+3, then (0+1)+(2+3). The result is valid in lane 4i; a lane
+// that is not `live` adds nothing. Every lane of the warp calls it (shuffles).
+template <typename Acc, typename A>
+__device__ __forceinline__ Acc merge_chains(const A* __restrict__ p, unsigned long long row,
+                                            int slots, bool live) {
+    const int u = threadIdx.x & 3;
+    Acc a{};
+    if (live) {
+        const int full = slots & ~3;
+#pragma unroll 1
+        for (int k = u; k < full; k += 4) a.add_slot(p, row, k);
+        if (u == 0)
+#pragma unroll 1
+            for (int k = full; k < slots; ++k) a.add_slot(p, row, k);
+    }
+    Acc b = a.down(1);
+    if ((u & 1) == 0) a.add(b);
+    b = a.down(2);
+    if (u == 0) a.add(b);
+    return a;
+}
+
+// The running-statistics update a train forward writes with its stats block:
 //   running_mean' = keep*running_mean + take*mean
 //   running_var'  = keep*running_var  + take*var*var_factor
 // where running_mean (running_var) is read only when bit 0 (bit 1) of `given` is set, else
 // taken as 0 (var_default).
 template <typename A>
-__global__ void bn_stats_merge(
-        const A* __restrict__ part, int C, int slots, double eps,
-        const A* __restrict__ running_mean, const A* __restrict__ running_var, int given,
-        double keep, double take, double var_factor, double var_default,
-        A* __restrict__ stats) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    const unsigned long long row = (unsigned long long)C * slots;
-    const A* p = part + (unsigned long long)c * slots;
-    double n[4] = {0.0, 0.0, 0.0, 0.0};
-    bn::Moments<double> acc[4] = {};
-    int k = 0;
-    for (; k + 4 <= slots; k += 4)
-#pragma unroll
-        for (int u = 0; u < 4; ++u) bn::merge_slot(n[u], acc[u], p, row, k + u);
-    for (; k < slots; ++k) bn::merge_slot(n[0], acc[0], p, row, k);
-    bn::merge_double(n[0], acc[0], n[1], acc[1]);
-    bn::merge_double(n[2], acc[2], n[3], acc[3]);
-    bn::merge_double(n[0], acc[0], n[2], acc[2]);
-    const double mu = acc[0].hi + acc[0].lo, v = n[0] > 0.0 ? acc[0].m2 / n[0] : 0.0;
-    const A m = (A)mu;
-    const double rm = (given & 1) ? (double)running_mean[c] : 0.0;
-    const double rv = (given & 2) ? (double)running_var[c] : var_default;
-    stats[bn::kMean * C + c] = m;
-    stats[bn::kVar * C + c] = (A)v;
-    stats[bn::kInvstd * C + c] = (A)(1.0 / sqrt(v + eps));
-    stats[bn::kMeanLo * C + c] = (A)((acc[0].hi - (double)m) + acc[0].lo);
-    stats[bn::kRunMean * C + c] = (A)(keep * rm + take * mu);
-    stats[bn::kRunVar * C + c] = (A)(keep * rv + take * (v * var_factor));
-}
-
-// One thread per channel c: adds the `slots` partial sums of c and writes
-// dbeta[c] = sum(dout) and dgamma[c] = invstd[c] * sum(dout*(x - mean - mean_lo)).
-template <typename A>
-__global__ void bn_backward_merge(
-        const A* __restrict__ part, int C, int slots, const A* __restrict__ invstd,
-        A* __restrict__ dgamma, A* __restrict__ dbeta) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    const A* p1 = part + (unsigned long long)c * slots;
-    const A* p2 = p1 + (unsigned long long)C * slots;
-    double s1[4] = {0.0, 0.0, 0.0, 0.0}, s2[4] = {0.0, 0.0, 0.0, 0.0};
-    int k = 0;
-    for (; k + 4 <= slots; k += 4)
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            s1[u] += (double)p1[k + u];
-            s2[u] += (double)p2[k + u];
-        }
-    for (; k < slots; ++k) {
-        s1[0] += (double)p1[k];
-        s2[0] += (double)p2[k];
-    }
-    dbeta[c] = (A)((s1[0] + s1[1]) + (s1[2] + s1[3]));
-    dgamma[c] = (A)((double)invstd[c] * ((s2[0] + s2[1]) + (s2[2] + s2[3])));
-}
-
-// Per-channel constants of the apply kernels, y = (x - m - lo)*scale + shift. Train mode
-// (batch_stats != 0): mean, mean_lo and invstd from the merge's block `stats`. Test mode:
-// mean = run_mean[c], lo = 0, invstd = 1/sqrt(run_var[c] + eps), and the thread that
-// `writes` stores that invstd to invstd_out[c] (backward needs it).
-namespace bn {
-template <typename A>
-struct ApplyConstants {
-    A m, lo, scale, shift;
-    __device__ __forceinline__ ApplyConstants(
-            unsigned c, int C, const A* __restrict__ gamma, const A* __restrict__ beta,
-            const A* __restrict__ stats, const A* __restrict__ run_mean,
-            const A* __restrict__ run_var, int batch_stats, double eps,
-            A* __restrict__ invstd_out, bool writes) {
-        A inv;
-        if (batch_stats) {
-            inv = stats[bn::kInvstd * C + c];
-            m = stats[bn::kMean * C + c];
-            lo = stats[bn::kMeanLo * C + c];
-        } else {
-            inv = (A)(1.0 / sqrt((double)run_var[c] + eps));
-            m = run_mean[c];
-            lo = A(0);
-            if (writes) invstd_out[c] = inv;
-        }
-        scale = gamma[c] * inv;
-        shift = beta[c];
-    }
+struct RunningUpdate {
+    const A* __restrict__ mean;
+    const A* __restrict__ var;
+    int given;
+    double keep, take, var_factor, var_default;
 };
+
+// Per-channel constants of the apply kernels, y = (x - m - lo)*scale + shift.
+template <typename A> struct ApplyConstants { A m, lo, scale, shift; };
+
+// Train mode, in the lane that merge_chains left channel c's moments a in: mean m, mean_lo
+// (what rounding the mean to A lost: a float32 mean of 1e4 is off by up to 5e-4) and invstd
+// = 1/sqrt(var + eps) of the batch, and when `writes`, column c of the (kStatRows, C) block
+// `stats`: mean, var (biased), invstd, mean_lo and the updated running statistics (in double).
+template <typename A>
+__device__ __forceinline__ ApplyConstants<A> batch_constants(
+        const MomentChain& a, unsigned c, int C, double eps, const RunningUpdate<A>& run,
+        const A* __restrict__ gamma, const A* __restrict__ beta, A* __restrict__ stats,
+        bool writes) {
+    const double mu = a.s.hi + a.s.lo, v = a.n > 0.0 ? a.s.m2 / a.n : 0.0;
+    const A m = (A)mu, inv = (A)(1.0 / sqrt(v + eps)), lo = (A)((a.s.hi - (double)m) + a.s.lo);
+    if (writes) {
+        const double rm = (run.given & 1) ? (double)run.mean[c] : 0.0;
+        const double rv = (run.given & 2) ? (double)run.var[c] : run.var_default;
+        stats[kMean * C + c] = m;
+        stats[kVar * C + c] = (A)v;
+        stats[kInvstd * C + c] = inv;
+        stats[kMeanLo * C + c] = lo;
+        stats[kRunMean * C + c] = (A)(run.keep * rm + run.take * mu);
+        stats[kRunVar * C + c] = (A)(run.keep * rv + run.take * (v * run.var_factor));
+    }
+    return ApplyConstants<A>{m, lo, gamma[c] * inv, beta[c]};
+}
+
+// Test mode: mean = run_mean[c], lo = 0, invstd = 1/sqrt(run_var[c] + eps), stored to
+// invstd_out[c] when `writes` (backward needs it).
+template <typename A>
+__device__ __forceinline__ ApplyConstants<A> running_constants(
+        unsigned c, double eps, const A* __restrict__ run_mean, const A* __restrict__ run_var,
+        const A* __restrict__ gamma, const A* __restrict__ beta, A* __restrict__ invstd_out,
+        bool writes) {
+    const A inv = (A)(1.0 / sqrt((double)run_var[c] + eps));
+    if (writes) invstd_out[c] = inv;
+    return ApplyConstants<A>{run_mean[c], A(0), gamma[c] * inv, beta[c]};
+}
+
+// Gradient constants of the dx kernels, dx = a*dout + e*(x - m - lo) + f, from channel c's
+// merged sums s (valid in lane 4i of merge_chains): dbeta = sum(dout), dgamma = invstd *
+// sum(dout*(x - mean - mean_lo)), stored to dgamma[c], dbeta[c] when `writes`; a =
+// gamma*invstd, e = -a*invstd*dgamma/count, f = -a*dbeta/count (from dgamma, dbeta rounded to
+// A, as a separate merge kernel would store them).
+template <typename A> struct GradConstants { A m, lo, a, e, f; };
+
+template <typename A>
+__device__ __forceinline__ GradConstants<A> grad_constants(
+        const SumChain& s, unsigned c, const A* __restrict__ gamma, const A* __restrict__ mean,
+        const A* __restrict__ mean_lo, int with_lo, const A* __restrict__ invstd, double count,
+        A* __restrict__ dgamma, A* __restrict__ dbeta, bool writes) {
+    const A db = (A)s.s1, dg = (A)((double)invstd[c] * s.s2);
+    if (writes) {
+        dgamma[c] = dg;
+        dbeta[c] = db;
+    }
+    const A a = gamma[c] * invstd[c];
+    return GradConstants<A>{mean[c], with_lo ? mean_lo[c] : A(0), a,
+                            (A)(-(double)a * (double)invstd[c] * (double)dg / count),
+                            (A)(-(double)a * (double)db / count)};
+}
+
+// Columns layout: the channels c0 .. c0 + nc - 1 of a tile (nc <= kThreads: a tile has at
+// most 256 columns) merged kThreads/4 at a time (4 lanes each, merge_chains), and
+// make(acc, c, first) turning channel c's result into its constants in sm[c - c0]; `first`
+// is whether the tile holds c's first column. Every thread calls it; it ends with a barrier.
+template <typename Acc, typename K, typename A, typename Make>
+__device__ __forceinline__ void tile_constants(const A* __restrict__ part, int C, int slots,
+                                               unsigned c0, unsigned nc, unsigned hw,
+                                               unsigned t0, K* sm, Make make) {
+    const unsigned long long row = (unsigned long long)C * slots;
+    for (unsigned base = 0; base < nc; base += kThreads / 4) {
+        const unsigned i = base + threadIdx.x / 4, c = c0 + i;
+        const bool live = i < nc;
+        const Acc a = merge_chains<Acc>(part + (unsigned long long)(live ? c : c0) * slots, row,
+                                        slots, live);
+        if (live && (threadIdx.x & 3) == 0) sm[i] = make(a, c, c * hw >= t0);
+    }
+    __syncthreads();
+}
 }  // namespace bn
 
 // Planes, block (S-1-b, y): for each of its channels c = C-1-y, C-1-y-gridDim.y, ..., each
 // thread writes y = (x - mean - mean_lo)*gamma*invstd + beta for its strided vectors of chunk
-// b of channel c (constants: ApplyConstants; in test mode thread 0 of block b = 0 writes
-// invstd_out[c]).
-template <typename T, int V>
+// b of channel c. TRAIN: warp 0 first merges the statistics partials of c (bn::merge_chains;
+// every block merges the same slots in the same order, so all get the same bits) and block
+// b = 0 writes column c of `stats`, the (kStatRows, C) block (bn::batch_constants; `run`
+// arrays read as `given` says). Test mode: the constants come from run_mean, run_var, and
+// thread 0 of block b = 0 writes invstd to stats[c] (part, slots, given, keep, take,
+// var_factor, var_default are not read).
+template <typename T, int V, bool TRAIN>
 __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
         const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ stats,
-        const acc_t<T>* __restrict__ run_mean, const acc_t<T>* __restrict__ run_var,
-        int batch_stats, double eps, acc_t<T>* __restrict__ invstd_out, T* __restrict__ y,
-        int C, unsigned hwv, unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
+        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ part, int slots,
+        const acc_t<T>* __restrict__ run_mean, const acc_t<T>* __restrict__ run_var, int given,
+        double keep, double take, double var_factor, double var_default, double eps,
+        acc_t<T>* __restrict__ stats, T* __restrict__ y, int C, unsigned hwv, unsigned magic,
+        unsigned shift, unsigned mv, unsigned chunk) {
     using A = acc_t<T>;
+    __shared__ bn::ApplyConstants<A> sk;
     const int b = gridDim.x - 1 - blockIdx.x;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
+    const bn::RunningUpdate<A> run{run_mean, run_var, given, keep, take, var_factor, var_default};
     for (int cy = blockIdx.y; cy < C; cy += gridDim.y) {
         const int c = C - 1 - cy;
         const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
-        const bn::ApplyConstants<A> k(c, C, gamma, beta, stats, run_mean, run_var, batch_stats,
-                                      eps, invstd_out, b == 0 && threadIdx.x == 0);
-        const A m = k.m, lo = k.lo, scale = k.scale, shift_c = k.shift;
+        bn::ApplyConstants<A> k;
+        if constexpr (TRAIN) {
+            __syncthreads();  // the previous channel's reads of sk are over
+            if (threadIdx.x < 32) {
+                const bn::MomentChain a = bn::merge_chains<bn::MomentChain>(
+                        part + (unsigned long long)c * slots, (unsigned long long)C * slots, slots,
+                        threadIdx.x < 4);
+                if (threadIdx.x == 0)
+                    sk = bn::batch_constants(a, c, C, eps, run, gamma, beta, stats, b == 0);
+            }
+            __syncthreads();
+            k = sk;
+        } else {
+            k = bn::running_constants(c, eps, run_mean, run_var, gamma, beta, stats,
+                                      b == 0 && threadIdx.x == 0);
+        }
         for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
             Vec<T, V> r[kUnroll];
             unsigned long long o[kUnroll];
@@ -715,7 +804,7 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
                     Vec<T, V> out;
 #pragma unroll
                     for (int q = 0; q < V; ++q)
-                        bn::from_acc(out.v[q], ((bn::to_acc(r[u].v[q]) - m) - lo) * scale + shift_c);
+                        bn::from_acc(out.v[q], ((bn::to_acc(r[u].v[q]) - k.m) - k.lo) * k.scale + k.shift);
                     bn::store<T, V>(y, o[u], out);
                 }
         }
@@ -723,33 +812,59 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_planes(
 }
 
 // Columns, block (S-1-b, tiles-1-tile): each thread writes y = (x - mean - mean_lo)*gamma*
-// invstd + beta for its V columns over its rows of chunk b (constants: ApplyConstants; in test
-// mode the thread of row 0 of block b = 0 holding a channel's first column writes
-// invstd_out[c]).
-template <typename T, int V>
+// invstd + beta for its V columns over its rows of chunk b. TRAIN: the block first merges
+// the statistics partials of the tile's channels, 4 threads per channel (bn::tile_constants,
+// the order of bn::merge_chains), and block b = 0 writes column c of `stats` for each channel
+// c whose first column is in the tile (as bn_apply_planes). Test mode: constants from run_mean
+// and run_var; the thread of row 0 of block b = 0 holding a channel's first column writes its
+// invstd to stats[c].
+template <typename T, int V, bool TRAIN>
 __global__ void __launch_bounds__(kThreads, 2) bn_apply_columns(
         const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
-        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ stats,
-        const acc_t<T>* __restrict__ run_mean, const acc_t<T>* __restrict__ run_var,
-        int batch_stats, double eps, acc_t<T>* __restrict__ invstd_out, T* __restrict__ y,
-        int C, unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
+        const acc_t<T>* __restrict__ beta, const acc_t<T>* __restrict__ part, int slots,
+        const acc_t<T>* __restrict__ run_mean, const acc_t<T>* __restrict__ run_var, int given,
+        double keep, double take, double var_factor, double var_default, double eps,
+        acc_t<T>* __restrict__ stats, T* __restrict__ y, int C, unsigned hw, int tx_log2,
+        unsigned n, unsigned chunk) {
     using A = acc_t<T>;
     constexpr int U = bn::kColumnUnroll<V>;
     const unsigned W = C * hw, tile = gridDim.y - 1 - blockIdx.y;
     const int b = gridDim.x - 1 - blockIdx.x, TY = kThreads >> tx_log2;
     const int ty = threadIdx.x >> tx_log2, tx = threadIdx.x & ((1 << tx_log2) - 1);
     const unsigned j0 = ((tile << tx_log2) + tx) * V;
-    if (j0 >= W) return;
+    const unsigned t0 = tile * (V << tx_log2), c0 = t0 / hw;
     A m[V], lo[V], scale[V], shift_c[V];
+    if constexpr (TRAIN) {
+        __shared__ bn::ApplyConstants<A> sk[kThreads];
+        const unsigned t1 = t0 + (V << tx_log2) < W ? t0 + (V << tx_log2) : W;
+        const bn::RunningUpdate<A> run{run_mean, run_var, given, keep, take, var_factor, var_default};
+        bn::tile_constants<bn::MomentChain>(
+                part, C, slots, c0, (t1 - 1) / hw - c0 + 1, hw, t0, sk,
+                [&](const bn::MomentChain& a, unsigned c, bool first) {
+                    return bn::batch_constants(a, c, C, eps, run, gamma, beta, stats,
+                                               b == 0 && first);
+                });
+        if (j0 >= W) return;
 #pragma unroll
-    for (int q = 0; q < V; ++q) {
-        const unsigned cq = (j0 + q) / hw;
-        const bn::ApplyConstants<A> k(cq, C, gamma, beta, stats, run_mean, run_var, batch_stats,
-                                      eps, invstd_out, b == 0 && ty == 0 && (j0 + q) % hw == 0);
-        m[q] = k.m;
-        lo[q] = k.lo;
-        scale[q] = k.scale;
-        shift_c[q] = k.shift;
+        for (int q = 0; q < V; ++q) {
+            const bn::ApplyConstants<A> k = sk[(j0 + q) / hw - c0];
+            m[q] = k.m;
+            lo[q] = k.lo;
+            scale[q] = k.scale;
+            shift_c[q] = k.shift;
+        }
+    } else {
+        if (j0 >= W) return;
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+            const bn::ApplyConstants<A> k = bn::running_constants(
+                    (j0 + q) / hw, eps, run_mean, run_var, gamma, beta, stats,
+                    b == 0 && ty == 0 && (j0 + q) % hw == 0);
+            m[q] = k.m;
+            lo[q] = k.lo;
+            scale[q] = k.scale;
+            shift_c[q] = k.shift;
+        }
     }
     const unsigned begin = b * chunk, end = begin + chunk < n ? begin + chunk : n;
     const unsigned wv = W / V;
@@ -770,26 +885,55 @@ __global__ void __launch_bounds__(kThreads, 2) bn_apply_columns(
     }
 }
 
-// Planes, block (S-1-b, y): for each of its channels c (as bn_apply_planes), each thread
-// writes the train-mode gradient dx = a*dout + e*(x - mean - mean_lo) + f (a = gamma*invstd,
-// e = -a*invstd*dgamma/count, f = -a*dbeta/count; mean_lo read only if with_lo) for its
-// strided vectors of chunk b of channel c.
+// Test-mode backward, 4 threads per channel c = t/4 (t the global thread index): merge the
+// `slots` partial sums of c (bn::merge_chains) and the first writes dbeta[c] = sum(dout) and
+// dgamma[c] = invstd[c] * sum(dout*(x - mean - mean_lo)) (the values the train dx kernels
+// compute from the same slots).
+template <typename A>
+__global__ void bn_backward_merge(
+        const A* __restrict__ part, int C, int slots, const A* __restrict__ invstd,
+        A* __restrict__ dgamma, A* __restrict__ dbeta) {
+    const unsigned long long c = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) / 4;
+    const bool live = c < (unsigned long long)C;
+    const bn::SumChain s = bn::merge_chains<bn::SumChain>(
+            part + (live ? c : 0ull) * slots, (unsigned long long)C * slots, slots, live);
+    if (live && (threadIdx.x & 3) == 0) {
+        dbeta[c] = (A)s.s1;
+        dgamma[c] = (A)((double)invstd[c] * s.s2);
+    }
+}
+
+// Planes, block (S-1-b, y): for each of its channels c (as bn_apply_planes), warp 0 merges
+// the backward partial sums of c (bn::merge_chains, the order of bn_backward_merge; block
+// b = 0 writes dgamma[c] and dbeta[c]), then each thread writes the train-mode gradient
+// dx = a*dout + e*(x - mean - mean_lo) + f (bn::grad_constants; mean_lo read only if with_lo)
+// for its strided vectors of chunk b of channel c.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_planes(
         const T* __restrict__ dout, const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
         const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ mean_lo,
-        const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ dgamma,
-        const acc_t<T>* __restrict__ dbeta, double count, T* __restrict__ dx, int with_lo, int C,
-        unsigned hwv, unsigned magic, unsigned shift, unsigned mv, unsigned chunk) {
+        const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ part, int slots,
+        acc_t<T>* __restrict__ dgamma, acc_t<T>* __restrict__ dbeta, double count,
+        T* __restrict__ dx, int with_lo, int C, unsigned hwv, unsigned magic, unsigned shift,
+        unsigned mv, unsigned chunk) {
     using A = acc_t<T>;
+    __shared__ bn::GradConstants<A> sk;
     const int b = gridDim.x - 1 - blockIdx.x;
     const unsigned begin = b * chunk, end = begin + chunk < mv ? begin + chunk : mv;
     for (int cy = blockIdx.y; cy < C; cy += gridDim.y) {
         const int c = C - 1 - cy;
         const bn::PlaneIndex at{(unsigned long long)C * hwv, (unsigned long long)c * hwv, hwv, magic, shift};
-        const A m = mean[c], lo = with_lo ? mean_lo[c] : A(0), a = gamma[c] * invstd[c];
-        const A e = (A)(-(double)a * (double)invstd[c] * (double)dgamma[c] / count);
-        const A f = (A)(-(double)a * (double)dbeta[c] / count);
+        __syncthreads();  // the previous channel's reads of sk are over
+        if (threadIdx.x < 32) {
+            const bn::SumChain s = bn::merge_chains<bn::SumChain>(
+                    part + (unsigned long long)c * slots, (unsigned long long)C * slots, slots,
+                    threadIdx.x < 4);
+            if (threadIdx.x == 0)
+                sk = bn::grad_constants(s, c, gamma, mean, mean_lo, with_lo, invstd, count,
+                                        dgamma, dbeta, b == 0);
+        }
+        __syncthreads();
+        const bn::GradConstants<A> k = sk;
         for (unsigned i = begin + threadIdx.x; i < end; i += kUnroll * kThreads) {
             Vec<T, V> g[kUnroll], v[kUnroll];
             unsigned long long o[kUnroll];
@@ -806,39 +950,51 @@ __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_planes(
                     Vec<T, V> out;
 #pragma unroll
                     for (int q = 0; q < V; ++q)
-                        bn::from_acc(out.v[q], a * bn::to_acc(g[u].v[q])
-                                               + e * ((bn::to_acc(v[u].v[q]) - m) - lo) + f);
+                        bn::from_acc(out.v[q], k.a * bn::to_acc(g[u].v[q])
+                                               + k.e * ((bn::to_acc(v[u].v[q]) - k.m) - k.lo) + k.f);
                     bn::store<T, V>(dx, o[u], out);
                 }
         }
     }
 }
 
-// Columns, block (S-1-b, tiles-1-tile): each thread writes the train-mode gradient (as in
-// bn_backward_dx_planes) for its V columns over its rows of chunk b.
+// Columns, block (S-1-b, tiles-1-tile): the block merges the backward partial sums of the
+// tile's channels, 4 threads per channel (bn::tile_constants; block b = 0 writes dgamma[c]
+// and dbeta[c] for each channel c whose first column is in the tile), then each thread writes
+// the train-mode gradient (as bn_backward_dx_planes) for its V columns over its rows of chunk b.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 2) bn_backward_dx_columns(
         const T* __restrict__ dout, const T* __restrict__ x, const acc_t<T>* __restrict__ gamma,
         const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ mean_lo,
-        const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ dgamma,
-        const acc_t<T>* __restrict__ dbeta, double count, T* __restrict__ dx, int with_lo, int C,
-        unsigned hw, int tx_log2, unsigned n, unsigned chunk) {
+        const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ part, int slots,
+        acc_t<T>* __restrict__ dgamma, acc_t<T>* __restrict__ dbeta, double count,
+        T* __restrict__ dx, int with_lo, int C, unsigned hw, int tx_log2, unsigned n,
+        unsigned chunk) {
     using A = acc_t<T>;
     constexpr int U = bn::kColumnUnroll<V>;
+    __shared__ bn::GradConstants<A> sk[kThreads];
     const unsigned W = C * hw, tile = gridDim.y - 1 - blockIdx.y;
     const int b = gridDim.x - 1 - blockIdx.x, TY = kThreads >> tx_log2;
     const int ty = threadIdx.x >> tx_log2, tx = threadIdx.x & ((1 << tx_log2) - 1);
     const unsigned j0 = ((tile << tx_log2) + tx) * V;
+    const unsigned t0 = tile * (V << tx_log2), c0 = t0 / hw;
+    const unsigned t1 = t0 + (V << tx_log2) < W ? t0 + (V << tx_log2) : W;
+    bn::tile_constants<bn::SumChain>(
+            part, C, slots, c0, (t1 - 1) / hw - c0 + 1, hw, t0, sk,
+            [&](const bn::SumChain& s, unsigned c, bool first) {
+                return bn::grad_constants(s, c, gamma, mean, mean_lo, with_lo, invstd, count,
+                                          dgamma, dbeta, b == 0 && first);
+            });
     if (j0 >= W) return;
     A m[V], lo[V], a[V], e[V], f[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) {
-        const unsigned cq = (j0 + q) / hw;
-        m[q] = mean[cq];
-        lo[q] = with_lo ? mean_lo[cq] : A(0);
-        a[q] = gamma[cq] * invstd[cq];
-        e[q] = (A)(-(double)a[q] * (double)invstd[cq] * (double)dgamma[cq] / count);
-        f[q] = (A)(-(double)a[q] * (double)dbeta[cq] / count);
+        const bn::GradConstants<A> k = sk[(j0 + q) / hw - c0];
+        m[q] = k.m;
+        lo[q] = k.lo;
+        a[q] = k.a;
+        e[q] = k.e;
+        f[q] = k.f;
     }
     const unsigned begin = b * chunk, end = begin + chunk < n ? begin + chunk : n;
     const unsigned wv = W / V;

@@ -9,8 +9,10 @@ the kernels take a shape at all (None) or why not.
 
 Statistics are centred everywhere (Welford / Chan merges, as PyTorch's
 batch_norm_collect_statistics): every thread merges the count, mean and M2 of
-its loaded chunks, then threads, warps and blocks merge theirs, and a merge
-kernel merges the blocks' per channel in double. No single sample is a pivot,
+its loaded chunks, then threads, warps and blocks merge theirs, and every block
+of the apply kernel merges the blocks' partials of its channels in double, in
+one fixed order (so all of them get the same bits; one per channel writes the
+stats block). No single sample is a pivot,
 so an outlier or a large mean costs no accuracy. The mean comes back rounded
 (``mean``) plus what rounding lost (``mean_lo``, a row of the stats block);
 the apply kernels and, given ``mean_lo``, the backward kernels use
@@ -25,12 +27,17 @@ aligned; a misaligned view gets the scalar kernels.
 Passes over memory (x and dout are read, y and dx written, all full-size):
 
 ==================  ===================================================
-train forward       stats (read x), merge (tiny; also the running statistics),
-                    apply (read x, write y)
-eval forward        apply (read x, write y; also invstd for backward)
-train backward      reduce (read dout, x), merge, dx (read dout, x, write dx)
-test backward       reduce + dx (read dout, x, write dx), merge
+train forward       2 launches: stats (read x), apply (merges the partials,
+                    writes the stats block with the running statistics; read
+                    x, write y)
+eval forward        1 launch: apply (read x, write y; also invstd for backward)
+train backward      2 launches: reduce (read dout, x), dx (merges the
+                    partials, writes dgamma, dbeta; read dout, x, write dx)
+test backward       2 launches: reduce + dx (read dout, x, write dx), merge
 ==================  ===================================================
+
+(Until 2026-12 the train forward and backward ran a separate merge kernel
+between the two passes: 3 launches each, same results bit for bit.)
 
 :func:`plan_layout` picks the kernels' layout, vector width and grid; see the
 header of ``batchnorm.cu`` for what the layouts mean.
@@ -49,7 +56,7 @@ __all__ = [
     "STAT_ROWS", "PART_ROWS", "supported", "vectors_allowed", "bn_train_forward_gpu",
     "bn_train_forward_update_gpu",
     "bn_train_forward_block_gpu", "bn_eval_forward_gpu",
-    "bn_eval_forward_stats_gpu", "bn_backward_gpu",
+    "bn_eval_forward_stats_gpu", "bn_backward_gpu", "thread_utilisation",
 ]
 
 SOURCE = "batchnorm.cu"
@@ -57,8 +64,9 @@ SOURCE = "batchnorm.cu"
 _CTYPE = CTypes(float16="__half", bfloat16="__nv_bfloat16", float32="float", float64="double")
 _THREADS = 256   # bn::kThreads
 _UNROLL = 4      # bn::kUnroll
-_MAX_SLOTS = 256  # about this many partial slots per channel at most (the merge is one thread
-                  # per channel); huge channels may take up to 2 more to respect _MAX_PART_COUNT
+_MAX_SLOTS = 256  # about this many partial slots per channel at most (merged by 4 lanes per
+                  # channel at the start of every apply / dx block, so chains of <= 64 slots);
+                  # huge channels may take up to 2 more to respect _MAX_PART_COUNT
 _MAX_PART_COUNT = 2**24  # values behind one partial slot: its count is exact in float32
 _MAX_COLUMN_HW = 64  # larger planes use the planes layout
 _MAX_GRID_Y = 65535  # CUDA's limit of gridDim.y; planes kernels stride over the channels beyond
@@ -72,7 +80,7 @@ PART_ROWS = 4    # rows of the statistics partials (bn::PartRow): count, mean hi
 # for the planes layout (0.95x the time of 4), 2 for the columns layout (0.93x of 8).
 TUNING = {"blocks_per_sm": 8, "columns_blocks_per_sm": 2}
 
-# Rows of the (len(STAT_ROWS), C) block that bn_stats_merge writes (bn::StatRow).
+# Rows of the (len(STAT_ROWS), C) block that the train apply kernels write (bn::StatRow).
 STAT_ROWS = ("mean", "var", "invstd", "mean_lo", "running_mean", "running_var")
 
 
@@ -82,12 +90,12 @@ def _expressions():
         for vec in (1, 16 // {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}[ctype]):
             for layout in ("planes", "columns"):
                 out += [f"bn_stats_{layout}<{ctype}, {vec}>",
-                        f"bn_apply_{layout}<{ctype}, {vec}>",
+                        f"bn_apply_{layout}<{ctype}, {vec}, false>",
+                        f"bn_apply_{layout}<{ctype}, {vec}, true>",
                         f"bn_backward_reduce_{layout}<{ctype}, {vec}, false>",
                         f"bn_backward_reduce_{layout}<{ctype}, {vec}, true>",
                         f"bn_backward_dx_{layout}<{ctype}, {vec}>"]
-    out += ["bn_stats_merge<float>", "bn_stats_merge<double>",
-            "bn_backward_merge<float>", "bn_backward_merge<double>"]
+    out += ["bn_backward_merge<float>", "bn_backward_merge<double>"]
     return tuple(out)
 
 
@@ -193,6 +201,13 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
     are more tiles); C = 3 or another width that is no multiple of the vector runs scalar
     loads of 4 threads per row. (32*7*7, 2048, 1, 1) gets 16 tiles x 16 chunks (float32),
     as (32, 2048, 7, 7) would. Measure on a GPU before retuning (scripts/tune_bn.py).
+
+    Small batches: tiles are 32 threads wide (8 rows of threads) unless N is below 8, when
+    they widen (up to 256 x 1) so that the rows of threads have rows to walk
+    (:func:`thread_utilisation`: (1, 2048, 7, 7) has all threads busy, not 1 in 8; a tile
+    still holds at most 256 channels). The planes layout gives a block one channel's N*H*W
+    values, so its threads idle only when a channel has fewer than 256 vectors (e.g.
+    (1, 512, 14, 14): 49 of 256); not changed yet, untimed.
     """
     reason = supported(shape)
     if reason is not None:
@@ -208,7 +223,14 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
 
     width = C * hw
     vec = vmax if aligned and width % vmax == 0 else 1
-    tx = min(32, 1 << max(0, (-(-width // vec) - 1).bit_length()))
+    cols = -(-width // vec)
+    tx = min(32, 1 << max(0, (cols - 1).bit_length()))
+    # fewer rows than rows of threads (N < 256/tx): wider tiles, so that the threads of a
+    # block have rows to walk (and hw up to 64 fits a tile of scalar loads); a tile still
+    # holds at most 256 channels
+    while (_THREADS // tx > N and tx < _THREADS and 2 * tx <= cols
+           and 2 * tx * vec <= (256 if hw == 1 else 255 * hw)):
+        tx *= 2
     tiles = -(-width // (tx * vec))
     if C > 1 and hw <= min(_MAX_COLUMN_HW, tx * vec) and tiles <= 65535:
         ty = _THREADS // tx
@@ -232,6 +254,39 @@ def plan_layout(shape, dtype, aligned=True, num_sms=132, blocks_per_sm=None,
     magic, shift = _divider(hwv)
     args = (np.uint32(hwv), np.uint32(magic), np.uint32(shift), np.uint32(mv), np.uint32(chunk))
     return LayoutPlan("planes", vec, (S, min(C, _MAX_GRID_Y)), S, args)
+
+
+def thread_utilisation(shape, dtype, aligned=True, num_sms=132):
+    """Share of launched threads that have work, per kernel of the launches on one tensor:
+    a thread has work when it reads at least one element (planes: a vector of its block's
+    chunk of a channel; columns: a row of the chunk in one of the tile's columns; the merge:
+    a channel). The merge phases inside the apply and dx kernels are not counted.
+
+    Inputs:
+    - shape, dtype, aligned, num_sms: as plan_layout
+
+    Returns a dict {kernel: share in [0, 1]} with keys 'stats', 'apply' (train and eval),
+    'backward_reduce', 'backward_dx' (all on the plan's grid, so equal) and
+    'backward_merge' (test-mode backward only; 4 threads per channel).
+    """
+    plan = plan_layout(shape, dtype, aligned, num_sms)
+    C = int(shape[1])
+    S, other = plan.grid
+    if plan.layout == "planes":
+        mv, chunk = int(plan.args[3]), int(plan.args[4])
+        busy = sum(min(_THREADS, min(chunk, mv - b * chunk)) for b in range(S))
+        share = busy / (_THREADS * S)
+    else:
+        hw, tx_log2, n, chunk = (int(a) for a in plan.args)
+        tx = 1 << tx_log2
+        ty = _THREADS // tx
+        cols = C * hw // plan.vec
+        rows = sum(min(ty, min(chunk, n - b * chunk)) for b in range(S))
+        live = sum(min(tx, cols - t * tx) for t in range(other))
+        share = rows * live / (_THREADS * S * other)
+    merge = 4 * C / (_THREADS * -(-4 * C // _THREADS))
+    return {"stats": share, "apply": share, "backward_reduce": share, "backward_dx": share,
+            "backward_merge": merge}
 
 
 # ------------------------------------------------------------------------ launching
@@ -278,7 +333,7 @@ class _Prepared:
     slots: np.int32
     count: np.float64    # values per channel
     unbiased: float      # count/(count - 1), torch's running-variance factor (1 if count == 1)
-    merge_grid: tuple
+    merge_grid: tuple    # grid of bn_backward_merge (test mode): 4 threads per channel
     part_size: int       # PART_ROWS*C*slots partials (statistics; backward uses 2*C*slots)
     kernels: dict        # kind -> (kernel handle, name expression)
 
@@ -299,15 +354,15 @@ def prepare(shape, dtype, aligned, num_sms, get_kernel):
     def expr(kind, *extra):
         return f"bn_{kind}_{plan.layout}<{', '.join([ctype, str(plan.vec), *extra])}>"
     stats_ctype = _CTYPE[stats_dtype(dtype)]
-    names = {"stats": expr("stats"), "merge": f"bn_stats_merge<{stats_ctype}>",
-             "apply": expr("apply"),
+    names = {"stats": expr("stats"), "apply_train": expr("apply", "true"),
+             "apply": expr("apply", "false"),
              "reduce_train": expr("backward_reduce", "false"),
              "reduce_test": expr("backward_reduce", "true"),
              "backward_merge": f"bn_backward_merge<{stats_ctype}>",
              "dx": expr("backward_dx")}
     count = N * H * W
     return _Prepared(plan, np.int32(C), np.int32(plan.slots), np.float64(count),
-                     count / (count - 1) if count > 1 else 1.0, (-(-C // _THREADS),),
+                     count / (count - 1) if count > 1 else 1.0, (-(-4 * C // _THREADS),),
                      PART_ROWS * C * plan.slots,
                      {kind: get_kernel(name) for kind, name in names.items()})
 
@@ -401,8 +456,8 @@ def _channel_param(a, C, sd, what):
 
 def _train_forward(x, gamma, beta, eps, running_mean=None, running_var=None, keep=1.0, take=0.0,
                    unbiased=False, var_default=0.0):
-    """Three launches (stats, merge, apply); returns (y, stats), stats the (6, C) block of
-    STAT_ROWS. The running rows are keep*running + take*batch (var: unbiased if asked)."""
+    """Two launches (stats, apply with the merge); returns (y, stats), stats the (6, C) block
+    of STAT_ROWS. The running rows are keep*running + take*batch (var: unbiased if asked)."""
     import cupy
     _check_x(x, "x")
     dev, on_device = _device(x, gamma, beta, running_mean, running_var)
@@ -428,18 +483,15 @@ def _train_forward(x, gamma, beta, eps, running_mean=None, running_var=None, kee
 
 def _train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, given, keep, take,
                             unbiased, var_default, part, stats, y):
-    """The (kernel, grid, args) of a train forward; arrays checked and allocated."""
-    eps = np.float64(eps)
+    """The (kernel, grid, args) of a train forward (2 launches: stats, then apply, whose
+    blocks merge the partials and write ``stats``); arrays checked and allocated."""
     return ((p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args),
-            (p.kernels["merge"], p.merge_grid,
-             (part, p.C, p.slots, eps,
+            (p.kernels["apply_train"], p.plan.grid,
+             (x, gamma, beta, part, p.slots,
               part if running_mean is None else running_mean,   # not read unless given
               part if running_var is None else running_var, np.int32(given), np.float64(keep),
               np.float64(take), np.float64(p.unbiased if unbiased else 1.0),
-              np.float64(var_default), stats)),
-            # train mode: run_mean/run_var are not read, invstd_out is not written
-            (p.kernels["apply"], p.plan.grid,
-             (x, gamma, beta, stats, stats, stats, np.int32(1), eps, part, y, p.C) + p.plan.args))
+              np.float64(var_default), np.float64(eps), stats, y, p.C) + p.plan.args))
 
 
 def bn_train_forward_gpu(x, gamma, beta, eps):
@@ -461,7 +513,7 @@ def bn_train_forward_gpu(x, gamma, beta, eps):
 
 def bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
                                convention):
-    """bn_train_forward_gpu plus the running-statistics update, in the same three launches,
+    """bn_train_forward_gpu plus the running-statistics update, in the same two launches,
     with the per-channel results left in one block (no row views made: cheaper on the host).
 
     Inputs:
@@ -534,10 +586,12 @@ def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
 
 
 def _eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y):
-    """The (kernel, grid, args) of a test-mode forward; `stats` (here mean) is not read."""
+    """The (kernel, grid, args) of a test-mode forward: one launch, writing y and invstd
+    (the train-mode arguments part, slots, given, keep, take, factors are not read)."""
+    zero = np.float64(0.0)
     return ((p.kernels["apply"], p.plan.grid,
-             (x, gamma, beta, mean, mean, var, np.int32(0), np.float64(eps), invstd, y, p.C)
-             + p.plan.args),)
+             (x, gamma, beta, mean, np.int32(0), mean, var, np.int32(3), zero, zero, zero, zero,
+              np.float64(eps), invstd, y, p.C) + p.plan.args),)
 
 
 def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
@@ -599,16 +653,16 @@ def bn_backward_gpu(dout, x, gamma, mean, invstd, train, mean_lo=None):
 
 def _backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma, dbeta,
                        mean_lo=None):
-    """The (kernel, grid, args) of a backward: 3 launches (train) or 2 (test); mean_lo (or
-    None: not read, mean is passed in its place) corrects mean."""
+    """The (kernel, grid, args) of a backward, 2 launches: reduce, then (train) dx, whose
+    blocks merge the partials and write dgamma and dbeta, or (test: reduce wrote dx) the
+    merge; mean_lo (or None: not read, mean is passed in its place) corrects mean."""
     with_lo = np.int32(mean_lo is not None)
     lo = mean if mean_lo is None else mean_lo
-    launches = ((p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
-                 (dout, x, gamma, mean, lo, invstd, part, dx, with_lo, p.C) + p.plan.args),
-                (p.kernels["backward_merge"], p.merge_grid,
-                 (part, p.C, p.slots, invstd, dgamma, dbeta)))
+    reduce = (p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
+              (dout, x, gamma, mean, lo, invstd, part, dx, with_lo, p.C) + p.plan.args)
     if train:
-        launches += ((p.kernels["dx"], p.plan.grid,
-                      (dout, x, gamma, mean, lo, invstd, dgamma, dbeta, p.count, dx, with_lo,
-                       p.C) + p.plan.args),)
-    return launches
+        return (reduce, (p.kernels["dx"], p.plan.grid,
+                         (dout, x, gamma, mean, lo, invstd, part, p.slots, dgamma, dbeta, p.count,
+                          dx, with_lo, p.C) + p.plan.args))
+    return (reduce, (p.kernels["backward_merge"], p.merge_grid,
+                     (part, p.C, p.slots, invstd, dgamma, dbeta)))
