@@ -23,7 +23,10 @@ Stages, each guarded so that one failure is recorded and the rest go on:
    the same run is the ceiling for the bandwidth fraction; on a GPU a second
    table times the pool_nd kernels against PyTorch ($OUT/pool_nd_timing.json), with
    channels-last rows (ours on (N, *spatial, C) arrays, PyTorch on channels_last tensors)
-   and bfloat16 rows;
+   and bfloat16 rows; a third times the gpulayers.torch ops against torch's native ops
+   on the same CUDA tensors, forward and forward+backward, contiguous and
+   channels_last, with the bytes each saves for backward
+   ($OUT/torch_bridge_timing.json);
 3. the results JSON, written to benchmarks/results/<date>-<gpu>.json and $OUT
    (written once before the test suite runs, and again with its counts);
    without a usable GPU (and without --dry-run) the script says why on
@@ -828,6 +831,90 @@ def stage_nd_timing(dev, args, rng, out_dir, errors):
     return rows
 
 
+def _saved_bytes(torch, fn, x):
+    """Bytes autograd saves for backward in fn(x) (saved_tensors_hooks), and the output."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    return sum(saved), out
+
+
+def _torch_bridge_cases(torch):
+    """(name, shape, ours(t), theirs(t)) for gpulayers.torch against torch.nn.functional."""
+    import gpulayers.torch as GF
+    F = torch.nn.functional
+    return [
+        ("max_pool2d 3x3/2 p1", (32, 64, 112, 112),
+         lambda t: GF.max_pool2d(t, 3, 2, 1), lambda t: F.max_pool2d(t, 3, 2, 1)),
+        ("max_pool3d 3x3x3/2 p1", (8, 32, 16, 56, 56),
+         lambda t: GF.max_pool3d(t, 3, 2, 1), lambda t: F.max_pool3d(t, 3, 2, 1)),
+        ("avg_pool3d 3x3x3/2 p1", (8, 32, 16, 56, 56),
+         lambda t: GF.avg_pool3d(t, 3, 2, 1), lambda t: F.avg_pool3d(t, 3, 2, 1)),
+        ("adaptive_avg_pool2d 7", (32, 512, 14, 14),
+         lambda t: GF.adaptive_avg_pool2d(t, 7), lambda t: F.adaptive_avg_pool2d(t, 7)),
+        ("adaptive_max_pool2d 7", (32, 512, 14, 14),
+         lambda t: GF.adaptive_max_pool2d(t, 7), lambda t: F.adaptive_max_pool2d(t, 7)),
+    ]
+
+
+def stage_torch_timing(dev, args, out_dir, errors):
+    """gpulayers.torch ops against torch's native ops on the same CUDA tensors: forward and
+    forward+backward medians (CUDA events), contiguous and channels_last, and the bytes
+    each saves for backward ($OUT/torch_bridge_timing.json)."""
+    torch = dev.torch
+    if dev.dry_run or args.smoke or torch is None:
+        say("  gpulayers.torch timing: skipped (needs CuPy, a GPU and PyTorch)")
+        return []
+    rows = []
+    for name, shape, ours, theirs in _torch_bridge_cases(torch):
+        for layout in ("contiguous", "channels_last"):
+            try:
+                t = torch.randn(shape, device="cuda")
+                if layout == "channels_last":
+                    t = t.contiguous(memory_format=torch.channels_last if t.ndim == 4
+                                     else torch.channels_last_3d)
+                tg = t.detach().clone().requires_grad_()
+                saved = {}
+                fns = {}
+                for who, fn in (("ours", ours), ("torch", theirs)):
+                    saved[who], out = _saved_bytes(torch, fn, tg)
+                    g = torch.ones_like(out)
+                    fns[who] = {"fwd": (lambda fn=fn: fn(t)),
+                                "fwd+bwd": (lambda fn=fn, g=g: fn(tg).backward(g))}
+                for pass_ in ("fwd", "fwd+bwd"):
+                    entries = [B.Timed("ours", fns["ours"][pass_], dev.torch_clock),
+                               B.Timed("torch", fns["torch"][pass_], dev.torch_clock)]
+                    B.round_robin(entries, args.reps, args.warmup)
+                    ms = {e.name: B.median(e.samples) if e.error is None else None
+                          for e in entries}
+                    for e in entries:
+                        if e.error:
+                            errors.append({"case": f"torch bridge {name} {layout} {pass_} "
+                                                   f"{e.name}", "error": e.error})
+                    row = {"case": name, "pass": pass_, "shape": list(shape), "layout": layout,
+                           "ours_ms": ms["ours"], "torch_ms": ms["torch"],
+                           "ours_saved_bytes": saved["ours"],
+                           "torch_saved_bytes": saved["torch"]}
+                    rows.append(row)
+                    ratio = (row["ours_ms"] / row["torch_ms"]
+                             if row["ours_ms"] and row["torch_ms"] else float("nan"))
+                    say(f"  {name:<24}{layout:<14}{pass_:<8} ours {row['ours_ms'] or 0:8.3f} ms"
+                        f"  torch {row['torch_ms'] or 0:8.3f} ms  ratio {ratio:.2f}  saved "
+                        f"{saved['ours'] / 2**20:.1f} vs {saved['torch'] / 2**20:.1f} MiB")
+            except Exception as exc:
+                errors.append({"case": f"torch bridge {name} {layout}",
+                               "error": f"{type(exc).__name__}: {exc}"[:600]})
+                say(f"  torch bridge {name} {layout} FAILED: {type(exc).__name__}: {exc}"[:400])
+            dev.free()
+    with open(os.path.join(out_dir, "torch_bridge_timing.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
 # --------------------------------------------------------------------- 4. tests
 
 
@@ -1017,6 +1104,13 @@ def _run(args, dev, out_dir, t_start):
         stage_nd_timing(dev, args, rng, out_dir, errors)
     except Exception as exc:
         errors.append({"case": "pool_nd timing stage", "error": f"{type(exc).__name__}: {exc}"})
+        say(traceback.format_exc())
+    say("\n== timing: gpulayers.torch vs torch's native ops")
+    try:
+        stage_torch_timing(dev, args, out_dir, errors)
+    except Exception as exc:
+        errors.append({"case": "torch bridge timing stage",
+                       "error": f"{type(exc).__name__}: {exc}"})
         say(traceback.format_exc())
     doc["cases"] = cases
     with open(os.path.join(out_dir, "errors.json"), "w", encoding="utf-8") as f:
