@@ -1421,8 +1421,8 @@ def adaptive_avg_pool_forward(x, output_size, data_format="channels_first"):
     - data_format: 'channels_first' (default) or 'channels_last' (see max_pool_forward; an
       x in PyTorch's channels_last memory format is pooled without a copy)
 
-    Every window sums its taps axis by axis in order (also for global pooling), so both
-    layouts give the same bits.
+    Every window sums its taps axis by axis in order; global pooling on NumPy sums each
+    plane as one row (pairwise); both layouts give the same bits either way.
 
     Returns a tuple of:
     - out: array (N, C, *output_size) (or (N, *output_size, C)), dtype of x
@@ -1434,10 +1434,37 @@ def adaptive_avg_pool_forward(x, output_size, data_format="channels_first"):
                      layout), cache
 
 
+def _global_avg(x, geom, cl):
+    """Global average pooling of a NumPy x: each plane's P values summed as one contiguous
+    row by np.einsum('ij->i') (its vectorised row sums, in the accumulation dtype; about 3x
+    faster than np.add.reduce on rows this short), then divided by P. Channels-last planes
+    are transposed one sample at a time into such rows first, so both layouts sum every
+    plane with the same code on the same row: the same bits."""
+    acc = acc_dtype(x.dtype)
+    N, C = geom.N, geom.C
+    P = _prod(geom.size)
+    if not cl:
+        rows = np.ascontiguousarray(x).reshape(N * C, P)
+        if x.dtype != acc:
+            rows = rows.astype(acc)
+        total = np.einsum("ij->i", rows).reshape(N, C)
+    else:
+        total = np.empty((N, C), acc)
+        for n in range(N):   # one (P, C) sample at a time: a transposed copy of one sample
+            rows = np.ascontiguousarray(x[n].reshape(P, C).T, dtype=acc)
+            total[n] = np.einsum("ij->i", rows)
+    total /= acc.type(P)
+    out = total.reshape((N, C) + (1,) * geom.d) if not cl else total.reshape(
+        (N,) + (1,) * geom.d + (C,))
+    return out.astype(x.dtype, copy=False)
+
+
 def _adaptive_avg_forward(x, geom, cl):
     xp = get_array_module(x)
     if _use_kernels(xp, geom):
         return pool_nd_kernels.adaptive_avg_pool_forward_gpu(x, geom, **_kernel_kw(cl))
+    if xp is np and all(o == 1 for o in geom.out):
+        return _global_avg(x, geom, cl)
     acc = acc_dtype(x.dtype)
     axes = _adaptive_axes(geom)
     a = x.astype(acc, copy=False)
