@@ -14,7 +14,11 @@ What is here, in the order a benchmark uses it:
 - *copy bandwidth*: the ceiling the byte model is compared with, measured in
   the same run (:func:`copy_bandwidth_numpy`, :func:`copy_bandwidth_cupy`);
 - :class:`Case` and :func:`build_case`: one op on one shape and dtype, with a
-  callable per implementation (ours and PyTorch's) over the *same* data;
+  callable per implementation (ours and PyTorch's) over the *same* data; pooling
+  cases take x of any rank the op takes ((N, C, L), (N, C, H, W), (N, C, D, H, W))
+  and the PyTorch peer is ``F.max_pool{1,2,3}d`` etc. by rank;
+- :func:`nd_support` (which N-d pooling functions gpulayers has) and
+  :func:`check_against` (our result against the peer's, with a tolerance per dtype);
 - :func:`peak_memory`: tracemalloc peak and retained bytes of a NumPy call;
 - the results-JSON format: :func:`results_document`, :func:`validate_results`,
   :func:`write_json`, :func:`git_commit`, :func:`package_commit`, :func:`slug`.
@@ -38,12 +42,13 @@ import numpy as np
 
 import gpulayers as gl
 from .backend import is_cupy_array
-from .shapes import pool_geometry
+from .shapes import adaptive_geometry, pool_geometry
 
 __all__ = [
     "CPUClock", "CupyClock", "TorchCudaClock", "Timed", "round_robin", "median",
     "compulsory_bytes", "copy_bandwidth_numpy", "copy_bandwidth_cupy",
-    "Case", "build_case", "OPS", "peak_memory", "import_torch",
+    "Case", "build_case", "OPS", "peak_memory", "import_torch", "nd_support", "check_against",
+    "CHECK_TOL",
     "results_document", "validate_results", "write_json", "git_commit", "package_commit",
     "slug", "today",
 ]
@@ -177,25 +182,29 @@ def compulsory_bytes(op, x_shape, out_shape, itemsize, index_itemsize=0, param_i
     - max_pool_forward: read x; write out and one index per output element
       (``index_itemsize``: 1 for our uint8 offsets, 8 for PyTorch's int64);
     - max_pool_backward: read dout and the indices; write dx;
-    - avg_pool_forward / avg_pool_backward: read x (dout), write out (dx);
+    - avg_pool_forward / avg_pool_backward, and likewise sum pooling and adaptive
+      average pooling: read x (dout), write out (dx);
+    - adaptive_max_pool_forward / _backward: as max pooling;
     - spatial_batchnorm_forward (train): read x, gamma, beta, running mean and
       var; write out and the running mean and var;
     - spatial_batchnorm_backward: read dout, x, gamma and the saved mean and
       inverse std; write dx, dgamma, dbeta;
     - spatial_batchnorm_eval_forward: read x, gamma, beta, running mean and var; write out.
 
-    Per-channel vectors use ``param_itemsize``. A real train forward reads x
-    twice (statistics, then normalize) unless x fits in cache, so its
-    bandwidth fraction under this model tops out near 2/3.
+    Shapes are (N, C, *spatial) of any rank. Per-channel vectors use
+    ``param_itemsize``. A real train forward reads x twice (statistics, then
+    normalize) unless x fits in cache, so its bandwidth fraction under this
+    model tops out near 2/3.
     """
     n_in = int(np.prod(x_shape))
     n_out = int(np.prod(out_shape))
     C = int(x_shape[1])
-    if op == "max_pool_forward":
+    if op in ("max_pool_forward", "adaptive_max_pool_forward"):
         return n_in * itemsize + n_out * (itemsize + index_itemsize)
-    if op == "max_pool_backward":
+    if op in ("max_pool_backward", "adaptive_max_pool_backward"):
         return n_out * (itemsize + index_itemsize) + n_in * itemsize
-    if op in ("avg_pool_forward", "avg_pool_backward"):
+    if op in ("avg_pool_forward", "avg_pool_backward", "sum_pool_forward", "sum_pool_backward",
+              "adaptive_avg_pool_forward", "adaptive_avg_pool_backward"):
         return (n_in + n_out) * itemsize
     if op == "spatial_batchnorm_forward":
         return 2 * n_in * itemsize + _params_bytes(C, param_itemsize, 6)
@@ -271,16 +280,35 @@ OPS = {
     "spatial_batchnorm_forward": ("bn", False),
     "spatial_batchnorm_backward": ("bn", True),
     "spatial_batchnorm_eval_forward": ("bn_eval", False),
+    "sum_pool_forward": ("sum", False),
+    "sum_pool_backward": ("sum", True),
+    "adaptive_avg_pool_forward": ("adaptive_avg", False),
+    "adaptive_avg_pool_backward": ("adaptive_avg", True),
+    "adaptive_max_pool_forward": ("adaptive_max", False),
+    "adaptive_max_pool_backward": ("adaptive_max", True),
 }
 
-# implementation name -> (forward function name, backward function name) in gpulayers.
-# "fast" is the public entry point (max_pool_forward, ...): CUDA kernels on CuPy.
+#: families whose params are a pool_param dict (kernel, stride, pad, ...), for x of
+#: shape (N, C, L), (N, C, H, W) or (N, C, D, H, W)
+POOL_FAMILIES = ("max", "avg", "sum")
+#: families whose params are {'output_size': int or d-tuple}, same ranks
+ADAPTIVE_FAMILIES = ("adaptive_avg", "adaptive_max")
+#: families that keep an argmax per output element (an index in PyTorch's peer)
+_ARGMAX_FAMILIES = ("max", "adaptive_max")
+
+# implementation name -> (forward function name, backward function name) in gpulayers
+# (looked up in gpulayers, then in gpulayers.pooling: new pooling functions may be
+# exported there first). "fast" is the public entry point (max_pool_forward, ...): CUDA
+# kernels on CuPy.
 _IMPLS = {
     "max": {"fast": ("max_pool_forward", "max_pool_backward"),
             "general": ("max_pool_forward_general", "max_pool_backward_general"),
             "reshape": ("max_pool_forward_reshape", "max_pool_backward_reshape"),
             "naive": ("max_pool_forward_naive", "max_pool_backward_naive")},
     "avg": {"fast": ("avg_pool_forward", "avg_pool_backward")},
+    "sum": {"fast": ("sum_pool_forward", "sum_pool_backward")},
+    "adaptive_avg": {"fast": ("adaptive_avg_pool_forward", "adaptive_avg_pool_backward")},
+    "adaptive_max": {"fast": ("adaptive_max_pool_forward", "adaptive_max_pool_backward")},
     "bn": {"fast": ("spatial_batchnorm_forward", "spatial_batchnorm_backward"),
            "general": ("spatial_batchnorm_forward_general", "spatial_batchnorm_backward_general"),
            "naive": ("spatial_batchnorm_forward_naive", "spatial_batchnorm_backward_naive")},
@@ -309,10 +337,15 @@ _IMPLS["bn_eval"] = _IMPLS["bn"]
 
 
 def _lookup(fn):
-    """A gpulayers function by name (None when absent), or the function itself."""
+    """A gpulayers function by name (gpulayers first, then gpulayers.pooling; None when
+    absent), or the function itself."""
     if fn is None or callable(fn):
         return fn
-    return getattr(gl, fn, None)
+    found = getattr(gl, fn, None)
+    if found is None:
+        from . import pooling
+        found = getattr(pooling, fn, None)
+    return found
 
 
 def impl_label(name, xp):
@@ -324,16 +357,33 @@ def impl_label(name, xp):
     return name
 
 
-def pool_params_str(p):
-    kh, kw = p["pool_height"], p["pool_width"]
-    s = p.get("stride", (kh, kw))
-    parts = [f"k={kh}x{kw}", f"s={s}", f"p={p.get('pad', 0)}"]
-    if p.get("dilation", 1) not in (1, (1, 1)):
+def _dims(v, d=None):
+    """'3x3x3' from 3 (with d = 3) or (3, 3, 3); '3' from 3 without d."""
+    if isinstance(v, (int, np.integer)):
+        return "x".join([str(int(v))] * d) if d else str(int(v))
+    return "x".join(str(int(t)) for t in v)
+
+
+def pool_params_str(p, d=None):
+    """A pool_param dict in one short string: 'k=3x3 s=2 p=1' (CS231n names),
+    'k=3x3x3 s=2 p=1' ('kernel_size' with ``d`` = 3 spatial axes), then d=, ceil,
+    exclude_pad and div= when they differ from the defaults."""
+    if "kernel_size" in p:
+        k = p["kernel_size"]
+        parts = [f"k={_dims(k, d)}", f"s={p.get('stride', k)}", f"p={p.get('pad', 0)}"]
+    else:
+        kh, kw = p["pool_height"], p["pool_width"]
+        s = p.get("stride", (kh, kw))
+        parts = [f"k={kh}x{kw}", f"s={s}", f"p={p.get('pad', 0)}"]
+    dil = p.get("dilation", 1)
+    if not (dil == 1 or (not isinstance(dil, int) and all(v == 1 for v in dil))):
         parts.append(f"d={p['dilation']}")
     if p.get("ceil_mode"):
         parts.append("ceil")
     if "count_include_pad" in p and not p["count_include_pad"]:
         parts.append("exclude_pad")
+    if p.get("divisor_override") is not None:
+        parts.append(f"div={p['divisor_override']}")
     return " ".join(parts)
 
 
@@ -345,13 +395,15 @@ def _pair(v):
 class Case:
     """One op on one shape and dtype.
 
-    ``params`` is the pool_param dict (pool ops) or bn_param dict (BN ops;
-    'mode' is set by the op). After :func:`build_case`: ``entries`` (one
-    :class:`Timed` per implementation, ours first, PyTorch's last),
-    ``bytes`` (implementation name -> compulsory bytes), ``notes``
-    (implementations skipped and why), ``outputs`` (name -> first output, for
-    the agreement check) and ``forward_fns`` (name -> zero-argument callable
-    running that implementation's forward, for :func:`peak_memory`).
+    ``params`` is the pool_param dict (max/avg/sum pooling, x of shape (N, C, L),
+    (N, C, H, W) or (N, C, D, H, W)), ``{'output_size': ...}`` (adaptive pooling,
+    same ranks) or the bn_param dict (BN ops; 'mode' is set by the op). After
+    :func:`build_case`: ``entries`` (one :class:`Timed` per implementation, ours
+    first, PyTorch's last), ``bytes`` (implementation name -> compulsory bytes),
+    ``notes`` (implementations skipped and why), ``outputs`` (name -> first output,
+    for the agreement check) and ``forward_fns`` (name -> zero-argument callable
+    running that implementation's forward, for :func:`peak_memory`); ``check``
+    (set by the caller from :func:`check_against`).
     """
 
     op: str
@@ -365,6 +417,8 @@ class Case:
     forward_fns: dict = field(default_factory=dict)
     backward_fns: dict = field(default_factory=dict)
     x_nbytes: int = 0
+    #: (error, ok) of :func:`check_against`, once a caller has made it
+    check: tuple = (None, None)
 
     @property
     def family(self):
@@ -374,9 +428,22 @@ class Case:
     def backward(self):
         return OPS[self.op][1]
 
+    @property
+    def rank(self):
+        """Number of spatial axes of x (2 for (N, C, H, W))."""
+        return len(self.shape) - 2
+
+    @property
+    def is_pool(self):
+        """A pooling op (windowed or adaptive), not batch norm."""
+        return self.family in POOL_FAMILIES + ADAPTIVE_FAMILIES
+
     def params_str(self):
-        if self.family in ("max", "avg"):
-            return pool_params_str(self.params)
+        if self.family in POOL_FAMILIES:
+            return pool_params_str(self.params, self.rank)
+        if self.family in ADAPTIVE_FAMILIES:
+            out = self.params["output_size"]
+            return f"out={_dims(out, self.rank) if isinstance(out, int) else tuple(out)}"
         mode = "eval" if self.family == "bn_eval" else "train"
         p = self.params
         return (f"{mode} eps={p.get('eps', 1e-5):g} momentum={p.get('momentum', 0.9):g} "
@@ -389,6 +456,22 @@ def _random(xp, shape, dtype, rng):
         return rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
     g = xp.random.default_rng(int(rng.integers(2**31)))
     return g.standard_normal(shape, dtype=xp.float32).astype(dtype, copy=False)
+
+
+def case_geometry(case):
+    """The shapes.PoolGeometry (max/avg/sum) or AdaptiveGeometry (adaptive ops) of a
+    pooling case; ValueError from shapes when the case is not valid."""
+    if case.family in POOL_FAMILIES:
+        return pool_geometry(tuple(case.shape), case.params, case.family)
+    if case.family in ADAPTIVE_FAMILIES:
+        return adaptive_geometry(tuple(case.shape), case.params["output_size"])
+    raise ValueError(f"{case.op} is not a pooling op")
+
+
+def _index_itemsize(cache):
+    """Bytes per kept argmax in our max-pool cache (its ``offsets``), 0 when it has none."""
+    offsets = getattr(cache, "offsets", None)
+    return np.dtype(offsets.dtype).itemsize if hasattr(offsets, "dtype") else 0
 
 
 def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
@@ -416,8 +499,9 @@ def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
     case.x_nbytes = x.nbytes
     C = shape[1]
     pdtype = np.float32 if dtype == np.float16 else dtype
-    if fam in ("max", "avg"):
-        geom = pool_geometry(shape, case.params, fam)
+    geom = None
+    if case.is_pool:
+        geom = case_geometry(case)
         out_shape = geom.output_shape
         gamma = beta = None
     else:
@@ -441,14 +525,18 @@ def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
         fwd, bwd = (_lookup(f) for f in _IMPLS[fam][name])
         label = impl_label(name, xp)
         if fwd is None or (is_bwd and bwd is None):
-            case.notes.append(f"{label}: not in gpulayers")
+            missing = [f for f, g in zip(_IMPLS[fam][name], (fwd, bwd)) if g is None]
+            case.notes.append(f"{label}: not in gpulayers ({', '.join(map(str, missing))})")
             continue
         if name == "reshape" and not geom.tiles:
             case.notes.append(f"{label}: windows do not tile the input")
             continue
-        if fam in ("max", "avg"):
+        if fam in POOL_FAMILIES:
             params = case.params
             run_fwd = (lambda f=fwd, p=params: f(x, p))
+        elif fam in ADAPTIVE_FAMILIES:
+            size = case.params["output_size"]
+            run_fwd = (lambda f=fwd, s=size: f(x, s))
         else:
             bp = bn_param()
             run_fwd = (lambda f=fwd, p=bp: f(x, gamma, beta, p))
@@ -457,9 +545,7 @@ def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
         except Exception as exc:
             case.notes.append(f"{label}: forward raised {type(exc).__name__}: {exc}"[:300])
             continue
-        index_itemsize = 0
-        if fam == "max":
-            index_itemsize = np.dtype(cache.offsets.dtype).itemsize
+        index_itemsize = _index_itemsize(cache) if fam in _ARGMAX_FAMILIES else 0
         case.bytes[label] = compulsory_bytes(case.op, shape, out_shape, dtype.itemsize,
                                              index_itemsize, np.dtype(pdtype).itemsize)
         case.forward_fns[label] = run_fwd
@@ -486,6 +572,40 @@ def build_case(case, xp, impls, clock, torch=None, torch_clock=None, rng=None,
     return case
 
 
+def torch_pool_fn(F, case):
+    """PyTorch's forward of the pooling ``case``: a function of one tensor, on the
+    functional of x's rank (``F.max_pool3d`` for (N, C, D, H, W), ...), with the
+    arguments taken from our checked geometry. Max pooling returns (out, indices).
+
+    Average pooling of 1-D input with a divisor_override, and sum pooling of 1-D input
+    (``avg_pool*d`` with divisor_override=1), run as 2-D over (N, C, 1, L):
+    ``F.avg_pool1d`` has no divisor_override."""
+    fam, d, p = case.family, case.rank, case.params
+    geom = case_geometry(case)
+    if fam in ADAPTIVE_FAMILIES:
+        f = getattr(F, f"{fam}_pool{d}d")
+        out = tuple(geom.out)
+        if fam == "adaptive_max":
+            return lambda t: f(t, out, return_indices=True)
+        return lambda t: f(t, out)
+    k, s, pad, dil = (tuple(v) for v in (geom.kernel, geom.stride, geom.pad, geom.dilation))
+    ceil = geom.ceil_mode
+    if fam == "max":
+        f = getattr(F, f"max_pool{d}d")
+        return lambda t: f(t, k, s, pad, dil, ceil_mode=ceil, return_indices=True)
+    cip = bool(p.get("count_include_pad", True)) if fam == "avg" else True
+    div = p.get("divisor_override") if fam == "avg" else 1
+    if d == 1 and div is None:
+        return lambda t: F.avg_pool1d(t, k, s, pad, ceil_mode=ceil, count_include_pad=cip)
+    if d == 1:
+        return lambda t: F.avg_pool2d(t.unsqueeze(2), (1,) + k, (1,) + s, (0,) + pad,
+                                      ceil_mode=ceil, count_include_pad=cip,
+                                      divisor_override=div).squeeze(2)
+    f = getattr(F, f"avg_pool{d}d")
+    return lambda t: f(t, k, s, pad, ceil_mode=ceil, count_include_pad=cip,
+                       divisor_override=div)
+
+
 def _add_torch(case, torch, clock, x, dout, gamma, beta, out_shape, C):
     """Append PyTorch's implementation of ``case.op`` on the same data."""
     F = torch.nn.functional
@@ -494,21 +614,8 @@ def _add_torch(case, torch, clock, x, dout, gamma, beta, out_shape, C):
     dev = xt.device
     label = f"torch-{dev.type}"
     itemsize = xt.element_size()
-    if fam in ("max", "avg"):
-        p = case.params
-        k = (p["pool_height"], p["pool_width"])
-        s = _pair(p.get("stride", k))
-        pad = _pair(p.get("pad", 0))
-        if fam == "max":
-            dil = _pair(p.get("dilation", 1))
-
-            def fwd(t):
-                return F.max_pool2d(t, k, s, pad, dil, ceil_mode=p.get("ceil_mode", False),
-                                    return_indices=True)
-        else:
-            def fwd(t):
-                return F.avg_pool2d(t, k, s, pad, ceil_mode=p.get("ceil_mode", False),
-                                    count_include_pad=p.get("count_include_pad", True))
+    if case.is_pool:
+        fwd = torch_pool_fn(F, case)
         if not is_bwd:
             fn = lambda: fwd(xt)  # noqa: E731
             first = fwd(xt)
@@ -520,7 +627,7 @@ def _add_torch(case, torch, clock, x, dout, gamma, beta, out_shape, C):
             dt = _to_torch(torch, dout)
             fn = lambda: torch.autograd.grad(out, xg, dt, retain_graph=True)  # noqa: E731
             first = fn()[0]
-        index_itemsize = 8 if fam == "max" else 0  # int64 indices
+        index_itemsize = 8 if fam in _ARGMAX_FAMILIES else 0  # int64 indices
         nbytes = compulsory_bytes(case.op, case.shape, out_shape, itemsize, index_itemsize)
     else:
         wdtype = torch.float32 if xt.dtype == torch.float16 else xt.dtype
@@ -550,6 +657,86 @@ def _add_torch(case, torch, clock, x, dout, gamma, beta, out_shape, C):
     case.bytes[label] = nbytes
     case.outputs[label] = first.detach()
     case.entries.append(Timed(label, fn, clock))
+
+
+# ------------------------------------------------------- N-d support and the peer check
+
+#: largest max |ours - peer| / max |peer| that :func:`check_against` accepts, per dtype:
+#: a few units in the last place of the largest value (sums of overlapping windows and
+#: averages may add in another order than PyTorch's)
+CHECK_TOL = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+def check_against(case, ours=None, peer=None):
+    """Our result against the peer's: ``(error, ok)`` with error = max |ours - peer| /
+    max |peer| over the forward output (forward ops) or dx (backward ops), and ok when
+    it is within :data:`CHECK_TOL` of the case's dtype. ``ours`` defaults to the first
+    implementation, ``peer`` to the first 'torch-*' output; ``(None, None)`` when
+    either is missing (no peer, or ours did not run)."""
+    labels = list(case.outputs)
+    peer = peer or next((k for k in labels if k.startswith("torch")), None)
+    ours = ours or next((k for k in labels if not k.startswith("torch")), None)
+    if peer is None or ours is None or ours not in case.outputs:
+        return None, None
+    err = agreement(case, reference=peer)[ours]
+    return err, bool(err <= CHECK_TOL.get(str(case.dtype), 1e-5))
+
+
+def _probe_params(fam, d):
+    if fam in ADAPTIVE_FAMILIES:
+        return {"output_size": (3,) * d}
+    return {"kernel_size": 3, "stride": 2, "pad": 1}
+
+
+def probe_case(case, impl="fast"):
+    """None when gpulayers can run ``case``'s op with ``impl`` on x of its rank, else
+    why not (a missing function, or the forward or backward raising or returning the
+    wrong shape). Runs the op once on a tiny NumPy input of the case's rank
+    (shape (1, 2, 7, ...)) with the case's own parameters (kernel 3, stride 2, pad 1 /
+    output 3 per axis for a case whose parameters do not fit 7)."""
+    fam = case.family
+    names = _IMPLS.get(fam, {}).get(impl)
+    if names is None:
+        return f"{impl} has no {case.op}"
+    fwd, bwd = (_lookup(f) for f in names)
+    missing = [n for n, f in zip(names, (fwd, bwd)) if f is None]
+    if missing:
+        return f"gpulayers has no {', '.join(map(str, missing))}"
+    tiny = Case(case.op, (1, 2) + (7,) * case.rank, case.dtype, dict(case.params))
+    try:
+        geom = case_geometry(tiny)
+    except ValueError:
+        tiny.params = _probe_params(fam, case.rank)
+        try:
+            geom = case_geometry(tiny)
+        except ValueError as exc:
+            return f"shapes refuses {tiny.shape} {tiny.params}: {exc}"[:300]
+    x = np.random.default_rng(0).standard_normal(tiny.shape).astype(case.dtype)
+    what = f"{names[0]} on x of shape {tiny.shape} ({tiny.params_str()})"
+    try:
+        arg = tiny.params["output_size"] if fam in ADAPTIVE_FAMILIES else tiny.params
+        out, cache = fwd(x, arg)
+        if tuple(out.shape) != tuple(geom.output_shape):
+            return f"{what} returned shape {tuple(out.shape)}, not {geom.output_shape}"
+        dx = bwd(np.ones_like(out), cache)
+        dx = dx[0] if isinstance(dx, tuple) else dx
+        if tuple(dx.shape) != tuple(tiny.shape):
+            return f"{names[1]} returned shape {tuple(dx.shape)}, not {tiny.shape}"
+    except Exception as exc:
+        return f"{what} raised {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def nd_support(impl="fast"):
+    """{'max_pool 3-D': None or why not, ...}: which pooling ops gpulayers runs on
+    x of each rank (1-D, 2-D, 3-D), by :func:`probe_case`."""
+    out = {}
+    for fam, op in (("max", "max_pool"), ("avg", "avg_pool"), ("sum", "sum_pool"),
+                    ("adaptive_avg", "adaptive_avg_pool"), ("adaptive_max", "adaptive_max_pool")):
+        for d in (1, 2, 3):
+            case = Case(f"{op}_backward", (1, 2) + (7,) * d, "float32", _probe_params(fam, d))
+            out[f"{op} {d}-D"] = probe_case(case, impl)
+    return out
 
 
 def to_host(a):
@@ -605,9 +792,8 @@ def peak_memory(fn):
 
 # -------------------------------------------------------------------- results JSON
 
-RESULT_OPS = ("max_pool_forward", "max_pool_backward", "spatial_batchnorm_forward",
-              "spatial_batchnorm_backward", "spatial_batchnorm_eval_forward",
-              "avg_pool_forward", "avg_pool_backward")
+#: the ops a results JSON may hold: every op of :data:`OPS`
+RESULT_OPS = tuple(OPS)
 
 
 def today():
@@ -711,8 +897,11 @@ def validate_results(doc):
             raise ValueError(f"cases[{i}] keys {sorted(c)} != {sorted(keys)}")
         if c["op"] not in RESULT_OPS:
             raise ValueError(f"cases[{i}] op {c['op']!r} unknown")
-        if len(c["shape"]) != 4 or not all(isinstance(s, int) for s in c["shape"]):
-            raise ValueError(f"cases[{i}] shape {c['shape']!r} is not [N, C, H, W]")
+        shape = c["shape"]
+        if (not isinstance(shape, list) or not 3 <= len(shape) <= 5
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+            raise ValueError(f"cases[{i}] shape {shape!r} is not [N, C, L], [N, C, H, W] or "
+                             f"[N, C, D, H, W]")
         if not isinstance(c["gpulayers_ms"], (int, float)) or not isinstance(c["bytes"], int):
             raise ValueError(f"cases[{i}] gpulayers_ms/bytes have wrong types")
     return doc
@@ -722,8 +911,9 @@ def write_json(doc, *paths):
     """Validate ``doc`` and write it to every path (folders made as needed)."""
     validate_results(doc)
     text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
-    # one line per shape list: [256, 64, 112, 112]
-    text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3, \4]", text)
+    # one line per shape list: [256, 64, 112, 112], [8, 32, 16, 56, 56]
+    text = re.sub(r"\[\s+(\d+(?:,\s+\d+)*)\s+\]",
+                  lambda m: "[" + ", ".join(re.split(r",\s+", m.group(1))) + "]", text)
     for path in paths:
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)

@@ -7,6 +7,7 @@
     python scripts/bench.py --device gpu --json benchmarks/results/mine.json
     python scripts/bench.py --small              # public vs general on small inputs (NumPy)
     python scripts/bench.py --crossover          # where the NumPy blocked paths start to win
+    python scripts/bench.py --nd                 # 1-D / 3-D / adaptive pooling vs PyTorch
 
 How the numbers are made (so they can be trusted):
 
@@ -34,6 +35,16 @@ small inputs (the ratio must stay <= 1.10); ``--crossover`` times each
 threaded) and to infinity (the simple path), the measurement behind the
 thresholds in ``numpy_fast``. Both: NumPy only, no PyTorch, alternating rounds,
 medians after warm-up.
+
+``--nd`` times the pooling cases beyond 2-D, forward and backward, against
+PyTorch's functional of the same rank (``F.max_pool3d``, ``F.avg_pool3d``,
+``F.max_pool1d``, ``F.adaptive_avg_pool2d``), with the same rounds, medians and
+columns; with ``--quick`` / ``--smoke`` on smaller shapes. Before timing, each
+case's op is run once on a tiny input of its rank (a case gpulayers cannot run
+yet is listed and skipped); after it, our result (forward output or dx) is checked
+against PyTorch's (max |ours - torch| / max |torch| within
+``gpulayers.benchmarking.CHECK_TOL``). Exits 1 when a case is skipped or fails
+its check.
 """
 from __future__ import annotations
 
@@ -54,7 +65,10 @@ MP2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
 BN = {"eps": 1e-5, "momentum": 0.9}
 ALL_OPS = ("max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward",
            "spatial_batchnorm_forward", "spatial_batchnorm_backward",
-           "spatial_batchnorm_eval_forward")
+           "spatial_batchnorm_eval_forward",
+           "sum_pool_forward", "sum_pool_backward",
+           "adaptive_avg_pool_forward", "adaptive_avg_pool_backward",
+           "adaptive_max_pool_forward", "adaptive_max_pool_backward")
 
 # (op, shape, params) per size preset; the CPU preset holds the NumPy targets.
 PRESETS = {
@@ -86,6 +100,33 @@ PRESETS = {
             ("spatial_batchnorm_backward", (256, 64, 112, 112), BN),
             ("spatial_batchnorm_eval_forward", (256, 64, 112, 112), BN)],
 }
+# --nd: pooling beyond 2-D (issue 11 section 6). PyTorch-style 'kernel_size' for every rank.
+K3S2P1 = {"kernel_size": 3, "stride": 2, "pad": 1}
+K3S2 = {"kernel_size": 3, "stride": 2}
+GLOBAL = {"output_size": (1, 1)}
+TO_7X7 = {"output_size": (7, 7)}
+
+
+def _nd_cases(x3d, x1d, x2d):
+    """Forward and backward of: max and avg 3x3x3/2 pad 1 on ``x3d``; max 3/2 on ``x1d``;
+    adaptive avg to (1, 1) and to (7, 7) on ``x2d``."""
+    rows = []
+    for op, shape, params in (("max_pool", x3d, K3S2P1), ("avg_pool", x3d, K3S2P1),
+                              ("max_pool", x1d, K3S2), ("adaptive_avg_pool", x2d, GLOBAL),
+                              ("adaptive_avg_pool", x2d, TO_7X7)):
+        rows += [(f"{op}_forward", shape, params), (f"{op}_backward", shape, params)]
+    return rows
+
+
+ND_PRESETS = {
+    "smoke": _nd_cases((2, 3, 5, 8, 8), (2, 3, 33), (2, 4, 9, 9)),
+    "quick": _nd_cases((2, 16, 8, 28, 28), (8, 32, 1024), (8, 128, 14, 14)),
+    "cpu": _nd_cases((8, 32, 16, 56, 56), (32, 64, 4096), (32, 512, 14, 14)),
+}
+ND_PRESETS["gpu"] = ND_PRESETS["cpu"]
+#: --nd's target: ours / PyTorch at most this on every case
+ND_TARGET = 2.0
+
 SWEEP_OPS = ("max_pool_forward", "max_pool_backward", "spatial_batchnorm_forward",
              "spatial_batchnorm_backward")
 
@@ -101,6 +142,11 @@ def parse_args(argv=None):
     size.add_argument("--crossover", action="store_true",
                       help="numpy_fast blocked vs simple path by size (behind its thresholds)")
     ap.add_argument("--passes", type=int, default=2, help="--crossover: passes over the sizes")
+    ap.add_argument("--nd", action="store_true",
+                    help="pooling beyond 2-D vs PyTorch, forward and backward: max/avg 3x3x3/2 "
+                         "pad 1 on (8, 32, 16, 56, 56), max 3/2 on (32, 64, 4096), adaptive avg "
+                         "to (1, 1) and (7, 7) on (32, 512, 14, 14); with --quick/--smoke on "
+                         "smaller shapes; checks every result against PyTorch's")
     ap.add_argument("--device", choices=("cpu", "gpu"), default=None,
                     help="cpu (NumPy) or gpu (CuPy); default gpu when CuPy is usable")
     ap.add_argument("--ops", nargs="+", choices=ALL_OPS, default=None, help="ops to run (default all)")
@@ -263,12 +309,34 @@ def measure_memory(case):
 def make_cases(args, setup):
     preset = "smoke" if args.smoke else "quick" if args.quick else ("gpu" if setup.gpu else "cpu")
     ops = args.ops or ALL_OPS
-    return preset, [B.Case(op, shape, args.dtype, dict(params))
-                    for op, shape, params in PRESETS[preset] if op in ops]
+    table = ND_PRESETS if args.nd else PRESETS
+    cases = [B.Case(op, shape, args.dtype, dict(params))
+             for op, shape, params in table[preset] if op in ops]
+    return ("nd-" + preset if args.nd else preset), cases
+
+
+def probe_cases(cases):
+    """Run each case's op once on a tiny input of its rank (benchmarking.probe_case);
+    print what gpulayers cannot run yet. Returns the cases it can run."""
+    ok, seen = [], {}
+    for case in cases:
+        key = (case.op, case.rank, case.params_str())
+        if key not in seen:
+            seen[key] = B.probe_case(case)
+        why = seen[key]
+        if why is None:
+            ok.append(case)
+        else:
+            case.notes.append(f"not run: {why}")
+    print("N-d support (each op run once on a tiny input of its rank):")
+    for (op, rank, pstr), why in seen.items():
+        print(f"  {op:<28}{rank}-D {pstr:<17}{'ok' if why is None else 'NOT AVAILABLE: ' + why}")
+    return ok
 
 
 def run_cases(args, setup, cases, reps, warmup, rng, copy_gbps):
-    impls = args.impls or ["fast", "general", "reshape", "cs231n-transpose", "naive"]
+    impls = args.impls or (["fast"] if args.nd else
+                           ["fast", "general", "reshape", "cs231n-transpose", "naive"])
     progress = Progress(len(cases) * reps, args.no_progress)
     done = []
     for case in cases:
@@ -288,6 +356,7 @@ def run_cases(args, setup, cases, reps, warmup, rng, copy_gbps):
             memory = {}
             progress.update(reps)
         progress.write(case_table(case, copy_gbps, memory))
+        case.check = B.check_against(case)
         case.forward_fns.clear()
         case.backward_fns.clear()
         case.outputs.clear()
@@ -308,10 +377,39 @@ def summary(cases):
         fast = med.get("fast", med.get("cuda-kernels"))
         peer = next((v for k, v in med.items() if k.startswith("torch")), None)
         naive = med.get("naive", med.get("cs231n-transpose"))
-        params = case.params_str() if case.family in ("max", "avg") else ""
+        params = case.params_str() if case.is_pool else ""
         print(f"  {case.op:<31}{str(tuple(case.shape)):<20}{params:<16}{fmt(fast, '>9.3f')}"
               f"{fmt(peer, '>10.3f')}{fmt(fast / peer if fast and peer else None, '>7.2f')}"
               f"{fmt(naive / fast if fast and naive else None, '>10.1f')}{'x' if naive and fast else ''}")
+
+
+def nd_summary(cases, skipped):
+    """The --nd table: ours / torch per case, the ratio target, and the check of our
+    result against PyTorch's. Returns the number of cases that failed the check or
+    were not run."""
+    print(f"\n--nd summary (ours = gpulayers' public call; ratio = ours / torch, target <= "
+          f"{ND_TARGET:g}; err = max |ours - torch| / max |torch|, ok within "
+          f"{B.CHECK_TOL.get(cases[0].dtype if cases else 'float32', 1e-5):g})")
+    print(f"  {'op':<28}{'shape':<21}{'params':<17}{'ours ms':>9}{'torch ms':>10}{'ratio':>7}"
+          f"{'target':>8}{'err':>10}{'check':>7}")
+    bad = 0
+    for case in cases:
+        med = {e.name: B.median(e.samples) for e in case.entries if e.samples and not e.error}
+        ours = med.get("fast", med.get("cuda-kernels"))
+        peer = next((v for k, v in med.items() if k.startswith("torch")), None)
+        ratio = ours / peer if ours and peer else None
+        err, ok = case.check
+        target = "-" if ratio is None else "ok" if ratio <= ND_TARGET else "MISS"
+        check = "-" if ok is None else "ok" if ok else "FAIL"
+        bad += ok is False or ours is None
+        print(f"  {case.op:<28}{str(tuple(case.shape)):<21}{case.params_str():<17}"
+              f"{fmt(ours, '>9.3f')}{fmt(peer, '>10.3f')}{fmt(ratio, '>7.2f')}{target:>8}"
+              f"{fmt(err, '>10.1e')}{check:>7}")
+    for case in skipped:
+        bad += 1
+        print(f"  {case.op:<28}{str(tuple(case.shape)):<21}{case.params_str():<17}  "
+              f"{'; '.join(case.notes)[:120]}")
+    return bad
 
 
 def run_sweep(args, setup, rng, reps, warmup):
@@ -599,8 +697,18 @@ def _eval_backward_entries(case, pair):
     return entries
 
 
+def _load():
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.nd and (args.small or args.crossover):
+        sys.exit("--nd times the N-d cases against PyTorch; it does not combine with "
+                 "--small or --crossover")
     if args.small or args.crossover:
         if args.device == "gpu":
             sys.exit("--small and --crossover time the NumPy paths; use --device cpu")
@@ -616,9 +724,17 @@ def main(argv=None):
     torch_v = setup.torch.__version__ if setup.torch is not None else "not installed/skipped"
     print(f"device: {setup.device}\nnumpy {np.__version__}, cupy {setup.cupy_version or '-'}, "
           f"torch {torch_v}\npreset {preset}: {reps} timed rounds after {warmup} warm-up "
-          f"calls, median shown\ncopy bandwidth: {copy_gbps:.1f} GB/s (read + write; {how})")
+          f"calls, median shown\ncopy bandwidth: {copy_gbps:.1f} GB/s (read + write; {how})"
+          f"\nload average {_load()}")
+    skipped = []
+    if args.nd:
+        runnable = probe_cases(cases)
+        skipped = [c for c in cases if all(c is not r for r in runnable)]
+        cases = runnable
     cases = run_cases(args, setup, cases, reps, warmup, rng, copy_gbps)
     summary(cases)
+    bad = nd_summary(cases, skipped) if args.nd else 0
+    print(f"load average {_load()} (end)")
     if args.sweep:
         run_sweep(args, setup, rng, reps, warmup)
     if args.json:
@@ -630,6 +746,9 @@ def main(argv=None):
                                  torch_version=setup.torch.__version__ if setup.torch else None)
         B.write_json(doc, args.json)
         print(f"\nresults JSON written to {args.json}")
+    if bad:
+        print(f"\n{bad} case(s) not run or not matching PyTorch", file=sys.stderr)
+        return 1
     return 0
 
 
