@@ -176,7 +176,8 @@ def prepared(cp, pk, cuda_compile, pass_, geom, dtype, variant, inputs):
     function = cuda_compile.get_kernel(pk.SOURCE, expression, pk.compile_group(expression))
     sm_count = pk._sm_count(cp.cuda.runtime.getDevice())
     grid, block = pk.launch_config(plan["plane"], geom.N * geom.C, sm_count, plan["block"],
-                                   plan["blocks_per_sm"], plan["planes_per_step"])
+                                   plan["blocks_per_sm"], plan["planes_per_step"],
+                                   packed=plan["packed"])
 
     def make(outputs):
         args = tuple(inputs) + tuple(outputs) + pk.scalar_args(geom)

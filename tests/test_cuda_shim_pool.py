@@ -7,8 +7,10 @@ kernels do). Every case also runs with 64-bit indices and under launch grids
 smaller and larger than the work, with a block size that is no multiple of
 the plane. Outputs are poisoned first, so an element the kernels skip fails.
 """
+import itertools
 import json
 import sys
+import time
 import types
 from importlib import resources
 from pathlib import Path
@@ -117,7 +119,7 @@ def launches(geom, plane):
     """(grid, block) triples: the launcher's own, a grid smaller than the work with a block of
     7 threads, and a grid larger than the work with 33-thread blocks."""
     planes = geom.N * geom.C
-    yield pk.launch_config(plane, planes, sm_count=1)
+    yield pk.launch_config(plane, planes, sm_count=1, packed=True)
     yield (2, 2, 1), (7, 1, 1)
     yield (-(-plane // 33) + 1, planes + 2, 1), (33, 1, 1)
 
@@ -157,7 +159,7 @@ def variant_launches(geom, plan):
     plane groups and positions wrap), and one larger than the work."""
     planes = geom.N * geom.C
     yield pk.launch_config(plan["plane"], planes, 1, 64, plan["blocks_per_sm"],
-                           plan["planes_per_step"])
+                           plan["planes_per_step"], packed=plan["packed"])
     yield (2, 1, 1), (7, 1, 1)
     yield (-(-plan["plane"] // 33) + 1, planes + 2, 1), (33, 1, 1)
 
@@ -254,10 +256,11 @@ def test_variant_plans_cover_the_benchmark_geometries():
         ("max_pool2d_forward_pairs", (4,)), ("max_pool2d_backward_blocks", (2, 1, 2), 56 * 56))
     assert plans((2, 3, 112, 112), pool_height=3, pool_width=3, stride=2, pad=1) == (
         ("max_pool2d_forward", (3, 4)), ("max_pool2d_backward_blocks", (2, 2, 2), 56 * 56))
+    # small planes: packed kernels ('true') where instantiated (4 planes per step), else not
     assert plans((2, 3, 11, 11), pool_height=2, pool_width=2, stride=2, pad=1) == (
-        ("max_pool2d_forward", (2, 4)), ("max_pool2d_backward_blocks", (2, 2, 2), 36))
+        ("max_pool2d_forward", (2, 4, "true")), ("max_pool2d_backward_blocks", (2, 2, 2), 36))
     assert plans((2, 3, 9, 9), pool_height=3, pool_width=3, stride=1, pad=1) == (
-        ("max_pool2d_forward", (3, 4)), ("max_pool2d_backward", (2,), 81))
+        ("max_pool2d_forward", (3, 4, "true")), ("max_pool2d_backward", (2,), 81))
     assert plans((2, 3, 20, 18), pool_height=17, pool_width=16) == (   # uint16 offsets
         ("max_pool2d_forward", ()), ("max_pool2d_backward_disjoint", (), 360))
     for geom in (pool_geometry((1, 1, 9, 9), dict(pool_height=3, pool_width=3, stride=2)),):
@@ -572,19 +575,20 @@ def test_launchers_use_scalar_kernels_on_misaligned_pointers(shim_launchers, rng
 def test_bfloat16_has_the_default_variants_only():
     """bfloat16 instantiates the variant kernels of BF16_PLANES (the default variant's 4
     planes) only: its plans for another plane count run the default kernels, every plan's
-    expression is instantiated, and the default variant still gets pairs / blocks."""
+    expression is instantiated, and the default variant still gets pairs / blocks (packed:
+    the planes are smaller than the block)."""
     geom = pool_geometry((2, 3, 8, 6), dict(pool_height=2, pool_width=2, stride=2))
     fwd = pk.forward_plan(geom, dtype=BF16)
     bwd = pk.backward_plan(geom, dtype=BF16)
-    assert (fwd["kernel"], fwd["params"]) == ("max_pool2d_forward_pairs", (4,))
-    assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_blocks", (2, 1, 4))
+    assert (fwd["kernel"], fwd["params"]) == ("max_pool2d_forward_pairs", (4, "true"))
+    assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_blocks", (2, 1, 4, "true"))
     for planes in (1, 2):
         fwd = pk.forward_plan(geom, {"forward": dict(planes=planes)}, dtype=BF16)
         bwd = pk.backward_plan(geom, {"backward": dict(planes=planes)}, dtype=BF16)
         assert (fwd["kernel"], fwd["params"], fwd["planes_per_step"]) == (
             "max_pool2d_forward", (), 1)
         assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_disjoint", ())
-    assert sum("__nv_bfloat16" in e for e in pk.NAME_EXPRESSIONS) == 3 * 3 * 2 + 7 * 2
+    assert sum("__nv_bfloat16" in e for e in pk.NAME_EXPRESSIONS) == 3 * 3 * 2 + 7 * 2 + 7 * 2
     assert pk.forward_plan(geom, {"forward": dict(planes=2)})["planes_per_step"] == 2
 
 
@@ -594,7 +598,7 @@ def test_plans_fall_back_for_unaligned_pointers():
                           aligned=False)
     assert (fwd["kernel"], fwd["params"], fwd["block"]) == ("max_pool2d_forward", (2, 2), 64)
     bwd = pk.backward_plan(geom, {"backward": dict(kernel="blocks", planes=4)}, aligned=False)
-    assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_disjoint", (4,))
+    assert (bwd["kernel"], bwd["params"]) == ("max_pool2d_backward_disjoint", (4, "true"))
     odd = pool_geometry((2, 3, 9, 7), dict(pool_height=3, pool_width=3, stride=2, pad=1))
     bwd = pk.backward_plan(odd, {"backward": dict(kernel="blocks", planes=4)}, aligned=False)
     assert bwd["kernel"] == "max_pool2d_backward_blocks"  # odd W: dx goes out element-wise
@@ -711,14 +715,22 @@ def test_every_kernel_expression_is_instantiated():
 @pytest.mark.parametrize("block, blocks_per_sm, per_step", [
     (256, 32, 1), (128, None, 1), (1024, 8, 4), (512, 1, 2)])
 def test_launch_config(plane, planes, sm_count, block, blocks_per_sm, per_step):
-    (gx, gy, gz), threads = pk.launch_config(plane, planes, sm_count, block, blocks_per_sm,
-                                             per_step)
-    assert threads == (block, 1, 1) and gz == 1
-    assert gx * block >= min(plane, 2**29)  # grid-stride covers the rest
-    assert gx * block < 2**31
-    assert 1 <= gy <= min(-(-planes // per_step), 65535)
-    if blocks_per_sm is None:
-        assert gy == min(-(-planes // per_step), 65535)
+    for packed in (False, True):
+        (gx, gy, gz), threads = pk.launch_config(plane, planes, sm_count, block, blocks_per_sm,
+                                                 per_step, packed=packed)
+        assert threads == (block, 1, 1) and gz == 1
+        assert gx * block >= min(plane, 2**29)  # grid-stride covers the rest
+        assert gx * block < 2**31
+        runs = -(-planes // per_step)
+        if packed:
+            runs = -(-runs // pk.plane_slots(plane, block))
+        assert 1 <= gy <= min(runs, 65535)
+        if blocks_per_sm is None:
+            assert gy == min(runs, 65535)
+    if plane >= block:  # large planes: the launch shape of one plane per block
+        assert pk.launch_config(plane, planes, sm_count, block, blocks_per_sm, per_step,
+                                packed=True) == pk.launch_config(plane, planes, sm_count, block,
+                                                                 blocks_per_sm, per_step)
 
 
 # ---------------------------------------------------------------- scripts/tune_pool.py, no GPU
@@ -769,3 +781,361 @@ def test_tune_pool_script_through_the_shim(lib, monkeypatch, tmp_path, capsys):
         assert case["best"] and case["default_ms"] > 0
         assert len([r for r in case["rows"] if "ms" in r]) >= 8
     assert "winners" in out and "one forward default" in out
+
+
+# --------------------------------------------- small planes share thread blocks (issue 13 §4)
+
+P33 = dict(pool_height=3, pool_width=3, stride=2, pad=1)
+P22 = dict(pool_height=2, pool_width=2, stride=2)
+
+# The issue's shapes (256, 512, 14, 14), (256, 2048, 7, 7), (1024, 64, 8, 8) with N*C scaled
+# down (same planes; N*C leaves the last run of planes partial), and awkward planes: 1x1, 3x5,
+# planes of 64 and 65 positions (64-thread blocks below: plane == block, just over a block).
+SMALL_PLANES = {
+    "14x14-3x3s2p1": ((2, 23, 14, 14), P33), "14x14-2x2s2": ((2, 23, 14, 14), P22),
+    "7x7-3x3s2p1": ((3, 13, 7, 7), P33), "7x7-2x2s2": ((3, 13, 7, 7), P22),
+    "8x8-3x3s2p1": ((5, 9, 8, 8), P33), "8x8-2x2s2": ((5, 9, 8, 8), P22),
+    "1x1-2x2s2": ((3, 7, 2, 2), P22), "1x1in-3x3s2p1": ((3, 7, 1, 1), P33),
+    "3x5-2x2s2": ((2, 9, 6, 10), P22), "3x5-3x3s2p1": ((2, 9, 5, 9), P33),
+    "64-2x2s2": ((2, 5, 16, 16), P22), "65-2x2s2": ((2, 5, 10, 26), P22),
+    "65-3x3s1p1": ((1, 3, 5, 13), dict(pool_height=3, pool_width=3, stride=1, pad=1)),
+}
+THREE_SHAPES = [(256, 512, 14, 14), (256, 2048, 7, 7), (1024, 64, 8, 8)]
+
+
+@pytest.fixture(scope="module")
+def lib_one_plane():
+    """maxpool.cu built with GPULAYERS_MAXPOOL_ONE_PLANE_PER_BLOCK: every plane in its own
+    blocks, the launch layout before planes shared blocks ("today's kernels")."""
+    expressions = [e for e in pk.NAME_EXPRESSIONS if "__half" not in e or cuda_shim.has_half()]
+    with resources.as_file(resources.files("gpulayers.cuda") / pk.SOURCE) as path:
+        return cuda_shim.build(path, expressions, defines=["GPULAYERS_MAXPOOL_ONE_PLANE_PER_BLOCK"])
+
+
+def walk_threads(plane, planes, grid, block, per_step):
+    """Python copy of maxpool.cu's walk(): {(plane, position): visits} over every thread of the
+    launch, and how many threads have work."""
+    (gx, gy, _), (bx, _, _) = grid, block
+    shared = plane < bx
+    slots = bx // plane if shared else 1
+    visits, busy = {}, 0
+    for by, bxi, t in itertools.product(range(gy), range(gx), range(bx)):
+        slot = t // plane if shared else 0
+        p = bxi * bx + t - slot * plane if slot < slots else plane
+        nc = (by * slots + slot) * per_step
+        busy += p < plane and nc < planes
+        while p < plane:
+            g = nc
+            while g < planes:
+                for u in range(per_step):
+                    if g + u < planes:
+                        visits[g + u, p] = visits.get((g + u, p), 0) + 1
+                g += gy * slots * per_step
+            p += bx * gx
+    return visits, busy
+
+
+@pytest.mark.parametrize("plane, planes, block, per_step", [
+    (49, 46, 256, 4), (16, 37, 256, 4), (9, 100, 256, 2), (1, 7, 64, 1), (15, 18, 64, 4),
+    (64, 10, 64, 4), (65, 10, 64, 2), (65, 10, 128, 1), (33, 5, 100, 1), (6, 12, 7, 4)])
+def test_walk_visits_every_element_once(plane, planes, block, per_step):
+    """The layout: each (plane, position) pair visited by exactly one thread, for the packed
+    launch, a grid with one y block (plane runs wrap) and one larger than the work; and
+    busy_threads counts the threads with work."""
+    for grid, threads in (pk.launch_config(plane, planes, 1, block, None, per_step, packed=True),
+                          pk.launch_config(plane, planes, 1, block, 1, per_step, packed=True),
+                          ((3, planes + 2, 1), (block, 1, 1))):
+        visits, busy = walk_threads(plane, planes, grid, threads, per_step)
+        assert sorted(visits) == list(itertools.product(range(planes), range(plane)))
+        assert set(visits.values()) == {1}, (grid, threads)
+        assert pk.busy_threads(plane, planes, grid, threads, per_step) == busy
+
+
+def _one_plane_utilisation(geom, pass_, dtype, aligned=True):
+    """Share of busy threads of the launch before planes shared blocks (same plan)."""
+    plan = (pk.forward_plan if pass_ == "forward" else pk.backward_plan)(
+        geom, aligned=aligned, dtype=dtype)
+    planes, plane = geom.N * geom.C, plan["plane"]
+    (gx, gy, _), (bx, _, _) = pk.launch_config(plane, planes, 132, plan["block"],
+                                               plan["blocks_per_sm"], plan["planes_per_step"])
+    groups = -(-planes // plan["planes_per_step"])
+    return min(gx * bx, plane) * min(gy, groups) / (gx * gy * bx)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("pool", ["3x3s2p1", "2x2s2"])
+@pytest.mark.parametrize("shape", THREE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_small_planes_keep_three_quarters_of_the_threads_busy(shape, pool, dtype):
+    """Issue 13 §4: at least 75% of the launched threads have work on the small-plane shapes,
+    forward and backward, with the default variant (and with the element backward kernels
+    that a misaligned dx gets); one plane per block had 3.5% to 19%."""
+    geom = pool_geometry(shape, P33 if pool == "3x3s2p1" else P22)
+    for pass_ in ("forward", "backward"):
+        for aligned in (True, False):
+            share = pk.thread_utilisation(geom, pass_, dtype=dtype, aligned=aligned)
+            assert share >= 0.75, (pass_, aligned, share)
+            plan = (pk.forward_plan if pass_ == "forward" else pk.backward_plan)(
+                geom, aligned=aligned, dtype=dtype)
+            assert plan["packed"] and plan["params"][-1] == "true", plan
+        assert _one_plane_utilisation(geom, pass_, dtype) < 0.2
+
+
+@pytest.mark.parametrize("shape", [(256, 64, 112, 112), (128, 128, 112, 112), (32, 64, 56, 56),
+                                   (32, 64, 112, 112)])
+def test_large_planes_keep_the_tuned_launch_shapes(shape):
+    """Planes of a block or more: the launch of one plane per block, unchanged."""
+    for pool_param in (P33, P22):
+        geom = pool_geometry(shape, pool_param)
+        for plan in (pk.forward_plan(geom), pk.backward_plan(geom)):
+            assert plan["plane"] >= plan["block"]
+            assert not plan["packed"] and "true" not in plan["params"], plan
+            args = (plan["plane"], geom.N * geom.C, 132, plan["block"], plan["blocks_per_sm"],
+                    plan["planes_per_step"])
+            assert pk.launch_config(*args, packed=True) == pk.launch_config(*args)
+    geom = pool_geometry((256, 64, 112, 112), P33)
+    assert pk.launch_config(56 * 56, 256 * 64, 132, 256, 32, 4, packed=True) == (
+        (13, 325, 1), (256, 1, 1))
+    assert pk.thread_utilisation(geom, "forward") == pytest.approx(3136 / (13 * 256))
+
+
+def small_plane_launches(plan, planes):
+    """The launcher's own launch (one SM, the plan's blocks_per_sm), the same with one y block
+    (plane runs wrap), 64- and 128-thread blocks (plane == block, just over one), and a
+    33-thread block on a grid larger than the work."""
+    plane, per_step = plan["plane"], plan["planes_per_step"]
+    yield pk.launch_config(plane, planes, 1, plan["block"], plan["blocks_per_sm"], per_step,
+                           packed=plan["packed"])
+    yield pk.launch_config(plane, planes, 1, plan["block"], 1, per_step, packed=plan["packed"])
+    for block in (64, 128):
+        yield pk.launch_config(plane, planes, 1, block, None, per_step, packed=True)
+    yield (-(-plane // 33) + 1, planes + 2, 1), (33, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", SMALL_PLANES)
+def test_small_planes_match_references_and_one_plane_per_block(lib, lib_one_plane, rng, name,
+                                                               dtype):
+    """Planes sharing blocks: every kernel variant that serves the geometry, both index
+    types, several launches; outputs bitwise equal to the loop references and to the same
+    kernels with one plane per block (the layout before) under the same launch."""
+    shape, pool_param = SMALL_PLANES[name]
+    geom = pool_geometry(shape, pool_param)
+    planes = geom.N * geom.C
+    plans = dict(variant_plans(geom, dtype))
+    for pass_, plan_of in (("forward", pk.forward_plan), ("backward", pk.backward_plan)):
+        for aligned in (True, False):
+            plan = plan_of(geom, aligned=aligned, dtype=dtype)
+            plans[pass_, plan["kernel"], plan["params"]] = plan
+    for kind in ("ties", "nan"):
+        x = make_input(kind, geom.input_shape, dtype, rng)
+        dout = rng.standard_normal(geom.output_shape).astype(dtype)
+        ref_out, ref_offsets = reference_forward(x, geom)
+        ref_dx = reference_backward(dout, ref_offsets, geom)
+        for (pass_, kernel, params), plan in plans.items():
+            for index in pk.INDEX_TYPES:
+                for grid, block in small_plane_launches(plan, planes):
+                    where = (f"{kernel}{list(params)}, {geom.describe()}, {kind}, {index}, "
+                             f"grid {grid}, block {block}")
+                    # the plan's kernel, the same with one plane per block, and for a packed
+                    # plan the unpacked kernel (Packed = false, what large planes run)
+                    runs = [(lib, plan), (lib_one_plane, plan)]
+                    if plan["packed"]:
+                        runs.append((lib, dict(plan, params=plan["params"][:-1], packed=False)))
+                    for library, run_plan in runs:
+                        if pass_ == "forward":
+                            out, offsets = run_forward(library, x, geom, index, grid, block,
+                                                       run_plan)
+                            assert np.array_equal(offsets, ref_offsets), f"offsets: {where}"
+                            assert_same_values(out, ref_out, f"out: {where}")
+                        else:
+                            dx = run_backward(library, dout, ref_offsets, geom, index, grid,
+                                              block, run_plan)
+                            assert np.array_equal(dx, ref_dx), f"dx differs: {where}"
+
+
+@pytest.mark.parametrize("name", ["14x14-3x3s2p1", "7x7-2x2s2", "8x8-2x2s2", "3x5-3x3s2p1"])
+def test_small_planes_through_the_launchers(shim_launchers, rng, name):
+    """The launchers end to end on small planes (packed launches, float32, strided x)."""
+    cp = shim_launchers
+    shape, pool_param = SMALL_PLANES[name]
+    x_np = make_input("nan", shape, np.float32, rng)
+    geom = pool_geometry(shape, pool_param)
+    dout_np = rng.standard_normal(geom.output_shape).astype(np.float32)
+    ref_out, ref_offsets = _max_pool_forward_xp(x_np, geom)
+    x = cp.on(x_np.swapaxes(2, 3)).swapaxes(2, 3)
+    for _ in range(2):  # the first call fills the launch cache, the second uses it
+        out, offsets = pk.max_pool_forward_gpu(x, geom)
+        assert np.array_equal(offsets, ref_offsets)
+        assert_same_values(out, ref_out, name)
+        dx = pk.max_pool_backward_gpu(cp.on(dout_np), offsets, geom)
+        assert np.array_equal(dx, _max_pool_backward_xp(dout_np, ref_offsets, geom))
+
+
+# ------------------------------------------------------- launcher per-call cost (issue 13 §1)
+
+def test_launchers_see_every_variant_change(shim_launchers, rng, monkeypatch):
+    """Warmed calls make one cache lookup keyed by the current VARIANT: a knob changed in
+    place, a knob dict replaced by a plain dict (and that dict changed), and a variant=
+    argument each take effect on the next call; restoring them brings the old kernels back."""
+    cp = shim_launchers
+    x_np = make_input("ties", (2, 3, 8, 6), np.float32, rng)
+    geom = pool_geometry(x_np.shape, P22)
+    ref_out, ref_offsets = _max_pool_forward_xp(x_np, geom)
+    x = cp.on(x_np)
+
+    def forward_kernel(variant=None):
+        del cp.launches[:]
+        out, offsets = pk.max_pool_forward_gpu(x, geom, variant)
+        assert np.array_equal(out, ref_out) and np.array_equal(offsets, ref_offsets)
+        (name, _), = cp.launches
+        return name
+
+    assert forward_kernel().startswith("max_pool2d_forward_pairs") and forward_kernel().endswith(
+        ", 4, true>")  # packed: the planes are smaller than a block
+    kernels = len(cp.kernels)
+    forward_kernel()
+    assert len(cp.kernels) == kernels  # warmed: no get_kernel
+    with monkeypatch.context() as m:
+        m.setitem(pk.VARIANT["forward"], "planes", 2)
+        assert forward_kernel().endswith(", 2>")
+        m.setitem(pk.VARIANT["forward"], "kernel", "generic")
+        assert forward_kernel() == "max_pool2d_forward<float, unsigned char, int, 2, 2>"
+        plain = dict(pk.VARIANT["forward"])
+        m.setitem(pk.VARIANT, "forward", plain)
+        assert forward_kernel() == "max_pool2d_forward<float, unsigned char, int, 2, 2>"
+        plain["taps"] = 3
+        assert forward_kernel() == "max_pool2d_forward<float, unsigned char, int, 3, 2>"
+        assert forward_kernel({"forward": {"planes": 1}}) == (
+            "max_pool2d_forward<float, unsigned char, int>")
+    kernels = len(cp.kernels)
+    assert forward_kernel().startswith("max_pool2d_forward_pairs")
+    assert len(cp.kernels) == kernels + 1  # planned once more: the key counts changes
+    forward_kernel()
+    assert len(cp.kernels) == kernels + 1
+    dout = cp.on(rng.standard_normal(geom.output_shape).astype(np.float32))
+    for variant in (None, {"backward": {"kernel": "element"}}):
+        del cp.launches[:]
+        dx = pk.max_pool_backward_gpu(dout, cp.on(ref_offsets), geom, variant)
+        assert np.array_equal(dx, _max_pool_backward_xp(np.asarray(dout), ref_offsets, geom))
+        assert ("blocks" in cp.launches[0][0]) == (variant is None)
+
+
+def test_variant_knobs_count_their_changes():
+    knobs = pk._Knobs(a=1)
+    mutations = [lambda: knobs.__setitem__("b", 2), lambda: knobs.__delitem__("b"),
+                 lambda: knobs.update(c=3), lambda: knobs.setdefault("d", 4),
+                 lambda: knobs.pop("d"), lambda: knobs.popitem(), lambda: knobs.__ior__({"e": 5}),
+                 lambda: knobs.clear()]
+    for mutate in mutations:
+        before = pk._Knobs.changes
+        mutate()
+        assert pk._Knobs.changes > before
+    assert knobs == {} and isinstance(pk.VARIANT["forward"], pk._Knobs)
+    assert pk.VARIANT == pk.DEFAULT_VARIANT
+
+
+class NullArray:
+    """A do-nothing CuPy array: shape, dtype, data.ptr, device.id and nothing behind them."""
+
+    __slots__ = ("shape", "dtype", "data", "device")
+    _device = types.SimpleNamespace(id=0)
+    _data = types.SimpleNamespace(ptr=1 << 20)
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.data, self.device = self._data, self._device
+
+
+class NullCupy:
+    """A do-nothing cupy for timing the launchers' own Python: arrays are NullArray, every
+    one contiguous, on device 0, aligned; nothing is allocated or launched."""
+
+    ndarray = NullArray
+    cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+
+    @staticmethod
+    def empty(shape, dtype=np.float64):
+        return NullArray(shape, dtype)
+
+    @staticmethod
+    def ascontiguousarray(a):
+        return a
+
+
+def _per_call_us(fn, calls=3000, repeats=5):
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def test_launcher_per_call_cost(monkeypatch, capsys):
+    """Micro-benchmark, no timing assertions (``pytest -s`` prints it): µs per warmed call of
+    max_pool_forward_gpu / max_pool_backward_gpu with a do-nothing cupy and kernel, i.e. the
+    launchers' own Python plus compile.launch; against the checked path that a first call
+    takes (_forward / _backward: every check, then the cache). A warmed call compiles
+    nothing and plans nothing."""
+    monkeypatch.setitem(sys.modules, "cupy", NullCupy())
+    launched = []
+    monkeypatch.setattr(pk.cuda_compile, "get_kernel",
+                        lambda source, expression, group, device_id=None:
+                        lambda grid, block, args: launched.append(len(args)))
+    monkeypatch.setattr(pk, "_sm_count", lambda device_id: 132)
+    pk._prepared.cache_clear()
+    try:
+        rows = []
+        for shape, pool_param in (((32, 64, 56, 56), P33), ((256, 512, 14, 14), P22)):
+            geom = pool_geometry(shape, pool_param)
+            x = NullArray(shape, np.float32)
+            out, offsets = pk.max_pool_forward_gpu(x, geom)
+            offsets = NullArray(offsets.shape, geom.offset_dtype)
+            pk.max_pool_backward_gpu(out, offsets, geom)
+            plans = [len(call.launches) for call in pk._prepared.values()]
+            del launched[:]
+            planned = monkeypatch.context()
+            with planned as m:
+                m.setattr(pk, "_plan_launch", lambda *a: pytest.fail("a warmed call planned"))
+                fwd = _per_call_us(lambda: pk.max_pool_forward_gpu(x, geom))
+                bwd = _per_call_us(lambda: pk.max_pool_backward_gpu(out, offsets, geom))
+            assert launched and set(launched) == {16}
+            fwd_checked = _per_call_us(lambda: pk._forward(x, geom, None), calls=1000)
+            bwd_checked = _per_call_us(lambda: pk._backward(out, offsets, geom, None),
+                                       calls=1000)
+            rows.append((shape, fwd, bwd, fwd_checked, bwd_checked))
+            assert plans
+    finally:
+        pk._prepared.cache_clear()
+    with capsys.disabled():
+        print("\nmax-pool launchers, µs per warmed call (do-nothing cupy and kernel; "
+              "checked path in brackets)")
+        for shape, fwd, bwd, fwd_checked, bwd_checked in rows:
+            print(f"  {str(shape):<20} forward {fwd:6.2f} ({fwd_checked:6.2f})  "
+                  f"backward {bwd:6.2f} ({bwd_checked:6.2f})")
+
+
+def test_packed_kernels_only_where_planes_are_smaller_than_the_block():
+    """Packed is a compile-time choice: NAME_EXPRESSIONS holds packed instantiations ('true'
+    last) of PACKED_KERNELS only; every plan takes one exactly when its plane is smaller
+    than its block and its kernel has one; large planes keep the unpacked expressions."""
+    packed = [e for e in pk.NAME_EXPRESSIONS if e.endswith(", true>")]
+    assert len(packed) == len(pk.PACKED_KERNELS) * len(pk.VALUE_TYPES) * len(pk.INDEX_TYPES)
+    assert all(e.replace(", true>", ">") in pk.NAME_EXPRESSIONS for e in packed)
+    for shape in [(2, 3, 14, 14), (2, 3, 112, 112), (2, 3, 32, 32), (2, 3, 31, 31)]:
+        for pool_param in (P33, P22):
+            geom = pool_geometry(shape, pool_param)
+            for dtype in DTYPES:
+                for variant in FORWARD_VARIANTS + BACKWARD_VARIANTS:
+                    pass_ = "forward" if "taps" in variant else "backward"
+                    for aligned in (True, False):
+                        plan = (pk.forward_plan if pass_ == "forward" else pk.backward_plan)(
+                            geom, {pass_: variant}, aligned=aligned, dtype=dtype)
+                        params = plan["params"]
+                        base = params[:-1] if plan["packed"] else params
+                        assert plan["packed"] == (plan["plane"] < plan["block"] and (
+                            plan["kernel"], base) in pk.PACKED_KERNELS), plan
+                        assert ("true" in params) == plan["packed"]
+                        assert pk.kernel_expression(plan["kernel"], dtype, geom, params) in (
+                            pk.NAME_EXPRESSIONS)

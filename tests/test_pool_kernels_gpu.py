@@ -41,6 +41,10 @@ CASES = {
     "2x2s3d2": ((2, 3, 9, 9), dict(pool_height=2, pool_width=2, stride=3, dilation=2)),
     "5x5s1p2": ((2, 3, 8, 8), dict(pool_height=5, pool_width=5, stride=1, pad=2)),
     "17x16s1_uint16": ((1, 2, 20, 18), dict(pool_height=17, pool_width=16, stride=1)),
+    # small planes sharing thread blocks: the issue 13 shapes with N*C scaled down
+    "small14x14-3x3s2p1": ((4, 23, 14, 14), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
+    "small7x7-2x2s2": ((3, 29, 7, 7), dict(pool_height=2, pool_width=2, stride=2)),
+    "small8x8-3x3s2p1": ((5, 13, 8, 8), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
     "large3x3s2p1": ((32, 64, 56, 56), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
     "large2x2s2": ((16, 128, 56, 56), dict(pool_height=2, pool_width=2, stride=2)),
 }
@@ -314,3 +318,77 @@ def test_bfloat16_matches_the_shim_references(cp, poisoned, rng, name):
         ref.assert_same_values(out.get(), ref_out, f"out: {name} {variant}")
         dx = pk.max_pool_backward_gpu(cp.asarray(dout), off, geom, variant)
         ref.assert_same_values(dx.get(), ref_dx, f"dx: {name} {variant}")
+
+
+# ------------------------------------------------- small planes share thread blocks (issue 13)
+
+def _one_plane_function(cp, expression):
+    """``expression`` compiled with GPULAYERS_MAXPOOL_ONE_PLANE_PER_BLOCK: the kernels with
+    one plane per block, the launch layout before planes shared blocks."""
+    options = cuda_compile.OPTIONS + ("-DGPULAYERS_MAXPOOL_ONE_PLANE_PER_BLOCK",)
+    group = list(pk.compile_group(expression))
+    try:
+        module = cp.RawModule(code=cuda_compile.source(pk.SOURCE), options=options,
+                              name_expressions=group)
+        module.compile()
+    except cp.cuda.compiler.CompileException:
+        include = cuda_compile.cuda_include_dir()
+        if include is None:
+            raise
+        module = cp.RawModule(code=cuda_compile.source(pk.SOURCE),
+                              options=options + (f"-I{include}",), name_expressions=group)
+    return module.get_function(expression)
+
+
+def _median_ms(cp, fn, reps=20):
+    fn()
+    times = []
+    for _ in range(reps):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        times.append((start, stop))
+    stop.synchronize()
+    return float(np.median([cp.cuda.get_elapsed_time(a, b) for a, b in times]))
+
+
+@pytest.mark.parametrize("dtype", (np.float16, np.float32), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("pool", ["3x3s2p1", "2x2s2"])
+@pytest.mark.parametrize("shape", [(256, 512, 14, 14), (256, 2048, 7, 7), (1024, 64, 8, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_small_planes_match_one_plane_per_block(cp, rng, shape, pool, dtype):
+    """The issue's full shapes: the launchers (planes sharing blocks, >= 75% of threads busy)
+    give the bits of the same kernels with one plane per block under the launch they had;
+    both kernels' times are printed (``pytest -s``; CUDA events, no assertion)."""
+    geom = pool_geometry(shape, CASES[pool][1])
+    assert min(pk.thread_utilisation(geom, p, dtype=dtype) for p in ("forward", "backward")) >= 0.75
+    x = cp.random.randint(-40, 40, size=shape, dtype=cp.int32).astype(dtype)
+    x.ravel()[::99991] = np.nan
+    out, offsets = pk.max_pool_forward_gpu(x, geom)
+    dout = cp.random.standard_normal(geom.output_shape, dtype=cp.float32).astype(dtype)
+    dx = pk.max_pool_backward_gpu(dout, offsets, geom)
+    sm_count = pk._sm_count(cp.cuda.runtime.getDevice())
+    for pass_, inputs, expected in (("forward", (x,), (out, offsets)),
+                                    ("backward", (dout, offsets), (dx,))):
+        plan = (pk.forward_plan if pass_ == "forward" else pk.backward_plan)(geom, dtype=dtype)
+        expression = pk.kernel_expression(plan["kernel"], dtype, geom, plan["params"])
+        args = (plan["plane"], geom.N * geom.C, sm_count, plan["block"], plan["blocks_per_sm"],
+                plan["planes_per_step"])
+        old = _one_plane_function(cp, expression)
+        new = cuda_compile.get_kernel(pk.SOURCE, expression, pk.compile_group(expression))
+        old_grid, block = pk.launch_config(*args)
+        new_grid, _ = pk.launch_config(*args, packed=plan["packed"])
+        assert plan["packed"], plan
+        outputs = tuple(cp.empty(a.shape, a.dtype) for a in expected)
+        for o in outputs:
+            o.data.memset_async(0xA5, o.nbytes)
+        launch_args = inputs + outputs + pk.scalar_args(geom)
+        old(old_grid, block, launch_args)
+        for got, want in zip(outputs, expected):
+            assert_same_values(got, want, f"{pass_} {expression}: one plane per block")
+        ms_old = _median_ms(cp, lambda: old(old_grid, block, launch_args))
+        ms_new = _median_ms(cp, lambda: new(new_grid, block, launch_args))
+        print(f"\n{pass_} {shape} {pool} {np.dtype(dtype).name}: {expression} "
+              f"one plane per block {old_grid} {ms_old:.3f} ms, shared {new_grid} "
+              f"{ms_new:.3f} ms ({ms_old / ms_new:.2f}x)")

@@ -6,10 +6,16 @@
 // i in [0, kh), and the columns ow*sw - pw + j*dw, j in [0, kw); taps outside [0, H) x [0, W)
 // are padding and ignored. Tap (i, j) has the compact offset i*kw + j.
 //
-// Launch layout, every kernel: blockIdx.x/threadIdx.x walk the positions of one plane
-// ((Ho, Wo) for the forward pass, (H, W) for the backward), blockIdx.y walks the N*C planes;
-// both loops are grid-stride. A thread works out its windows once (the only integer divisions)
-// and reuses them for every plane it visits, so the per-element work is loads, compares, adds.
+// Launch layout, every kernel (see walk()): blockIdx.x/threadIdx.x walk the positions of one
+// plane ((Ho, Wo) for the forward pass, (H, W) or the 2x2 blocks of (H, W) for the backward),
+// blockIdx.y walks the N*C planes; both loops are grid-stride. In a kernel instantiated with
+// Packed = true (last template argument; the launchers pick it only for planes smaller than the
+// block) a plane smaller than a thread block shares the block with others: the block holds G =
+// blockDim.x / plane slots of `plane` threads, slot s takes the s-th plane group of each run of
+// G groups, and only the threads past G * plane idle; a plane of a block or more has G = 1.
+// Packed = false (the default) is the layout and code of one plane per block, unchanged. A
+// thread works out its windows once (the only integer divisions) and reuses them for every plane
+// it visits, so the per-element work is loads, compares, adds.
 // Idx (int or long long) holds element indices and must hold every tensor's size; every
 // product that can reach a plane's or a tensor's size is formed in Idx ((Idx)a * b converts a
 // first, so the product is in Idx). The launcher keeps the padded sizes H + 2*ph and W + 2*pw
@@ -144,18 +150,63 @@ __device__ __forceinline__ Cover cover(int pos, int kernel, int stride, int dila
 }
 
 
-// Plane loop of a kernel whose threads handle Planes planes per step: nc is the group's first
-// plane; the group start walks blockIdx.y * Planes, grid-stride.
+// A thread's walk over a plane of `plane` positions and over the planes, in groups of Planes
+// consecutive planes. Packed = false (every kernel's default, the launch for planes of a block
+// or more): a thread starts at position blockIdx.x * blockDim.x + threadIdx.x and plane group
+// blockIdx.y * Planes, both grid-stride: the layout and code of one plane per block, unchanged.
+// Packed = true (the launchers pick it only when plane < blockDim.x): when plane < blockDim.x
+// the block holds slots = blockDim.x / plane slots of `plane` consecutive threads (slot =
+// threadIdx.x / plane); slot s of y block b starts at the group of plane (b * slots + s) *
+// Planes and steps by gridDim.y * slots * Planes planes; threads past slots * plane have no
+// work (p = plane); a plane of a block or more has slots = 1. Each (plane, position) pair is
+// visited by exactly one thread of any grid, either way. (Defining
+// GPULAYERS_MAXPOOL_ONE_PLANE_PER_BLOCK makes the packed kernels use one plane per block too:
+// the tests compare the two bitwise.)
+template <typename Idx>
+struct Walk {
+    Idx p, p_step;    // first position, its grid stride
+    Idx nc, nc_step;  // first plane of the first group, group stride
+};
+
+template <typename Idx, int Planes, bool Packed>
+__device__ __forceinline__ Walk<Idx> walk(Idx plane)
+{
+    Walk<Idx> w = {};  // unpacked: unused, FOR_POSITIONS and FOR_PLANE_GROUPS use the old loops
+    if constexpr (Packed) {
+#ifdef GPULAYERS_MAXPOOL_ONE_PLANE_PER_BLOCK
+        const bool shared = false;
+#else
+        const bool shared = plane < (Idx)blockDim.x;
+#endif
+        const int slots = shared ? (int)(blockDim.x / (unsigned)plane) : 1;
+        const int slot = shared ? (int)(threadIdx.x / (unsigned)plane) : 0;
+        w.p = slot < slots
+                  ? (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x - (Idx)slot * plane
+                  : plane;
+        w.p_step = (Idx)blockDim.x * (Idx)gridDim.x;
+        w.nc = ((Idx)blockIdx.y * slots + slot) * Planes;
+        w.nc_step = (Idx)gridDim.y * slots * Planes;
+    }
+    return w;
+}
+
+// Position and plane-group loops of a kernel over its walk wk (see walk()); nc is the first
+// plane of a group. Unpacked (Packed is a template argument, so the condition is a constant),
+// they are the loops of one plane per block, token for token.
+#define FOR_POSITIONS(p, n)                                                                    \
+    for (Idx p = Packed ? wk.p : (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x;        \
+         p < (n); p = grid_next(p, Packed ? wk.p_step : (Idx)blockDim.x * (Idx)gridDim.x, (n)))
 #define FOR_PLANE_GROUPS(nc)                                                                   \
-    for (Idx nc = (Idx)blockIdx.y * Planes; nc < planes;                                       \
-         nc = grid_next(nc, (Idx)gridDim.y * Planes, planes))
+    for (Idx nc = Packed ? wk.nc : (Idx)blockIdx.y * Planes; nc < planes;                      \
+         nc = grid_next(nc, Packed ? wk.nc_step : (Idx)gridDim.y * Planes, planes))
 
 // One thread per output element (n, c, oh, ow) of Planes planes: reads the in-range taps of its
 // window in x, in row-major order, and writes their maximum to out and its compact offset to
 // offsets. PyTorch's rule `v > best || isnan(v)`: the first maximum wins ties, the last NaN wins,
 // and an all -inf window keeps its first in-range tap. Windows with at most Taps x Taps in-range
 // taps take the unrolled path.
-template <typename T, typename Off, typename Idx, int Taps = kForwardTaps, int Planes = 1>
+template <typename T, typename Off, typename Idx, int Taps = kForwardTaps, int Planes = 1,
+          bool Packed = false>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
                                    Off* __restrict__ offsets, Idx planes,
                                    int H, int W, int Ho, int Wo, int kh, int kw,
@@ -163,8 +214,8 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
 {
     typedef typename Acc<T>::type A;
     const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < out_plane;
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, out_plane)) {
+    const Walk<Idx> wk = walk<Idx, Planes, Packed>(out_plane);
+    FOR_POSITIONS(p, out_plane) {
         const int oh = (int)(p / Wo), ow = (int)(p - (Idx)oh * Wo);
         const int h0 = oh * sh - ph, w0 = ow * sw - pw;
         // In-range taps i in [i0, i0 + ni), j in [j0, j0 + nj); the geometry checks ni, nj >= 1.
@@ -237,7 +288,7 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ out,
 // no padding, no dilation, an even W, 2 * Ho <= H (every window inside x) and x aligned to 2
 // elements: reads its window as two aligned pairs (rows 2 oh and 2 oh + 1) and writes out and
 // offsets as the default kernel.
-template <typename T, typename Off, typename Idx, int Planes>
+template <typename T, typename Off, typename Idx, int Planes, bool Packed = false>
 __global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict__ out,
                                          Off* __restrict__ offsets, Idx planes,
                                          int H, int W, int Ho, int Wo, int kh, int kw,
@@ -245,8 +296,8 @@ __global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict_
 {
     typedef typename Acc<T>::type A;
     const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < out_plane;
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, out_plane)) {
+    const Walk<Idx> wk = walk<Idx, Planes, Packed>(out_plane);
+    FOR_POSITIONS(p, out_plane) {
         const int oh = (int)(p / Wo), ow = (int)(p - (Idx)oh * Wo);
         const Idx first = (Idx)(2 * oh) * W + 2 * ow;
         FOR_PLANE_GROUPS(nc) {
@@ -278,7 +329,7 @@ __global__ void max_pool2d_forward_pairs(const T* __restrict__ x, T* __restrict_
 // the windows that cover it in ascending tap order, reads their offsets and dout, adds dout (in
 // Acc<T>) where the offset names (h, w), and writes the sum (0 when none) to dx. No atomics,
 // fixed order.
-template <typename T, typename Off, typename Idx, int Planes = 1>
+template <typename T, typename Off, typename Idx, int Planes = 1, bool Packed = false>
 __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __restrict__ offsets,
                                     T* __restrict__ dx, Idx planes,
                                     int H, int W, int Ho, int Wo, int kh, int kw,
@@ -286,8 +337,8 @@ __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __res
 {
     typedef typename Acc<T>::type A;
     const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < in_plane;
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, in_plane)) {
+    const Walk<Idx> wk = walk<Idx, Planes, Packed>(in_plane);
+    FOR_POSITIONS(p, in_plane) {
         const int h = (int)(p / W), w = (int)(p - (Idx)h * W);
         const Cover rows = cover(h + ph, kh, sh, dh, Ho);
         const Cover cols = cover(w + pw, kw, sw, dw, Wo);
@@ -357,7 +408,7 @@ __global__ void max_pool2d_backward(const T* __restrict__ dout, const Off* __res
 // One thread per input element (n, c, h, w) of Planes planes when windows cannot overlap: at
 // most one window covers it; writes that window's dout to dx if its stored offset names (h, w),
 // else 0. Reads one offset and one dout per covered element.
-template <typename T, typename Off, typename Idx, int Planes = 1>
+template <typename T, typename Off, typename Idx, int Planes = 1, bool Packed = false>
 __global__ void max_pool2d_backward_disjoint(const T* __restrict__ dout,
                                              const Off* __restrict__ offsets,
                                              T* __restrict__ dx, Idx planes,
@@ -366,8 +417,8 @@ __global__ void max_pool2d_backward_disjoint(const T* __restrict__ dout,
 {
     typedef typename Acc<T>::type A;
     const Idx in_plane = (Idx)H * W, out_plane = (Idx)Ho * Wo;
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < in_plane;
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, in_plane)) {
+    const Walk<Idx> wk = walk<Idx, Planes, Packed>(in_plane);
+    FOR_POSITIONS(p, in_plane) {
         const int h = (int)(p / W), w = (int)(p - (Idx)h * W);
         const Cover rows = cover(h + ph, kh, sh, dh, Ho);
         const Cover cols = cover(w + pw, kw, sw, dw, Wo);
@@ -431,7 +482,7 @@ __device__ __forceinline__ BlockCover<S, NW> block_cover(int b, int size, int ke
 // reads those NW x NW windows' dout and offsets once, and writes the block of dx, each element
 // the sum (in Acc<T>, ascending tap order) of the dout whose offset names it. Rows go out as
 // aligned pairs when S == 2 and W is even (then dx must be aligned to 2 elements).
-template <typename T, typename Off, typename Idx, int S, int NW, int Planes>
+template <typename T, typename Off, typename Idx, int S, int NW, int Planes, bool Packed = false>
 __global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
                                            const Off* __restrict__ offsets,
                                            T* __restrict__ dx, Idx planes,
@@ -443,8 +494,8 @@ __global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
     const int Bh = (H - 1) / S + 1, Bw = (W - 1) / S + 1;  // H + S - 1 could pass 2**31
     const Idx blocks = (Idx)Bh * Bw;
     const bool pairs = S == 2 && W % 2 == 0;
-    for (Idx p = (Idx)blockIdx.x * (Idx)blockDim.x + (Idx)threadIdx.x; p < blocks;
-         p = grid_next(p, (Idx)blockDim.x * (Idx)gridDim.x, blocks)) {
+    const Walk<Idx> wk = walk<Idx, Planes, Packed>(blocks);
+    FOR_POSITIONS(p, blocks) {
         const int bh = (int)(p / Bw), bw = (int)(p - (Idx)bh * Bw);
         const BlockCover<S, NW> rows = block_cover<S, NW>(bh, H, kh, ph, dh, Ho);
         const BlockCover<S, NW> cols = block_cover<S, NW>(bw, W, kw, pw, dw, Wo);
@@ -502,3 +553,4 @@ __global__ void max_pool2d_backward_blocks(const T* __restrict__ dout,
     }
 }
 #undef FOR_PLANE_GROUPS
+#undef FOR_POSITIONS

@@ -25,6 +25,16 @@ meet a pointer not aligned to 2 elements (a contiguous view at an odd element of
 back to the default kernel with the same launch knobs (see :func:`forward_plan`,
 :func:`backward_plan`).
 
+Launches: a plane smaller than a thread block shares the block with others
+(:func:`plane_slots`; ``launch_config(..., packed=True)``), so most launched threads have
+work on small planes (:func:`thread_utilisation`). That layout is a compile-time choice
+(maxpool.cu's template argument Packed, instantiated for PACKED_KERNELS only): a plan takes
+it only for a plane smaller than its block; planes of a block or more run the unpacked
+kernels, the code and launch of one plane per block. A call on a warmed geometry makes one cache lookup (key: pass,
+geometry, dtype, device, the current VARIANT by change count, the ``variant`` argument) that
+holds the kernel, grid and packed scalar arguments per alignment; a first call, arrays on
+another device than the current one, or a wrong argument take the checked path.
+
 Devices: a launcher runs on the device of its arrays (``compile.device_of``; arrays on two
 devices are a ValueError naming them), allocates its outputs there and compiles and launches
 for that device, whichever device is current.
@@ -41,7 +51,8 @@ from . import compile as cuda_compile
 
 __all__ = ["max_pool_forward_gpu", "max_pool_backward_gpu", "index_type", "kernel_expression",
            "launch_config", "scalar_args", "forward_plan", "backward_plan", "pairs_aligned",
-           "VARIANT", "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group"]
+           "VARIANT", "DEFAULT_VARIANT", "SOURCE", "NAME_EXPRESSIONS", "compile_group",
+           "plane_slots", "busy_threads", "thread_utilisation"]
 
 SOURCE = "maxpool.cu"
 
@@ -78,6 +89,21 @@ NAME_EXPRESSIONS = tuple(f"{kernel}<{value}, {offset}, {index}>"
     for index in INDEX_TYPES
     if value != _BF16 or params[-1] in BF16_PLANES)
 
+# Packed kernels (maxpool.cu's walk(), template argument Packed = true: planes smaller than a
+# thread block share it): the variants of PACKED_PLANES planes per step only (DEFAULT_VARIANT's,
+# what the launchers pick for small planes under the default knobs, every dtype), to keep
+# compile time down. A plan for a plane smaller than its block takes the packed kernel where
+# one is instantiated; every other plan, and every plane of a block or more, runs the
+# unpacked kernel (Packed = false, the code of one plane per block).
+PACKED_PLANES = (4,)
+PACKED_KERNELS = frozenset((kernel, params) for kernel, params in VARIANT_KERNELS
+                           if params[-1] in PACKED_PLANES)
+NAME_EXPRESSIONS += tuple(
+    f"{kernel}<{value}, unsigned char, {index}, {', '.join(map(str, params))}, true>"
+    for kernel, params in VARIANT_KERNELS if (kernel, params) in PACKED_KERNELS
+    for value in VALUE_TYPES.values()
+    for index in INDEX_TYPES)
+
 _BLOCK = 256
 _MAX_THREADS_X = 2**30       # blockDim.x * gridDim.x at most this, below 2**31
 _MAX_GRID_Y = 65535
@@ -93,9 +119,64 @@ DEFAULT_VARIANT = {
     "backward": {"kernel": "blocks", "planes": 4, "block": _BLOCK,
                  "blocks_per_sm": _BLOCKS_PER_SM},
 }
+
+
+class _Knobs(dict):
+    """VARIANT's per-pass dicts: plain dicts that count every change (in _Knobs.changes, one
+    counter for all), so a launcher's cache key names the current knobs by (id, count) instead
+    of a frozen copy made per call."""
+
+    changes = 0
+
+    def _changed(self):
+        _Knobs.changes += 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._changed()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def __ior__(self, other):
+        super().__ior__(other)
+        self._changed()
+        return self
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        value = super().setdefault(key, default)
+        self._changed()
+        return value
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+    def popitem(self):
+        item = super().popitem()
+        self._changed()
+        return item
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+
 # The variant the launchers use; replace entries (e.g. VARIANT["forward"]["planes"] = 2) or pass
-# variant={"forward": {...}} to a launcher. Measured choices belong in DEFAULT_VARIANT.
-VARIANT = {key: dict(value) for key, value in DEFAULT_VARIANT.items()}
+# variant={"forward": {...}} to a launcher. Measured choices belong in DEFAULT_VARIANT. (Its
+# per-pass dicts count their changes, see _Knobs; a plain dict put in their place also works,
+# at the cost of a frozen copy per call.)
+VARIANT = {key: _Knobs(value) for key, value in DEFAULT_VARIANT.items()}
 
 
 def index_type(geom):
@@ -138,9 +219,13 @@ def _options(pass_, variant):
 
 
 def _plan(kernel, params, plane, planes, options):
-    return {"kernel": kernel, "params": tuple(params), "plane": plane,
-            "planes_per_step": planes, "block": options["block"],
-            "blocks_per_sm": options["blocks_per_sm"]}
+    """A plan; packed (params gain the template argument 'true') when the plane is smaller
+    than the block and the kernel has a packed instantiation (PACKED_KERNELS)."""
+    params = tuple(params)
+    packed = 0 < plane < options["block"] and (kernel, params) in PACKED_KERNELS
+    return {"kernel": kernel, "params": params + ("true",) if packed else params,
+            "plane": plane, "planes_per_step": planes, "block": options["block"],
+            "blocks_per_sm": options["blocks_per_sm"], "packed": packed}
 
 
 def _variant_planes(dtype, planes):
@@ -151,7 +236,9 @@ def _variant_planes(dtype, planes):
 def forward_plan(geom, variant=None, *, aligned=True, dtype=None):
     """What the forward launcher runs for geom under VARIANT updated by ``variant``: a dict
     with kernel, params (extra template arguments), plane (positions per plane),
-    planes_per_step, block and blocks_per_sm. Variants need uint8 offsets; 'pairs' needs
+    planes_per_step, block, blocks_per_sm and packed (the kernel shares blocks between planes:
+    a plane smaller than the block and a kernel in PACKED_KERNELS; then params end with
+    'true', maxpool.cu's Packed). Variants need uint8 offsets; 'pairs' needs
     2x2 stride-2 unpadded undilated windows, an even W, 2 * Ho <= H and ``aligned`` (x's data
     aligned to 2 elements: the launcher passes what it sees, see :func:`pairs_aligned`); taps
     2 needs a window of at most 2x2; otherwise the default kernel (with the launch knobs)
@@ -222,17 +309,59 @@ def scalar_args(geom):
     return (planes,) + tuple(np.int32(d) for d in dims)
 
 
+def plane_slots(plane, block):
+    """Planes that share one thread block in maxpool.cu's kernels (walk()): block // plane
+    when a plane has fewer positions than the block has threads, else 1."""
+    return block // plane if 0 < plane < block else 1
+
+
 def launch_config(plane, planes, sm_count, block=_BLOCK, blocks_per_sm=_BLOCKS_PER_SM,
-                  planes_per_step=1):
+                  planes_per_step=1, *, packed=False):
     """(grid, block) for ``planes`` planes of ``plane`` positions each, a thread taking
     ``planes_per_step`` planes per loop step: x walks a plane, y the plane groups, about
-    ``blocks_per_sm`` blocks per multiprocessor in all (None: one y block per group)."""
+    ``blocks_per_sm`` blocks per multiprocessor in all (None: one y block per group).
+
+    ``packed``: the kernel puts :func:`plane_slots` planes into one block when a plane is
+    smaller than a block (maxpool.cu's kernels do; pool_nd.cu's do not), so y counts runs of
+    that many plane groups. A plane of a block or more gets the same launch either way."""
     gx = min(-(-plane // block), _MAX_THREADS_X // block)
     groups = -(-planes // planes_per_step)
+    if packed:
+        groups = -(-groups // plane_slots(plane, block))
     gy = min(groups, _MAX_GRID_Y)
     if blocks_per_sm is not None:
         gy = min(gy, max(1, -(-sm_count * blocks_per_sm // gx)))
     return (gx, gy, 1), (block, 1, 1)
+
+
+def busy_threads(plane, planes, grid, block, planes_per_step=1, *, packed=True):
+    """Threads of a launch of maxpool.cu's kernels (``grid``, ``block`` as launch_config gives
+    them) that have work, i.e. whose first (position, plane) is in range (see walk());
+    ``packed``: of the packed kernels (else one plane per block)."""
+    (gx, gy, _), (bx, _, _) = grid, block
+    slots = plane_slots(plane, bx) if packed else 1
+    groups = -(-planes // planes_per_step)         # slot s of y block b starts at group b*slots+s
+    busy_slots = min(gy * slots, groups)
+    return min(gx * bx, plane) * busy_slots
+
+
+def thread_utilisation(geom, pass_, variant=None, *, dtype=None, aligned=True, sm_count=132):
+    """Share of the launched threads that have work in pass_ ('forward' or 'backward') for
+    geom, under VARIANT updated by ``variant`` (``dtype``, ``aligned``: as for forward_plan;
+    ``sm_count``: multiprocessors, 132 on an H200). 1.0 for an empty batch."""
+    if pass_ not in ("forward", "backward"):
+        raise ValueError(f"pass_ must be 'forward' or 'backward', got {pass_!r}")
+    plan_of = forward_plan if pass_ == "forward" else backward_plan
+    plan = plan_of(geom, variant, aligned=aligned, dtype=dtype)
+    planes = geom.N * geom.C
+    if planes == 0:
+        return 1.0
+    grid, block = launch_config(plan["plane"], planes, sm_count, plan["block"],
+                                plan["blocks_per_sm"], plan["planes_per_step"],
+                                packed=plan["packed"])
+    launched = grid[0] * grid[1] * block[0]
+    return busy_threads(plan["plane"], planes, grid, block, plan["planes_per_step"],
+                        packed=plan["packed"]) / launched
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,29 +393,78 @@ def pairs_aligned(*arrays):
     return all(a.data.ptr % (2 * a.dtype.itemsize) == 0 for a in arrays)
 
 
-@functools.lru_cache(maxsize=256)
-def _prepared(pass_, geom, dtype, current, extra, device_id, aligned):
+def _plan_launch(pass_, geom, dtype, extra, device_id, aligned):
     """(function, expression, grid, block, scalar args) of pass_ for geom and dtype under the
-    variant knobs ``current`` (VARIANT[pass_]) updated by ``extra``, both frozen, on device
-    ``device_id``, with the vector kernels' arrays ``aligned`` (see :func:`pairs_aligned`):
-    what a launch needs beyond its arrays, worked out once per geometry instead of on every
-    call."""
+    current VARIANT[pass_] updated by ``extra`` (frozen), on device ``device_id``, with the
+    vector kernels' arrays ``aligned`` (see :func:`pairs_aligned`): what a launch needs beyond
+    its arrays. Compiles on first use (compile.get_kernel keeps the module)."""
     plan_of = forward_plan if pass_ == "forward" else backward_plan
     plan = plan_of(geom, {pass_: dict(extra)}, aligned=aligned, dtype=dtype)
     expression = kernel_expression(plan["kernel"], dtype, geom, plan["params"])
     function = cuda_compile.get_kernel(SOURCE, expression, compile_group(expression),
                                        device_id=device_id)
     grid, block = launch_config(plan["plane"], geom.N * geom.C, _sm_count(device_id),
-                                plan["block"], plan["blocks_per_sm"], plan["planes_per_step"])
+                                plan["block"], plan["blocks_per_sm"], plan["planes_per_step"],
+                                packed=plan["packed"])
     return function, expression, grid, block, scalar_args(geom)
 
 
+class _Prepared(dict):
+    """The launchers' cache: {key: _Call}, key = (pass_, geom, dtype, device id, knobs, extra)
+    where knobs names the current VARIANT[pass_] (``(id, _Knobs.changes)``, or its frozen items
+    when it is a plain dict) and extra is the frozen ``variant[pass_]`` of the call (None without
+    one). A warmed call makes one lookup here. Cleared whole when it passes _CACHE_SIZE entries
+    (e.g. after many VARIANT changes); ``cache_clear()`` empties it (the tests do, after
+    swapping compile.get_kernel)."""
+
+    def cache_clear(self):
+        self.clear()
+
+
+_CACHE_SIZE = 512
+_prepared = _Prepared()
+
+
+class _Call:
+    """What a launch of one cache key needs beyond its arrays: the shapes and offset dtype the
+    arrays must have, and per alignment of the vector kernels' arrays (index 0: not aligned, 1:
+    aligned) the (function, expression, grid, block, scalar args) of _plan_launch, made on
+    first use. (An empty batch, N*C == 0, launches nothing and has no entry.)"""
+
+    __slots__ = ("input_shape", "output_shape", "offset_dtype", "launches")
+
+    def __init__(self, geom):
+        self.input_shape = geom.input_shape
+        self.output_shape = geom.output_shape
+        self.offset_dtype = geom.offset_dtype
+        self.launches = [None, None]
+
+
+def _key(pass_, geom, dtype, device_id, variant):
+    knobs = VARIANT[pass_]
+    return (pass_, geom, dtype, device_id,
+            (id(knobs), _Knobs.changes) if knobs.__class__ is _Knobs else _frozen(knobs),
+            _frozen(variant.get(pass_)) if variant else None)
+
+
 def _launch(pass_, variant, dtype, geom, arrays, device_id, aligned):
+    """Launch pass_ on ``arrays`` (checked by the caller), filling the cache entry: the path
+    of a call that missed the cache."""
     if geom.N * geom.C == 0:
         return
-    function, expression, grid, block, scalars = _prepared(
-        pass_, geom, dtype, _frozen(VARIANT[pass_]), _frozen((variant or {}).get(pass_)),
-        device_id, aligned)
+    key = _key(pass_, geom, dtype, device_id, variant)
+    call = _prepared.get(key)
+    if call is None:
+        if len(_prepared) >= _CACHE_SIZE:
+            _prepared.clear()
+        call = _Call(geom)
+        _prepared[key] = call
+    launch = call.launches[aligned]
+    if launch is None:
+        launch = _plan_launch(pass_, geom, dtype, _frozen((variant or {}).get(pass_)),
+                              device_id, aligned)
+        call.launches[aligned] = launch
+    function, expression, grid, block, scalars = launch
     cuda_compile.launch(function, expression, grid, block, tuple(arrays) + scalars,
                         device_id=device_id)
 
@@ -332,6 +510,33 @@ def max_pool_forward_gpu(x, geom, variant=None):
       device
     """
     import cupy
+    # Warmed geometry, x on the current device: one cache lookup, then allocate and launch.
+    # Anything else (first call, another device, a wrong argument) takes the checked path.
+    if isinstance(x, cupy.ndarray):
+        device_id = x.device.id
+        if device_id == cupy.cuda.runtime.getDevice():
+            x = cupy.ascontiguousarray(x)
+            dtype = x.dtype
+            knobs = VARIANT["forward"]
+            call = _prepared.get((
+                "forward", geom, dtype, device_id,
+                (id(knobs), _Knobs.changes) if knobs.__class__ is _Knobs else _frozen(knobs),
+                _frozen(variant.get("forward")) if variant else None))
+            if call is not None and x.shape == call.input_shape:
+                launch = call.launches[x.data.ptr % (2 * dtype.itemsize) == 0]
+                if launch is not None:
+                    out = cupy.empty(call.output_shape, dtype=dtype)
+                    offsets = cupy.empty(call.output_shape, dtype=call.offset_dtype)
+                    function, expression, grid, block, scalars = launch
+                    cuda_compile.launch(function, expression, grid, block,
+                                        (x, out, offsets) + scalars, device_id=device_id)
+                    return out, offsets
+    return _forward(x, geom, variant)
+
+
+def _forward(x, geom, variant):
+    """max_pool_forward_gpu with every check, filling the launch cache."""
+    import cupy
     _check_cupy(x, "x")
     check_floating(x, "x")
     if tuple(x.shape) != geom.input_shape:
@@ -362,6 +567,36 @@ def max_pool_backward_gpu(dout, offsets, geom, variant=None):
     Returns:
     - dx: cupy array (N, C, H, W), dtype of dout, on dout's device
     """
+    import cupy
+    # As max_pool_forward_gpu: a warmed geometry with both arrays on the current device makes
+    # one cache lookup; anything else takes the checked path.
+    ndarray = cupy.ndarray
+    if isinstance(dout, ndarray) and isinstance(offsets, ndarray):
+        device_id = dout.device.id
+        if device_id == offsets.device.id and device_id == cupy.cuda.runtime.getDevice():
+            dout = cupy.ascontiguousarray(dout)
+            offsets = cupy.ascontiguousarray(offsets)
+            dtype = dout.dtype
+            knobs = VARIANT["backward"]
+            call = _prepared.get((
+                "backward", geom, dtype, device_id,
+                (id(knobs), _Knobs.changes) if knobs.__class__ is _Knobs else _frozen(knobs),
+                _frozen(variant.get("backward")) if variant else None))
+            if (call is not None and dout.shape == call.output_shape
+                    and offsets.shape == call.output_shape
+                    and offsets.dtype == call.offset_dtype):
+                dx = cupy.empty(call.input_shape, dtype=dtype)
+                launch = call.launches[dx.data.ptr % (2 * dtype.itemsize) == 0]
+                if launch is not None:
+                    function, expression, grid, block, scalars = launch
+                    cuda_compile.launch(function, expression, grid, block,
+                                        (dout, offsets, dx) + scalars, device_id=device_id)
+                    return dx
+    return _backward(dout, offsets, geom, variant)
+
+
+def _backward(dout, offsets, geom, variant):
+    """max_pool_backward_gpu with every check, filling the launch cache."""
     import cupy
     _check_cupy(dout, "dout")
     _check_cupy(offsets, "offsets")
