@@ -920,3 +920,118 @@ def write_json(doc, *paths):
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
     return paths
+
+
+# ------------------------------------------------- channels-first vs channels-last (issue 12)
+
+#: the layouts --layouts times: channels-first input, C-contiguous channels-last input with
+#: data_format='channels_last', and PyTorch's channels_last memory format (channels-first
+#: shape, channels-last strides) with the default data_format
+LAYOUTS = ("cf", "cl", "pt")
+#: --layouts' target: channels-last / channels-first at most this on every case
+LAYOUT_TARGET = 1.3
+
+
+def to_channels_last(a):
+    """The C-contiguous channels-last copy of a channels-first array."""
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+
+
+def to_channels_first(a):
+    """The channels-first view of a channels-last array (no copy)."""
+    return np.moveaxis(a, -1, 1)
+
+
+def _layout_call(case, layout, x, dout, gamma, beta):
+    """(fn, result) of ``case``'s public NumPy call on ``x`` in ``layout``: fn() runs the
+    timed call (the forward, or the backward on a cache from one forward)."""
+    fam, is_bwd = OPS[case.op]
+    fwd, bwd = (_lookup(f) for f in _IMPLS[fam]["fast"])
+    df = "channels_last" if layout == "cl" else "channels_first"
+    if fam in POOL_FAMILIES:
+        p = dict(case.params, data_format=df)
+        run_fwd = (lambda: fwd(x, p))
+    elif fam in ADAPTIVE_FAMILIES:
+        size = case.params["output_size"]
+        run_fwd = (lambda: fwd(x, size, data_format=df))
+    else:
+        C = case.shape[1]
+        p = dict(case.params, data_format=df, mode="test" if fam == "bn_eval" else "train",
+                 running_mean=np.full(C, 0.1, gamma.dtype), running_var=np.full(C, 1.5, gamma.dtype))
+        run_fwd = (lambda: fwd(x, gamma, beta, p))
+    out, cache = run_fwd()
+    if not is_bwd:
+        return run_fwd, out
+    fn = (lambda: bwd(dout, cache))
+    return fn, fn()
+
+
+def _as_first(res, layout):
+    """A result (array or tuple: dx first) in channels-first layout."""
+    res = res if isinstance(res, tuple) else (res,)
+    first = to_channels_first(res[0]) if layout == "cl" else res[0]
+    return (first,) + tuple(res[1:])
+
+
+def layout_error(case, ref, got):
+    """max |got - ref| / max |ref| over the arrays of two channels-first results."""
+    err = 0.0
+    for r, g in zip(ref, got):
+        if r is None or not hasattr(r, "shape"):
+            continue
+        r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64)
+        if r64.shape != g64.shape:
+            return float("inf")
+        scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+        diff = float(np.max(np.abs(g64 - r64))) if r64.size else 0.0
+        err = max(err, diff / scale if scale else diff)
+    return err
+
+
+def build_layout_case(case, rng=None, layouts=LAYOUTS):
+    """One :class:`Timed` per layout for ``case`` (NumPy), all on the same data: the
+    channels-first x, its C-contiguous channels-last copy (``data_format='channels_last'``),
+    and that copy viewed channels-first (PyTorch's channels_last memory format, default
+    data_format). Each layout's result, moved to channels-first, is checked against the
+    channels-first one: pooling bit for bit, batch norm to ``CHECK_TOL``.
+
+    Returns ``(entries, checks)``: checks maps each layout but 'cf' to
+    ``(error, ok)``."""
+    rng = rng or np.random.default_rng()
+    fam, is_bwd = OPS[case.op]
+    dtype = np.dtype(case.dtype)
+    x = _random(np, tuple(case.shape), dtype, rng)
+    C = case.shape[1]
+    gamma = beta = None
+    if case.is_pool:
+        out_shape = case_geometry(case).output_shape
+    else:
+        out_shape = tuple(case.shape)
+        pdtype = np.float32 if dtype == np.float16 else dtype
+        gamma = (1.0 + 0.1 * _random(np, (C,), np.float32, rng)).astype(pdtype)
+        beta = (0.1 * _random(np, (C,), np.float32, rng)).astype(pdtype)
+    dout = _random(np, out_shape, dtype, rng) if is_bwd else None
+    case.x_nbytes = x.nbytes
+    x_cl = to_channels_last(x)
+    d_cl = to_channels_last(dout) if is_bwd else None
+    data = {"cf": (x, dout), "cl": (x_cl, d_cl),
+            "pt": (to_channels_first(x_cl), to_channels_first(d_cl) if is_bwd else None)}
+    entries, results = [], {}
+    for layout in layouts:
+        xi, di = data[layout]
+        fn, res = _layout_call(case, layout, xi, di, gamma, beta)
+        results[layout] = _as_first(res, layout)
+        entries.append(Timed(layout, fn, CPUClock()))
+    checks = {}
+    ref = results.get("cf")
+    for layout in layouts:
+        if layout == "cf" or ref is None:
+            continue
+        got = results[layout]
+        if case.is_pool:
+            ok = all(np.array_equal(r, g) for r, g in zip(ref, got) if hasattr(r, "shape"))
+            checks[layout] = (layout_error(case, ref, got), ok)
+        else:
+            err = layout_error(case, ref, got)
+            checks[layout] = (err, err <= CHECK_TOL[case.dtype])
+    return entries, checks

@@ -8,6 +8,7 @@
     python scripts/bench.py --small              # public vs general on small inputs (NumPy)
     python scripts/bench.py --crossover          # where the NumPy blocked paths start to win
     python scripts/bench.py --nd                 # 1-D / 3-D / adaptive pooling vs PyTorch
+    python scripts/bench.py --layouts            # channels_last vs channels_first (NumPy)
 
 How the numbers are made (so they can be trusted):
 
@@ -35,6 +36,16 @@ small inputs (the ratio must stay <= 1.10); ``--crossover`` times each
 threaded) and to infinity (the simple path), the measurement behind the
 thresholds in ``numpy_fast``. Both: NumPy only, no PyTorch, alternating rounds,
 medians after warm-up.
+
+``--layouts`` times each CPU case's public NumPy call in channels_first against
+the same op with ``data_format='channels_last'`` on the C-contiguous channels-last
+copy of the input, and against the default call on PyTorch's channels_last memory
+format (that copy viewed channels-first): alternating rounds, medians after
+warm-up, a ratio column cl/cf with a verdict against
+``gpulayers.benchmarking.LAYOUT_TARGET`` (1.3), and a check that every result,
+moved to channels-first, equals the channels-first one (pooling exactly, batch
+norm to ``CHECK_TOL``). NumPy only, no PyTorch. Exits 1 when a check fails (a miss
+of the ratio target is shown, not an error).
 
 ``--nd`` times the pooling cases beyond 2-D, forward and backward, against
 PyTorch's functional of the same rank (``F.max_pool3d``, ``F.avg_pool3d``,
@@ -127,6 +138,30 @@ ND_PRESETS["gpu"] = ND_PRESETS["cpu"]
 #: --nd's target: ours / PyTorch at most this on every case
 ND_TARGET = 2.0
 
+# --layouts: channels-first vs channels-last on the CPU cases (issue 12)
+AVG3 = MP3
+
+
+def _layout_cases(mp3, mp2, bn, small):
+    """max pool 3x3/2 pad 1 on ``mp3`` and 2x2/2 on ``mp2``, forward and backward; BN train
+    forward, backward and eval forward on ``bn``; avg pool 3x3/2 pad 1 and adaptive avg to
+    (1, 1) on ``small``, forward and backward."""
+    return [("max_pool_forward", mp3, MP3), ("max_pool_backward", mp3, MP3),
+            ("max_pool_forward", mp2, MP2), ("max_pool_backward", mp2, MP2),
+            ("spatial_batchnorm_forward", bn, BN), ("spatial_batchnorm_backward", bn, BN),
+            ("spatial_batchnorm_eval_forward", bn, BN),
+            ("avg_pool_forward", small, AVG3), ("avg_pool_backward", small, AVG3),
+            ("adaptive_avg_pool_forward", small, GLOBAL),
+            ("adaptive_avg_pool_backward", small, GLOBAL)]
+
+
+LAYOUT_PRESETS = {
+    "smoke": _layout_cases((2, 3, 8, 8), (2, 3, 8, 8), (2, 3, 8, 8), (2, 5, 7, 7)),
+    "quick": _layout_cases((8, 32, 28, 28), (8, 32, 28, 28), (8, 32, 28, 28), (8, 128, 14, 14)),
+    "cpu": _layout_cases((32, 64, 56, 56), (16, 64, 112, 112), (32, 64, 56, 56),
+                         (32, 512, 14, 14)),
+}
+
 SWEEP_OPS = ("max_pool_forward", "max_pool_backward", "spatial_batchnorm_forward",
              "spatial_batchnorm_backward")
 
@@ -147,6 +182,15 @@ def parse_args(argv=None):
                          "pad 1 on (8, 32, 16, 56, 56), max 3/2 on (32, 64, 4096), adaptive avg "
                          "to (1, 1) and (7, 7) on (32, 512, 14, 14); with --quick/--smoke on "
                          "smaller shapes; checks every result against PyTorch's")
+    ap.add_argument("--layouts", action="store_true",
+                    help="NumPy channels_first vs channels_last (C-contiguous NHWC, "
+                         "data_format='channels_last') and PyTorch's channels_last memory "
+                         "format (default data_format) on the CPU cases: max pool 3x3/2 pad 1 "
+                         "(32, 64, 56, 56) and 2x2/2 (16, 64, 112, 112) fwd/bwd, BN train "
+                         "fwd/bwd and eval fwd (32, 64, 56, 56), avg pool 3x3/2 pad 1 and "
+                         "adaptive avg to (1, 1) fwd/bwd (32, 512, 14, 14); ratio cl/cf vs "
+                         f"{B.LAYOUT_TARGET}; checks every result; with --quick/--smoke on "
+                         "smaller shapes")
     ap.add_argument("--device", choices=("cpu", "gpu"), default=None,
                     help="cpu (NumPy) or gpu (CuPy); default gpu when CuPy is usable")
     ap.add_argument("--ops", nargs="+", choices=ALL_OPS, default=None, help="ops to run (default all)")
@@ -697,6 +741,54 @@ def _eval_backward_entries(case, pair):
     return entries
 
 
+def run_layouts(args):
+    """channels_first vs channels_last (and PyTorch's channels_last memory format) of the
+    public NumPy calls. Returns the number of cases failing a check (a miss of the cl/cf
+    target is reported, not counted: timings are not a pass/fail of the script)."""
+    preset = "smoke" if args.smoke else "quick" if args.quick else "cpu"
+    rng = np.random.default_rng(args.seed)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    print(f"device: cpu: {cpu_name()} ({os.cpu_count()} cores), numpy {np.__version__}, "
+          f"{args.dtype}, preset layouts-{preset}, load average {_load()}")
+    print("cf = channels_first (C-contiguous NCHW); cl = data_format='channels_last' on the "
+          "C-contiguous NHWC copy;\npt = PyTorch channels_last memory format (NCHW shape, NHWC "
+          "strides), default data_format;\nalternating rounds after "
+          f"{warmup} warm-up calls each, medians; verdict: cl/cf <= {B.LAYOUT_TARGET}; check: "
+          "result moved to channels-first == cf's (pooling exactly, BN to "
+          f"{B.CHECK_TOL.get(args.dtype, 0):g})")
+    print(f"  {'op':<31}{'shape':<19}{'params':<16}{'cf ms':>9}{'cl ms':>9}{'pt ms':>9}"
+          f"{'cl/cf':>7}{'pt/cf':>7}{'n':>5}  {'verdict':<8}{'check'}")
+    bad = misses = 0
+    worst = 0.0
+    for op, shape, params in LAYOUT_PRESETS[preset]:
+        if args.ops and op not in args.ops:
+            continue
+        case = B.Case(op, shape, args.dtype, dict(params))
+        entries, checks = B.build_layout_case(case, np.random.default_rng(int(rng.integers(2**31))))
+        reps = args.reps or (2 if args.smoke else _reps_for(entries, 1.5 if args.quick else 6.0,
+                                                            lo=9, hi=61))
+        B.round_robin(entries, reps, warmup)
+        errors = [f"{e.name}: {e.error}" for e in entries if e.error]
+        cf, cl, pt = (B.median(e.samples) for e in entries)
+        r_cl, r_pt = cl / cf, pt / cf
+        worst = max(worst, r_cl)
+        ok = all(c[1] for c in checks.values()) and not errors
+        verdict = "ok" if r_cl <= B.LAYOUT_TARGET else "MISS"
+        bad += not ok
+        misses += verdict != "ok"
+        check = "ok" if ok else "FAIL " + "; ".join(
+            errors + [f"{k} err {v[0]:.1e}" for k, v in checks.items() if not v[1]])
+        pstr = case.params_str().split()[0] if case.family.startswith("bn") else case.params_str()
+        if case.family == "bn_eval":
+            pstr = "eval"
+        print(f"  {op:<31}{str(tuple(shape)):<19}{pstr:<16}{cf:>9.3f}{cl:>9.3f}{pt:>9.3f}"
+              f"{r_cl:>7.2f}{r_pt:>7.2f}{reps:>5}  {verdict:<8}{check}", flush=True)
+        del entries
+    print(f"worst cl/cf: {worst:.2f} (target <= {B.LAYOUT_TARGET}); {misses} miss(es), {bad} "
+          f"failed check(s); load average {_load()} (end)")
+    return bad
+
+
 def _load():
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -706,6 +798,14 @@ def _load():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.layouts:
+        if args.nd or args.small or args.crossover or args.device == "gpu":
+            sys.exit("--layouts times the NumPy layouts on its own cases; it does not combine "
+                     "with --nd, --small, --crossover or --device gpu")
+        bad = run_layouts(args)
+        if bad:
+            print(f"\n{bad} case(s) failing the layout check", file=sys.stderr)
+        return 1 if bad else 0
     if args.nd and (args.small or args.crossover):
         sys.exit("--nd times the N-d cases against PyTorch; it does not combine with "
                  "--small or --crossover")
