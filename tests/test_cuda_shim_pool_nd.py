@@ -16,7 +16,10 @@ Channels-last: every kernel also runs with ``channels_last=True`` on the transpo
 (N, *spatial, C), contiguous and as transposed views, in three of the launch runs (the
 launcher's grid with 32-bit indices, the small grid with 64-bit ones, the large grid), and
 must give the channels-first kernels' results transposed, bit for bit (offsets and the
-winners' elements too).
+winners' elements too). The vectorised channels-last forward kernels (max and average
+pooling) must give the scalar channels-last kernels' results bit for bit, run only when C is
+a multiple of the vector width and the arrays are 16-byte aligned (the stand-in's arrays are
+64-byte aligned, as CuPy's), and fault on a misaligned array when launched directly.
 """
 import sys
 import types
@@ -308,12 +311,18 @@ class FakeCupy:
         self.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
 
     def on(self, a, device_id=None):
-        out = np.array(a, order="C").view(FakeArray)
+        a = np.asarray(a)
+        out = self.empty(a.shape, a.dtype)
+        out[...] = a
         out.device_id = self.current if device_id is None else device_id
         return out
 
     def empty(self, shape, dtype=np.float64):
-        a = np.empty(shape, dtype)
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = np.empty(n + 64, np.uint8)  # 64-byte aligned, as CuPy's allocations
+        start = -raw.ctypes.data % 64
+        a = raw[start:start + n].view(dtype).reshape(shape)
         a.reshape(-1).view(np.uint8)[:] = 0xA5
         out = a.view(FakeArray)
         out.device_id = self.current
@@ -808,8 +817,9 @@ def test_name_expressions_and_compile_groups():
     this module."""
     assert nk.SOURCE in instantiations()
     # 4 value types, 2 index types, 2 layouts: 4*3 offset kernels... per (value, index, layout)
+    # ... plus the channels-last vector variants of max (4*3*2) and avg (4*2) forward.
     assert len(set(nk.NAME_EXPRESSIONS)) == len(nk.NAME_EXPRESSIONS) == 2 * (
-        4 * 4 * 3 * 2 + 5 * 4 * 2 + 2 * 2 + 4 * 2 * 2) == 312
+        4 * 4 * 3 * 2 + 5 * 4 * 2 + 2 * 2 + 4 * 2 * 2) + 4 * 3 * 2 + 4 * 2 == 344
     for last in (False, True):
         for dtype, value in nk.VALUE_TYPES.items():
             for index in nk.INDEX_TYPES:
@@ -824,11 +834,11 @@ def test_name_expressions_and_compile_groups():
                     args = args[:-1] if last else args
                     assert args[-1] == index
                     assert args[0] == value or e.startswith("max_unpool_winners")
-                assert len(group) == 4 * 3 + 5 + 2 + 2
+                assert len(group) == 4 * 3 + 5 + 2 + 2 + (3 + 1 if last else 0)
     assert sum(len(nk.compile_group(nk.kernel_expression("avg_pool3d_forward", d, i,
                                                          channels_last=last)))
                for d in nk.VALUE_TYPES for i in nk.INDEX_TYPES
-               for last in (False, True)) == 312 + 8 * 3
+               for last in (False, True)) == 344 + 8 * 3
     assert nk.kernel_expression("max_pool3d_forward", BF16, "long long", offset=np.uint16,
                                 channels_last=True) == (
         "max_pool3d_forward<__nv_bfloat16, unsigned short, long long, ChannelsLast>")
@@ -865,4 +875,81 @@ def test_every_kernel_runs_somewhere():
     """Each kernel name of the module is one the tests above launch."""
     kernels = {e.split("<")[0] for e in nk.NAME_EXPRESSIONS}
     assert kernels == set(nk.OFFSET_KERNELS + nk.VALUE_KERNELS) | {
-        "max_unpool_winners", "max_unpool_backward"}
+        "max_unpool_winners", "max_unpool_backward"} | set(nk.VECTOR_KERNELS.values())
+    assert all(e.endswith(", ChannelsLast>") for e in nk.NAME_EXPRESSIONS
+               if e.split("<")[0] in nk.VECTOR_KERNELS.values())
+
+
+# ------------------------------------------------------- vectorised channels-last kernels
+
+VEC_CASES = {
+    "1d-k3s2p1": ((9,), dict(kernel_size=3, stride=2, pad=1)),
+    "2d-k3s2p1ceil": ((5, 6), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+    "3d-k2s1p1": ((3, 4, 3), dict(kernel_size=2, stride=1, pad=1)),
+}
+
+
+def _forward_last(cp, x_l, mgeom, ageom):
+    """(max out, offsets, avg out, names launched) of the channels-last forward kernels."""
+    start = len(cp.launches)
+    out, off = nk.max_pool_forward_gpu(x_l, mgeom, channels_last=True)
+    avg = nk.avg_pool_forward_gpu(x_l, ageom, False, None, channels_last=True)
+    return out, off, avg, [n for n, _ in cp.launches[start:]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", VEC_CASES)
+def test_channels_last_vector_kernels(cp, lib, rng, monkeypatch, name, dtype):
+    """max_pool3d_forward_vec and avg_pool3d_forward_vec run for C a multiple of V on
+    aligned arrays and give the scalar channels-last kernels' results bit for bit (random,
+    ties, NaN, +-inf, signed zeros; 32- and 64-bit indices, own and small grids); C not a
+    multiple of V, and a misaligned x, run the scalar kernels; the vector kernel launched
+    on a misaligned x faults."""
+    V = nk.vector_width(dtype)
+    size, param = VEC_CASES[name]
+    real_vectorised = nk._vectorised
+    for C in (2 * V, V + 1):
+        mgeom = pool_geometry((2, C) + size, param, op="max")
+        ageom = pool_geometry((2, C) + size, param, op="avg")
+        for kind in DATA:
+            x_l = cp.on(last(data(kind, mgeom.input_shape, dtype, rng)))
+            for index, run in (("int", "own"), ("long long", "small")):
+                where = f"{name}, C={C}, {kind}, {np.dtype(dtype)}, {index}, {run}"
+                _clear_caches()
+                cp.index, cp.run = (None if index == "int" else index), run
+                monkeypatch.setattr(nk, "_vectorised", real_vectorised)
+                got = _forward_last(cp, x_l, mgeom, ageom)
+                monkeypatch.setattr(nk, "_vectorised", lambda *a: False)
+                ref = _forward_last(cp, x_l, mgeom, ageom)
+                assert not any("_vec<" in n for n in ref[3]), ref[3]
+                vec = [n.split("<")[0] for n in got[3]]
+                assert vec == ([nk.VECTOR_KERNELS[k] for k in nk.VECTOR_KERNELS]
+                               if C % V == 0 else list(nk.VECTOR_KERNELS)), (vec, where)
+                for what, a, b in zip(("max out", "offsets", "avg out"), got, ref):
+                    assert_same(a, b, f"vector {what}: {where}")
+    cp.index, cp.run = None, "own"
+    monkeypatch.setattr(nk, "_vectorised", real_vectorised)
+
+    # A contiguous view one element into an aligned buffer: misaligned for V > 1.
+    mgeom = pool_geometry((2, 2 * V) + size, param, op="max")
+    x = last(data("random", mgeom.input_shape, dtype, rng))
+    base = cp.on(np.zeros(x.size + 1, x.dtype))
+    x_mis = base[1:].reshape(x.shape)
+    x_mis[...] = x
+    assert x_mis.flags.c_contiguous and x_mis.data.ptr % 16 != 0
+    ageom = pool_geometry(mgeom.input_shape, param, op="avg")
+    got = _forward_last(cp, x_mis, mgeom, ageom)
+    assert not any("_vec<" in n for n in got[3]), got[3]
+    ref = _forward_last(cp, cp.on(x), mgeom, ageom)
+    assert any("_vec<" in n for n in ref[3]), ref[3]
+    for what, a, b in zip(("max out", "offsets", "avg out"), got, ref):
+        assert_same(a, b, f"misaligned {what}: {name}, {np.dtype(dtype)}")
+    expression, _, _, scalars = nk._pool_plan("max_pool3d_forward", mgeom,
+                                              np.dtype(dtype), (), True, True)
+    out = cp.empty(mgeom.output_shape[:1] + mgeom.output_shape[2:] + mgeom.output_shape[1:2],
+                   dtype)
+    off = cp.empty(out.shape, mgeom.offset_dtype)
+    with pytest.raises(cuda_shim.KernelFault, match="misaligned address: Vec load"):
+        lib.launch(expression, (2, 1, 1), (32, 1, 1), (x_mis, out, off) + scalars)
+    lib.launch(expression, (2, 1, 1), (32, 1, 1), (cp.on(x), out, off) + scalars)
+    assert_same(out, ref[0], f"direct vector launch: {name}, {np.dtype(dtype)}")

@@ -38,9 +38,11 @@
 // are formed in long long. Compact offsets are formed in unsigned (window sizes below 2**32).
 // Channels-last x-items (positions times C) and strides (C per position) are Idx too.
 //
-// No kernel uses vector loads or stores, so no pointer needs more than its element alignment
-// (channels-last loads are coalesced across a warp's consecutive channels; vector loads over
-// channels would need C and the pointers aligned to the vector and are not used).
+// Only the *_vec kernels (channels-last max and average pooling forward) use vector loads
+// and stores: 16 bytes (Vec<T, VecWidth<T>::value>) over consecutive channels, so they need C
+// a multiple of the width and x and out 16-byte aligned (offsets stay scalar); the launcher
+// checks and runs the scalar channels-last kernels otherwise. Every other pointer needs only
+// its element alignment (channels-last loads are coalesced across consecutive channels).
 #ifndef GPULAYERS_CPU_SHIM
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -117,6 +119,42 @@ struct ChannelsLast {
     __device__ __forceinline__ Idx offset(Idx o, Idx plane) const { return o * (plane * C); }
     __device__ __forceinline__ Idx pitch() const { return (Idx)C; }
 };
+
+// ------------------------------------------------------------------------- vectors
+
+// Channels per 16-byte vector: 4 floats, 8 halves or bfloat16s, 2 doubles.
+template <typename T> struct VecWidth { static const int value = 16 / (int)sizeof(T); };
+
+// V consecutive elements, aligned to their size (one 16-byte load or store).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+    T v[V];
+};
+
+// The vector at p (must be aligned to it: the shim records a misaligned one as a fault).
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p)
+{
+#ifdef GPULAYERS_CPU_SHIM
+    cuda_shim::check_aligned(p, sizeof(Vec<T, V>), "Vec load");
+    Vec<T, V> r;
+    std::memcpy(&r, p, sizeof r);
+    return r;
+#else
+    return *reinterpret_cast<const Vec<T, V>*>(p);
+#endif
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& r)
+{
+#ifdef GPULAYERS_CPU_SHIM
+    cuda_shim::check_aligned(p, sizeof(Vec<T, V>), "Vec store");
+    std::memcpy(p, &r, sizeof r);
+#else
+    *reinterpret_cast<Vec<T, V>*>(p) = r;
+#endif
+}
 
 // Position p of a (n0, n1, n2) plane as its three coordinates.
 template <typename Idx>
@@ -507,6 +545,101 @@ __global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ 
             visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
                               layout.pitch(), op);
             store(dx + layout.offset(nc, in_plane) + i, op.acc);
+        }
+    }
+}
+
+// Vectorised channels-last forward kernels <T, [Off,] Idx, L = ChannelsLast> (L must be
+// ChannelsLast): an x-item is (position, group of V = VecWidth<T> consecutive channels); each
+// tap is one Vec load and each lane runs the scalar kernel's arithmetic in its tap order, so
+// the results are those of the scalar channels-last kernels bit for bit. Needs C % V == 0 and
+// x, out 16-byte aligned (the launcher checks).
+
+// max_pool3d_forward over V channels per thread: per lane MaxOp from the first tap; out
+// stored as one Vec, offsets scalar.
+template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsLast>
+__global__ void max_pool3d_forward_vec(const T* __restrict__ x, T* __restrict__ out,
+                                       Off* __restrict__ offsets, Idx outer, int C,
+                                       POOL3_PARAMS)
+{
+    typedef typename Acc<T>::type A;
+    const int V = VecWidth<T>::value;
+    const L<Idx> layout = {outer, C};
+    const Pool3 g = POOL3_GEOMETRY;
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    const Idx groups = (Idx)(C / V);
+    FOR_ITEMS(i, out_plane * groups) {
+        const Idx p = i / groups, lane = (i - p * groups) * V;
+        int o[3];
+        decode3(p, Ho, Wo, o);
+        const Window3<Idx> w = pool_window<Idx>(g, o, layout.pitch());
+        FOR_OUTER(nc) {
+            const T* xp = x + layout.offset(nc, in_plane) + lane;
+            const Vec<T, V> first = load_vec<T, V>(xp + w.first);
+            MaxOp<A> op[V];
+#pragma unroll
+            for (int j = 0; j < V; ++j) op[j] = {to_acc(first.v[j]), w.k0};
+            for (int a = 0; a < w.n[0]; ++a) {
+                for (int b = 0; b < w.n[1]; ++b) {
+                    const Idx row = w.first + a * w.step[0] + b * w.step[1];
+                    const unsigned k = w.k0 + a * w.kstep[0] + b * w.kstep[1];
+                    for (int c = 0; c < w.n[2]; ++c) {
+                        const Vec<T, V> v = load_vec<T, V>(xp + row + c * w.step[2]);
+#pragma unroll
+                        for (int j = 0; j < V; ++j) op[j](to_acc(v.v[j]), k + c);
+                    }
+                }
+            }
+            const Idx at = layout.offset(nc, out_plane) + p * layout.pitch() + lane;
+            Vec<T, V> r;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                store(&r.v[j], op[j].best);
+                offsets[at + j] = (Off)op[j].arg;
+            }
+            store_vec<T, V>(out + at, r);
+        }
+    }
+}
+
+// avg_pool3d_forward over V channels per thread: per lane the sum from +0 in tap order, / the
+// window's divisor; out stored as one Vec.
+template <typename T, typename Idx, template <typename> class L = ChannelsLast>
+__global__ void avg_pool3d_forward_vec(const T* __restrict__ x, T* __restrict__ out,
+                                       Idx outer, int C, POOL3_PARAMS, int count_include_pad,
+                                       int divisor_override)
+{
+    typedef typename Acc<T>::type A;
+    const int V = VecWidth<T>::value;
+    const L<Idx> layout = {outer, C};
+    const PoolDivisor divisor = {POOL3_GEOMETRY, count_include_pad, divisor_override};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    const Idx groups = (Idx)(C / V);
+    FOR_ITEMS(i, out_plane * groups) {
+        const Idx p = i / groups, lane = (i - p * groups) * V;
+        int o[3];
+        decode3(p, Ho, Wo, o);
+        const Window3<Idx> w = pool_window<Idx>(divisor.g, o, layout.pitch());
+        const A div = (A)divisor(o);
+        FOR_OUTER(nc) {
+            const T* xp = x + layout.offset(nc, in_plane) + lane;
+            A sum[V];
+#pragma unroll
+            for (int j = 0; j < V; ++j) sum[j] = A(0);
+            for (int a = 0; a < w.n[0]; ++a) {
+                for (int b = 0; b < w.n[1]; ++b) {
+                    const Idx row = w.first + a * w.step[0] + b * w.step[1];
+                    for (int c = 0; c < w.n[2]; ++c) {
+                        const Vec<T, V> v = load_vec<T, V>(xp + row + c * w.step[2]);
+#pragma unroll
+                        for (int j = 0; j < V; ++j) sum[j] += to_acc(v.v[j]);
+                    }
+                }
+            }
+            Vec<T, V> r;
+#pragma unroll
+            for (int j = 0; j < V; ++j) store(&r.v[j], sum[j] / div);
+            store_vec<T, V>(out + layout.offset(nc, out_plane) + p * layout.pitch() + lane, r);
         }
     }
 }

@@ -23,7 +23,11 @@ indices (laid out like x) -- while geometries and the shapes passed (unpool's ``
 and ``x_shape``) stay (N, C, *spatial). The kernels then map consecutive threads to
 consecutive channels (coalesced) and give, bit for bit, the channels-first results of the
 transposed tensors: offsets and unpool indices count within each (n, c) plane as for
-channels-first. No kernel uses vector loads, so any element-aligned pointer will do.
+channels-first. Channels-last max and average pooling forward run a vectorised variant
+(``max_pool3d_forward_vec``, ``avg_pool3d_forward_vec``: 16-byte loads and stores over
+consecutive channels, :data:`VECTOR_KERNELS`) when C is a multiple of the vector width
+(16 bytes / itemsize) and x and out are 16-byte aligned, else the scalar kernels; the results
+are the same bit for bit. Any element-aligned pointer will do.
 
 Semantics (what the xp paths must match bit for bit):
 
@@ -87,6 +91,12 @@ VALUE_KERNELS = ("avg_pool3d_forward", "avg_pool3d_backward", "adaptive_avg_pool
                  "adaptive_avg_pool3d_backward", "max_unpool_forward")   # <T, Idx, L>
 WINNERS_KERNEL = "max_unpool_winners"                      # <Ind, Idx, L>
 UNPOOL_BACKWARD_KERNEL = "max_unpool_backward"             # <T, Ind, Idx, L>
+# Vectorised channels-last variants (ChannelsLast only): {kernel: its variant}; the arrays
+# each reads or writes with vector accesses, which must be 16-byte aligned.
+VECTOR_KERNELS = {"max_pool3d_forward": "max_pool3d_forward_vec",
+                  "avg_pool3d_forward": "avg_pool3d_forward_vec"}
+VECTOR_ARRAYS = ("x", "out")
+VECTOR_BYTES = 16
 
 
 def _expressions():
@@ -102,6 +112,13 @@ def _expressions():
                 for i in INDEX_TYPES]
         out += [name(UNPOOL_BACKWARD_KERNEL, v, n, i) for v in VALUE_TYPES.values()
                 for n in UNPOOL_INDEX_TYPES.values() for i in INDEX_TYPES]
+    # The vector variants exist only channels-last.
+    vec = VECTOR_KERNELS["max_pool3d_forward"], VECTOR_KERNELS["avg_pool3d_forward"]
+    last = LAYOUTS[True]
+    out += [f"{vec[0]}<{', '.join((v, o, i) + last)}>" for v in VALUE_TYPES.values()
+            for o in OFFSET_TYPES.values() for i in INDEX_TYPES]
+    out += [f"{vec[1]}<{', '.join((v, i) + last)}>" for v in VALUE_TYPES.values()
+            for i in INDEX_TYPES]
     return tuple(out)
 
 
@@ -164,7 +181,7 @@ def kernel_expression(kernel, dtype=None, index="int", offset=None, indices=None
             raise TypeError(f"pooling kernels take float16, bfloat16, float32 or float64, "
                             f"got {cuda_compile.dtype_name(dtype)}")
         parts.append(VALUE_TYPES[dtype])
-    if kernel in OFFSET_KERNELS:
+    if kernel in OFFSET_KERNELS or kernel == VECTOR_KERNELS["max_pool3d_forward"]:
         parts.append(OFFSET_TYPES[np.dtype(offset)])
     if kernel in (WINNERS_KERNEL, UNPOOL_BACKWARD_KERNEL):
         parts.append(UNPOOL_INDEX_TYPES[np.dtype(indices)])
@@ -275,17 +292,34 @@ def _layout_work(N, C, positions, index, channels_last):
     return items, outer, (INDEX_TYPES[index](outer), np.int32(C))
 
 
+def vector_width(dtype):
+    """Channels per vector access of the *_vec kernels for values of dtype."""
+    return VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def _vectorised(kernel, C, dtype, arrays, channels_last):
+    """Whether ``kernel`` runs as its vector variant: channels-last, C a multiple of the
+    width and every array in ``arrays`` ({name: array}) named in VECTOR_ARRAYS 16-byte
+    aligned."""
+    return (channels_last and kernel in VECTOR_KERNELS and C % vector_width(dtype) == 0
+            and all(a.data.ptr % VECTOR_BYTES == 0 for n, a in arrays.items()
+                    if n in VECTOR_ARRAYS))
+
+
 @functools.lru_cache(maxsize=512)
-def _pool_plan(kernel, geom, dtype, extra=(), channels_last=False):
+def _pool_plan(kernel, geom, dtype, extra=(), channels_last=False, vector=False):
     """(expression, x-items, y-items, scalar arguments) of a pooling kernel for geom, dtype
-    and layout; ``extra`` are trailing int arguments (avg pooling's options)."""
+    and layout; ``extra`` are trailing int arguments (avg pooling's options); ``vector``: its
+    vector variant (x-items of V channels)."""
     index = index_type(geom.input_shape, geom.output_shape)
     offset = geom.offset_dtype if kernel in OFFSET_KERNELS else None
-    expression = kernel_expression(kernel, dtype, index, offset=offset,
-                                   channels_last=channels_last)
+    expression = kernel_expression(VECTOR_KERNELS[kernel] if vector else kernel, dtype, index,
+                                   offset=offset, channels_last=channels_last)
     positions = int(np.prod(geom.out if kernel.endswith("forward") else geom.size,
                             dtype=object))
     items, outer, layout = _layout_work(geom.N, geom.C, positions, index, channels_last)
+    if vector:
+        items //= vector_width(dtype)
     scalars = layout + pool_scalars(geom) + tuple(np.int32(v) for v in extra)
     return expression, items, outer, scalars
 
@@ -394,6 +428,11 @@ def _pool(kernel, geom, inputs, outputs, extra=(), channels_last=False, adaptive
         results = [cupy.empty(array_shape(shape, channels_last),
                               dtype=dtype if out_dtype is None else out_dtype)
                    for shape, out_dtype in outputs.values()]
+        if not adaptive and _vectorised(kernel, geom.C, dtype,
+                                        dict(zip(list(inputs) + list(outputs),
+                                                 arrays + results)), channels_last):
+            expression, items, outer, scalars = _pool_plan(kernel, geom, dtype, extra,
+                                                           channels_last, True)
         _launch(expression, dtype, items, outer, arrays + results, scalars, device_id)
     return results
 
