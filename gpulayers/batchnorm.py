@@ -368,13 +368,72 @@ def kernel_fallback_reason(shape):
     return reason
 
 
-def _forward(x, gamma, beta, bn_param, op, what, kernels):
-    xp, mode, eps, momentum, convention, comm, gamma, beta, layout = _parse(
+# Checked forwards: (op, then class, shape, strides and dtype of x, class, shape and dtype of
+# gamma and beta, then per bn_param item its key, the value's class and either the value
+# (str, bool and number classes: immutable) or, for an array, its shape and dtype) ->
+# (mode, eps, momentum, convention, layout). That is everything _parse and the layout
+# decision read (the layout follows from shape and strides), so a warm call costs the key,
+# one lookup and get_array_module (which still checks the arrays' kinds and devices). Not
+# stored: calls with a communicator, integer gamma/beta (cast per call), NumPy test mode
+# (its running statistics' values are checked per call) and any value of another class.
+_CHECKED = {}
+_SCALARS = frozenset({str, float, int, bool, np.float64, np.float32, np.float16, np.int64,
+                      np.int32})
+
+
+def _checked_key(x, gamma, beta, bn_param, op):
+    """The _CHECKED key of a forward's inputs, or None when they are not cacheable."""
+    nd = backend._cupy_ndarray()
+    c = x.__class__
+    if (c is not np.ndarray and c is not nd) or (gamma.__class__ is not c) or \
+            (beta.__class__ is not c):
+        return None
+    items = []
+    for k, v in bn_param.items():
+        vc = v.__class__
+        if vc in _SCALARS:
+            items.append((k, vc, v))
+        elif vc is c:
+            items.append((k, vc, v.shape, v.dtype))
+        elif v is None:
+            items.append((k, None))
+        else:
+            return None
+    return (op, c, x.shape, x.strides, x.dtype, gamma.shape, gamma.dtype, beta.shape,
+            beta.dtype, tuple(items))
+
+
+def _checked(x, gamma, beta, bn_param, op, what):
+    """_parse, then the layout; (xp, mode, eps, momentum, convention, comm, gamma, beta,
+    layout) from _CHECKED when the same kinds of inputs passed before."""
+    key = None
+    if bn_param.__class__ is dict:
+        try:
+            key = _checked_key(x, gamma, beta, bn_param, op)
+            hit = None if key is None else _CHECKED.get(key)
+        except (AttributeError, TypeError):   # not arrays, or an unhashable value
+            key = hit = None
+        if hit is not None:
+            xp = get_array_module(x, gamma, beta, bn_param.get("running_mean"),
+                                  bn_param.get("running_var"))
+            return (xp, hit[0], hit[1], hit[2], hit[3], None, gamma, beta, hit[4])
+    xp, mode, eps, momentum, convention, comm, g, b, layout = _parse(
         x, gamma, beta, bn_param, op, what)
     if op != _SPATIAL:
         layout = "channels_first"     # (N, D) has one layout
     elif layout == "channels_first" and channels_last_strided(x):
         layout = "channels_last_strided"
+    if (key is not None and comm is None and g is gamma and b is beta
+            and not (xp is np and mode == "test")):
+        if len(_CHECKED) >= 1024:
+            _CHECKED.clear()
+        _CHECKED[key] = (mode, eps, momentum, convention, layout)
+    return xp, mode, eps, momentum, convention, comm, g, b, layout
+
+
+def _forward(x, gamma, beta, bn_param, op, what, kernels):
+    xp, mode, eps, momentum, convention, comm, gamma, beta, layout = _checked(
+        x, gamma, beta, bn_param, op, what)
     scope = device_scope(x)
     with scope:
         if layout == "channels_first":
@@ -392,14 +451,71 @@ def _forward(x, gamma, beta, bn_param, op, what, kernels):
         return y, cache
 
 
+# Per-geometry constants of the CUDA path: (shape, dtype, gamma's and beta's dtypes) ->
+# (axes, stats dtype, values per channel, the kernels' (N, C, H, W) shape, gamma's and beta's
+# dtypes as np.dtype), or None where the kernels cannot take the shape.
+_CUDA_GEOMETRY = {}
+
+
+def _cuda_geometry(shape, dtype, gamma_dtype, beta_dtype):
+    key = (shape, dtype, gamma_dtype, beta_dtype)
+    geo = _CUDA_GEOMETRY.get(key, False)
+    if geo is False:
+        geo = None
+        if kernel_fallback_reason(shape) is None:
+            C = shape[1]
+            total = 1
+            for n in shape:
+                total *= n
+            geo = ((0,) + tuple(range(2, len(shape))), _stats_dtype(dtype), total // C,
+                   _as4(shape), np.dtype(gamma_dtype), np.dtype(beta_dtype))
+        if len(_CUDA_GEOMETRY) >= 1024:
+            _CUDA_GEOMETRY.clear()
+        _CUDA_GEOMETRY[key] = geo
+    return geo
+
+
+_new_cache = tuple.__new__
+
+
+def _forward_cuda(x, gamma, beta, bn_param, op, what, train, eps, momentum, convention, shape,
+                  layout, geo):
+    """The CUDA path of _forward_on (same checks, same results), on warmed constants."""
+    axes, sd, total, shape4, gamma_dtype, beta_dtype = geo
+    if train and total <= 1:
+        raise ValueError(f"{what} in train mode needs more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+    # statistics, running-stat update and normalization in two kernel launches (train) or
+    # one (test, which also returns invstd); no CuPy op in between. The launchers see x as
+    # its (N, C, H, W) shape4 (no view made) and return y in x's shape.
+    rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
+    if train:
+        y, stats = bn_kernels._train_forward_block(x, gamma, beta, eps, rm, rv, momentum,
+                                                   convention, shape4)
+        bn_param["running_mean"], bn_param["running_var"] = stats[4], stats[5]
+        mean = invstd = None  # rows 0 and 2 of stats: views made by the backward pass
+    else:
+        y, mean, invstd = bn_kernels._eval_forward(x, gamma, beta, rm, rv, eps, shape4)
+        stats = None
+    cache = _new_cache(BatchNormCache, (
+        op, "cuda", axes, train, x.dtype, gamma if gamma.dtype == sd else gamma.astype(sd),
+        invstd, total, None, x, mean, None, gamma_dtype, beta_dtype, stats, shape, layout))
+    return y, cache
+
+
 def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, momentum,
                 convention, comm, shape, layout):
     """(y, cache) of one BN forward on x as the implementations see it (channels-first, or
     the (M, C) matrix of a channels-last input); the cache records the caller's ``shape``
     and ``layout``."""
+    train = mode == "train"
+    if kernels and comm is None and xp is not np and backend._KERNELS:
+        geo = _cuda_geometry(x.shape, x.dtype, gamma.dtype, beta.dtype)
+        if geo is not None:
+            return _forward_cuda(x, gamma, beta, bn_param, op, what, train, eps, momentum,
+                                 convention, shape, layout, geo)
     where = dict(shape=shape, layout=layout)
     ndim = x.ndim
-    train = mode == "train"
     axes = (0,) + tuple(range(2, ndim))
     C = x.shape[1]
     sd = _stats_dtype(x.dtype)
@@ -525,15 +641,17 @@ def _backward_on(xp, dout, cache, ndim):
                                                    cache.train, sd)
         return dx.reshape(cache.x.shape), dgamma, dbeta
     if cache.path == "cuda":
-        x4 = _reshaped(cache.x, _as4(cache.x.shape))
-        d4 = dout if dout.dtype == cache.dtype else dout.astype(cache.dtype, copy=False)
-        d4 = _reshaped(d4, x4.shape)
+        # the launcher sees x and dout (of x's shape) as (N, C, H, W): no views made; dx
+        # comes back in x's shape
+        x = cache.x
+        d = dout if dout.dtype == cache.dtype else dout.astype(cache.dtype, copy=False)
+        d = _reshaped(d, x.shape)
         if cache.stats is None:
             mean, invstd, mean_lo = cache.mean, cache.invstd, None
         else:
             mean, invstd, mean_lo = _stat_views(cache.stats)
-        dx, dgamma, dbeta = bn_kernels.bn_backward_gpu(d4, x4, cache.gamma, mean, invstd,
-                                                        cache.train, mean_lo=mean_lo)
+        dx, dgamma, dbeta = bn_kernels._backward(d, x, cache.gamma, mean, invstd, cache.train,
+                                                 mean_lo, _as4(x.shape))
         return _reshaped(dx, dout.shape), dgamma, dbeta
     axes, xhat = cache.axes, cache.xhat
     d = xp.ascontiguousarray(dout).astype(sd, copy=False)

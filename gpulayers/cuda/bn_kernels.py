@@ -44,6 +44,7 @@ header of ``batchnorm.cu`` for what the layouts mean.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -402,15 +403,16 @@ def _prepare(x, dout=None, device_id=None):
     return _prepared(x.shape, x.dtype, vectors_allowed(x, dout), device_id)
 
 
+_NO_SWITCH = contextlib.nullcontext()   # reusable: nullcontext keeps no state
+
+
 def _device(*arrays):
     """(device id of the arrays, context that makes it current): device_of, and no switch when
     it already is current."""
-    import contextlib
-
     import cupy
     dev = device_of(*arrays)
     if dev == cupy.cuda.runtime.getDevice():
-        return dev, contextlib.nullcontext()
+        return dev, _NO_SWITCH
     return dev, cupy.cuda.Device(dev)
 
 
@@ -421,19 +423,50 @@ def _run(launches, device_id):
         launch(kernel[0], kernel[1], grid, _BLOCK, args, device_id=device_id)
 
 
-def _check_x(x, what):
-    """x's type, rank and dtype checked (not its device or contiguity)."""
+_SUPPORTED = {}   # shape -> supported(shape): a pure function of the shape
+_KERNEL_DTYPES = {}   # dtype -> (dtype in _CTYPE, stats_dtype(dtype))
+
+
+def _supported(shape):
+    reason = _SUPPORTED.get(shape, False)
+    if reason is False:
+        reason = supported(shape)
+        if len(_SUPPORTED) >= 1024:
+            _SUPPORTED.clear()
+        _SUPPORTED[shape] = reason
+    return reason
+
+
+def _kernel_dtype(dtype):
+    """(whether the kernels take dtype, its stats dtype or None), memoized per dtype."""
+    entry = _KERNEL_DTYPES.get(dtype)
+    if entry is None:
+        ok = dtype in _CTYPE
+        entry = (ok, stats_dtype(dtype) if ok else None)
+        if isinstance(dtype, np.dtype):
+            _KERNEL_DTYPES[dtype] = entry
+    return entry
+
+
+def _check_x(x, what, shape4=None):
+    """x's type, rank and dtype checked (not its device or contiguity); returns x's stats
+    dtype. ``shape4``: the (N, C, H, W) shape the kernels see x as (batchnorm.py passes
+    _as4(x.shape) for x of another rank, sparing the views); default x's own."""
     import cupy
     if not isinstance(x, cupy.ndarray):
         raise TypeError(f"{what} must be a cupy.ndarray, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{what} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _CTYPE:
+    if shape4 is None:
+        if x.ndim != 4:
+            raise ValueError(f"{what} must have shape (N, C, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        shape4 = x.shape
+    ok, sd = _kernel_dtype(x.dtype)
+    if not ok:
         raise TypeError(f"{what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    reason = supported(x.shape)
+    reason = _supported(shape4)
     if reason is not None:
         raise ValueError(f"{what}: {reason}")
-    return x
+    return sd
 
 
 def _contiguous(x):
@@ -442,8 +475,11 @@ def _contiguous(x):
     return x if x.flags.c_contiguous else cupy.ascontiguousarray(x)
 
 
-def _channel_param(a, C, sd, what):
-    """``a`` as a contiguous (C,) array of dtype ``sd`` (the original when it already is)."""
+def _channel_param(a, C, sd, what, nd=None):
+    """``a`` as a contiguous (C,) array of dtype ``sd`` (the original when it already is);
+    ``nd``: cupy.ndarray, when the caller has it at hand."""
+    if a.__class__ is nd and a.dtype == sd and a.flags.c_contiguous and a.shape == (C,):
+        return a                         # the usual case: nothing to convert
     import cupy
     if not isinstance(a, cupy.ndarray):
         a = cupy.asarray(a)
@@ -455,25 +491,28 @@ def _channel_param(a, C, sd, what):
 
 
 def _train_forward(x, gamma, beta, eps, running_mean=None, running_var=None, keep=1.0, take=0.0,
-                   unbiased=False, var_default=0.0):
+                   unbiased=False, var_default=0.0, shape4=None):
     """Two launches (stats, apply with the merge); returns (y, stats), stats the (6, C) block
-    of STAT_ROWS. The running rows are keep*running + take*batch (var: unbiased if asked)."""
+    of STAT_ROWS. The running rows are keep*running + take*batch (var: unbiased if asked).
+    ``shape4``: as _check_x (y then has x's shape)."""
     import cupy
-    _check_x(x, "x")
+    sd = _check_x(x, "x", shape4)
+    if shape4 is None:
+        shape4 = x.shape
+    nd = cupy.ndarray
     dev, on_device = _device(x, gamma, beta, running_mean, running_var)
     with on_device:
         x = _contiguous(x)
-        C = x.shape[1]
-        sd = stats_dtype(x.dtype)
-        gamma = _channel_param(gamma, C, sd, "gamma")
-        beta = _channel_param(beta, C, sd, "beta")
-        p = _prepare(x, device_id=dev)
+        C = shape4[1]
+        gamma = _channel_param(gamma, C, sd, "gamma", nd)
+        beta = _channel_param(beta, C, sd, "beta", nd)
+        p = _prepared(shape4, x.dtype, vectors_allowed(x), dev)
         part = cupy.ndarray((p.part_size,), sd)
         given = 0
         if running_mean is not None:
-            running_mean, given = _channel_param(running_mean, C, sd, "running_mean"), 1
+            running_mean, given = _channel_param(running_mean, C, sd, "running_mean", nd), 1
         if running_var is not None:
-            running_var, given = _channel_param(running_var, C, sd, "running_var"), given | 2
+            running_var, given = _channel_param(running_var, C, sd, "running_var", nd), given | 2
         y = cupy.ndarray(x.shape, x.dtype)
         stats = cupy.ndarray((len(STAT_ROWS), C), sd)
         _run(_train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, given,
@@ -485,13 +524,43 @@ def _train_forward_launches(p, x, gamma, beta, eps, running_mean, running_var, g
                             unbiased, var_default, part, stats, y):
     """The (kernel, grid, args) of a train forward (2 launches: stats, then apply, whose
     blocks merge the partials and write ``stats``); arrays checked and allocated."""
+    scalars = _train_scalars(given, keep, take, p.unbiased if unbiased else 1.0, var_default,
+                             eps)
     return ((p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args),
             (p.kernels["apply_train"], p.plan.grid,
              (x, gamma, beta, part, p.slots,
               part if running_mean is None else running_mean,   # not read unless given
-              part if running_var is None else running_var, np.int32(given), np.float64(keep),
-              np.float64(take), np.float64(p.unbiased if unbiased else 1.0),
-              np.float64(var_default), np.float64(eps), stats, y, p.C) + p.plan.args))
+              part if running_var is None else running_var) + scalars
+             + (stats, y, p.C) + p.plan.args))
+
+
+# Packed scalar arguments, by value: (given, keep, take, factor, var_default, eps) -> the
+# kernel's (int32, float64 x 5); eps -> the test-mode apply's. Zeros are never keys (0.0 and
+# -0.0 compare equal but are different arguments).
+_SCALARS = {}
+_EVAL_SCALARS = {}
+
+
+def _train_scalars(given, keep, take, factor, var_default, eps):
+    key = (given, keep, take, factor, var_default, eps)
+    try:
+        packed = _SCALARS.get(key)
+    except TypeError:   # an unhashable value: packed per call
+        packed, key = None, None
+    if packed is None:
+        packed = (np.int32(given), np.float64(keep), np.float64(take), np.float64(factor),
+                  np.float64(var_default), np.float64(eps))
+        if key is not None and keep and take and eps:   # see above; var_default is 0 or 1
+            if len(_SCALARS) >= 256:
+                _SCALARS.clear()
+            _SCALARS[key] = packed
+    return packed
+
+
+_ZERO = np.float64(0.0)
+_EVAL_HEAD = (np.int32(0),)
+_GIVEN_BOTH = np.int32(3)
+_WITH_LO = (np.int32(0), np.int32(1))
 
 
 def bn_train_forward_gpu(x, gamma, beta, eps):
@@ -539,6 +608,19 @@ def bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var, m
                           unbiased, var_default)
 
 
+def _train_forward_block(x, gamma, beta, eps, running_mean, running_var, momentum, convention,
+                         shape4):
+    """bn_train_forward_block_gpu on x seen as ``shape4`` (see _check_x): y has x's shape."""
+    if convention == "cs231n":
+        keep, take, unbiased, var_default = momentum, 1 - momentum, False, 0.0
+    elif convention == "torch":
+        keep, take, unbiased, var_default = 1 - momentum, momentum, True, 1.0
+    else:
+        raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
+    return _train_forward(x, gamma, beta, eps, running_mean, running_var, keep, take,
+                          unbiased, var_default, shape4)
+
+
 def bn_train_forward_update_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
                                 convention):
     """bn_train_forward_block_gpu with the rows of its stats block returned separately.
@@ -568,17 +650,25 @@ def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
       itself when it already is one)
     - invstd: new array (C,), 1/sqrt(var + eps) in the stats dtype
     """
+    return _eval_forward(x, gamma, beta, mean, var, eps)
+
+
+def _eval_forward(x, gamma, beta, mean, var, eps, shape4=None):
+    """bn_eval_forward_stats_gpu; ``shape4`` as _check_x (y then has x's shape)."""
     import cupy
-    _check_x(x, "x")
+    sd = _check_x(x, "x", shape4)
+    if shape4 is None:
+        shape4 = x.shape
+    nd = cupy.ndarray
     dev, on_device = _device(x, gamma, beta, mean, var)
     with on_device:
         x = _contiguous(x)
-        C = x.shape[1]
-        sd = stats_dtype(x.dtype)
-        gamma, beta, mean, var = (_channel_param(a, C, sd, name) for a, name in
-                                  ((gamma, "gamma"), (beta, "beta"), (mean, "mean"),
-                                   (var, "var")))
-        p = _prepare(x, device_id=dev)
+        C = shape4[1]
+        gamma = _channel_param(gamma, C, sd, "gamma", nd)
+        beta = _channel_param(beta, C, sd, "beta", nd)
+        mean = _channel_param(mean, C, sd, "mean", nd)
+        var = _channel_param(var, C, sd, "var", nd)
+        p = _prepared(shape4, x.dtype, vectors_allowed(x), dev)
         y = cupy.ndarray(x.shape, x.dtype)
         invstd = cupy.ndarray((C,), sd)
         _run(_eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y), dev)
@@ -588,10 +678,21 @@ def bn_eval_forward_stats_gpu(x, gamma, beta, mean, var, eps):
 def _eval_forward_launches(p, x, gamma, beta, mean, var, eps, invstd, y):
     """The (kernel, grid, args) of a test-mode forward: one launch, writing y and invstd
     (the train-mode arguments part, slots, given, keep, take, factors are not read)."""
-    zero = np.float64(0.0)
+    try:
+        e = _EVAL_SCALARS.get(eps)
+        cache = True
+    except TypeError:   # an unhashable value: packed per call
+        e, cache = None, False
+    if e is None:
+        e = np.float64(eps)
+        if cache and eps:
+            if len(_EVAL_SCALARS) >= 256:
+                _EVAL_SCALARS.clear()
+            _EVAL_SCALARS[eps] = e
+    zero = _ZERO
     return ((p.kernels["apply"], p.plan.grid,
-             (x, gamma, beta, mean, np.int32(0), mean, var, np.int32(3), zero, zero, zero, zero,
-              np.float64(eps), invstd, y, p.C) + p.plan.args),)
+             (x, gamma, beta, mean, _EVAL_HEAD[0], mean, var, _GIVEN_BOTH, zero, zero, zero,
+              zero, e, invstd, y, p.C) + p.plan.args),)
 
 
 def bn_eval_forward_gpu(x, gamma, beta, mean, var, eps):
@@ -627,22 +728,30 @@ def bn_backward_gpu(dout, x, gamma, mean, invstd, train, mean_lo=None):
     - dx: array (N, C, H, W), dtype of x
     - dgamma, dbeta: arrays (C,) in the stats dtype
     """
+    return _backward(dout, x, gamma, mean, invstd, train, mean_lo)
+
+
+def _backward(dout, x, gamma, mean, invstd, train, mean_lo=None, shape4=None):
+    """bn_backward_gpu; ``shape4`` as _check_x, for x and dout (dx then has x's shape)."""
     import cupy
-    _check_x(x, "x")
-    _check_x(dout, "dout")
+    sd = _check_x(x, "x", shape4)
+    _check_x(dout, "dout", shape4)
     if dout.shape != x.shape or dout.dtype != x.dtype:
         raise ValueError(f"dout must match x: got dout {tuple(dout.shape)} {dout.dtype}, "
                          f"x {tuple(x.shape)} {x.dtype}")
+    if shape4 is None:
+        shape4 = x.shape
+    nd = cupy.ndarray
     dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo)
     with on_device:
         x, dout = _contiguous(x), _contiguous(dout)
-        C = x.shape[1]
-        sd = stats_dtype(x.dtype)
-        gamma, mean, invstd = (_channel_param(a, C, sd, name) for a, name in
-                               ((gamma, "gamma"), (mean, "mean"), (invstd, "invstd")))
+        C = shape4[1]
+        gamma = _channel_param(gamma, C, sd, "gamma", nd)
+        mean = _channel_param(mean, C, sd, "mean", nd)
+        invstd = _channel_param(invstd, C, sd, "invstd", nd)
         if mean_lo is not None:
-            mean_lo = _channel_param(mean_lo, C, sd, "mean_lo")
-        p = _prepare(x, dout, dev)
+            mean_lo = _channel_param(mean_lo, C, sd, "mean_lo", nd)
+        p = _prepared(shape4, x.dtype, vectors_allowed(x, dout), dev)
         dx = cupy.ndarray(x.shape, x.dtype)
         part = cupy.ndarray((p.part_size,), sd)
         dgamma, dbeta = cupy.ndarray((C,), sd), cupy.ndarray((C,), sd)
@@ -656,7 +765,7 @@ def _backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma,
     """The (kernel, grid, args) of a backward, 2 launches: reduce, then (train) dx, whose
     blocks merge the partials and write dgamma and dbeta, or (test: reduce wrote dx) the
     merge; mean_lo (or None: not read, mean is passed in its place) corrects mean."""
-    with_lo = np.int32(mean_lo is not None)
+    with_lo = _WITH_LO[mean_lo is not None]
     lo = mean if mean_lo is None else mean_lo
     reduce = (p.kernels["reduce_train" if train else "reduce_test"], p.plan.grid,
               (dout, x, gamma, mean, lo, invstd, part, dx, with_lo, p.C) + p.plan.args)
