@@ -858,7 +858,47 @@ def _torch_bridge_cases(torch):
          lambda t: GF.adaptive_avg_pool2d(t, 7), lambda t: F.adaptive_avg_pool2d(t, 7)),
         ("adaptive_max_pool2d 7", (32, 512, 14, 14),
          lambda t: GF.adaptive_max_pool2d(t, 7), lambda t: F.adaptive_max_pool2d(t, 7)),
+        ("max_pool1d 3/2", (32, 64, 4096),
+         lambda t: GF.max_pool1d(t, 3, 2), lambda t: F.max_pool1d(t, 3, 2)),
+        ("avg_pool1d 3/2 p1", (32, 64, 4096),
+         lambda t: GF.avg_pool1d(t, 3, 2, 1), lambda t: F.avg_pool1d(t, 3, 2, 1)),
+        ("avg_pool2d 3x3/2 p1", (32, 64, 112, 112),
+         lambda t: GF.avg_pool2d(t, 3, 2, 1), lambda t: F.avg_pool2d(t, 3, 2, 1)),
+        ("max_pool3d 2x2x2", (8, 32, 16, 56, 56),
+         lambda t: GF.max_pool3d(t, 2), lambda t: F.max_pool3d(t, 2)),
+        ("adaptive_avg_pool1d 7", (32, 512, 196),
+         lambda t: GF.adaptive_avg_pool1d(t, 7), lambda t: F.adaptive_avg_pool1d(t, 7)),
+        ("adaptive_max_pool1d 7", (32, 512, 196),
+         lambda t: GF.adaptive_max_pool1d(t, 7), lambda t: F.adaptive_max_pool1d(t, 7)),
+        ("adaptive_avg_pool3d 4", (8, 64, 8, 28, 28),
+         lambda t: GF.adaptive_avg_pool3d(t, 4), lambda t: F.adaptive_avg_pool3d(t, 4)),
+        ("adaptive_max_pool3d 4", (8, 64, 8, 28, 28),
+         lambda t: GF.adaptive_max_pool3d(t, 4), lambda t: F.adaptive_max_pool3d(t, 4)),
+        ("max_pool2d+max_unpool2d 2x2", (32, 64, 112, 112),
+         lambda t: GF.max_unpool2d(*GF.max_pool2d(t, 2, return_indices=True), 2),
+         lambda t: F.max_unpool2d(*F.max_pool2d(t, 2, return_indices=True), 2)),
+        ("max_pool1d+max_unpool1d 2", (32, 64, 4096),
+         lambda t: GF.max_unpool1d(*GF.max_pool1d(t, 2, return_indices=True), 2),
+         lambda t: F.max_unpool1d(*F.max_pool1d(t, 2, return_indices=True), 2)),
+        ("max_pool3d+max_unpool3d 2", (8, 32, 16, 56, 56),
+         lambda t: GF.max_unpool3d(*GF.max_pool3d(t, 2, return_indices=True), 2),
+         lambda t: F.max_unpool3d(*F.max_pool3d(t, 2, return_indices=True), 2)),
+        ("batch_norm train", (32, 64, 56, 56),
+         _bn_case(torch, GF.batch_norm), _bn_case(torch, F.batch_norm)),
     ]
+
+
+def _bn_case(torch, batch_norm):
+    """t -> training-mode batch_norm of t with its own running statistics and affine."""
+    state = {}
+
+    def run(t):
+        C = t.shape[1]
+        if not state:
+            state.update(rm=torch.zeros(C, device=t.device), rv=torch.ones(C, device=t.device),
+                         w=torch.ones(C, device=t.device), b=torch.zeros(C, device=t.device))
+        return batch_norm(t, state["rm"], state["rv"], state["w"], state["b"], training=True)
+    return run
 
 
 def stage_torch_timing(dev, args, out_dir, errors):
