@@ -44,13 +44,12 @@ header of ``batchnorm.cu`` for what the layouts mean.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from .compile import CTypes, device_of, get_kernel, launch
+from .compile import CTypes, device_of, get_kernel, launch, on_device
 
 __all__ = [
     "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout", "TUNING", "set_tuning",
@@ -403,17 +402,11 @@ def _prepare(x, dout=None, device_id=None):
     return _prepared(x.shape, x.dtype, vectors_allowed(x, dout), device_id)
 
 
-_NO_SWITCH = contextlib.nullcontext()   # reusable: nullcontext keeps no state
-
-
 def _device(*arrays):
-    """(device id of the arrays, context that makes it current): device_of, and no switch when
-    it already is current."""
-    import cupy
+    """(device id of the arrays, context that makes it current): compile's device_of and
+    on_device."""
     dev = device_of(*arrays)
-    if dev == cupy.cuda.runtime.getDevice():
-        return dev, _NO_SWITCH
-    return dev, cupy.cuda.Device(dev)
+    return dev, on_device(dev)
 
 
 def _run(launches, device_id):

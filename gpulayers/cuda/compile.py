@@ -17,14 +17,15 @@ debugging: it costs a round trip per launch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["source", "get_kernel", "launch", "device_of", "KernelLaunchError", "OPTIONS",
-           "cuda_include_dir", "set_launch_checks", "launch_checks", "CTypes", "dtype_name"]
+__all__ = ["source", "get_kernel", "launch", "device_of", "on_device", "KernelLaunchError",
+           "OPTIONS", "cuda_include_dir", "set_launch_checks", "launch_checks", "CTypes", "dtype_name"]
 
 # Options used for every compile; the NVRTC check in the tests uses the same.
 OPTIONS = ("-std=c++17",)
@@ -109,17 +110,18 @@ def cuda_include_dir():
     return None
 
 
-def device_of(*arrays):
-    """The id of the one CUDA device that holds every CuPy array of ``arrays`` (other
-    entries, None and NumPy arrays, are ignored); the current device when there is none.
+def device_of(*arrays, **named):
+    """The id of the one CUDA device that holds every CuPy array of ``arrays`` and
+    ``named`` (other entries, None and NumPy arrays, are ignored); the current device when
+    there is none.
 
-    Raises ValueError naming the arrays' positions, shapes and devices when they sit on
-    different devices.
+    Raises ValueError when they sit on different devices, naming the arrays: by position
+    (``arrays``) or by their keyword (``named``), with their shapes and devices.
     """
     cupy = _cupy()
     nd = cupy.ndarray
     device = None
-    for a in arrays:   # the usual case in one pass; the loop below words the error
+    for a in arrays + tuple(named.values()):   # the usual case in one pass
         if isinstance(a, nd):
             d = a.device.id
             if device is None:
@@ -128,16 +130,30 @@ def device_of(*arrays):
                 break
     else:
         return cupy.cuda.runtime.getDevice() if device is None else device
-    seen = {}
-    for i, a in enumerate(arrays):
-        if isinstance(a, cupy.ndarray):
-            seen.setdefault(a.device.id, (i, tuple(a.shape)))
-    if len(seen) > 1:
+    if named:
+        where = ", ".join(f"{name} {tuple(a.shape)} on device {a.device.id}"
+                          for name, a in named.items() if isinstance(a, nd))
+    else:
+        seen = {}
+        for i, a in enumerate(arrays):
+            if isinstance(a, nd):
+                seen.setdefault(a.device.id, (i, tuple(a.shape)))
         where = ", ".join(f"argument {i} of shape {shape} on device {d}"
                           for d, (i, shape) in sorted(seen.items()))
-        raise ValueError(f"arrays on different CUDA devices in one call: {where}; "
-                         "move them to one device first")
-    return next(iter(seen)) if seen else cupy.cuda.runtime.getDevice()
+    raise ValueError(f"arrays on different CUDA devices in one call: {where}; "
+                     "move them to one device first")
+
+
+_NO_SWITCH = contextlib.nullcontext()   # reusable: nullcontext keeps no state
+
+
+def on_device(device_id):
+    """Context that makes ``device_id`` current: a shared no-op when it already is (the
+    usual case, and cheaper than entering cupy.cuda.Device)."""
+    cupy = _cupy()
+    if device_id == cupy.cuda.runtime.getDevice():
+        return _NO_SWITCH
+    return cupy.cuda.Device(device_id)
 
 
 def _cupy():

@@ -41,7 +41,6 @@ for that device, whichever device is current.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -469,26 +468,6 @@ def _launch(pass_, variant, dtype, geom, arrays, device_id, aligned):
                         device_id=device_id)
 
 
-def _device(**arrays):
-    """The device of the named CuPy arrays (see compile.device_of); ValueError naming them and
-    their devices when they differ."""
-    try:
-        return cuda_compile.device_of(*arrays.values())
-    except ValueError as exc:
-        where = ", ".join(f"{name} {tuple(a.shape)} on device {a.device.id}"
-                          for name, a in arrays.items())
-        raise ValueError(f"arrays on different CUDA devices: {where}; "
-                         "move them to one device first") from exc
-
-
-def _on_device(device_id):
-    """Context that makes device_id current; nothing to do when it already is."""
-    import cupy
-    if device_id == cupy.cuda.runtime.getDevice():
-        return contextlib.nullcontext()
-    return cupy.cuda.Device(device_id)
-
-
 def _check_cupy(a, name):
     import cupy
     if not isinstance(a, cupy.ndarray):
@@ -542,8 +521,8 @@ def _forward(x, geom, variant):
     if tuple(x.shape) != geom.input_shape:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected {geom.input_shape}: "
                          f"{geom.describe()}")
-    device_id = _device(x=x)
-    with _on_device(device_id):
+    device_id = cuda_compile.device_of(x=x)
+    with cuda_compile.on_device(device_id):
         x = cupy.ascontiguousarray(x)
         out = cupy.empty(geom.output_shape, dtype=x.dtype)
         offsets = cupy.empty(geom.output_shape, dtype=geom.offset_dtype)
@@ -608,8 +587,8 @@ def _backward(dout, offsets, geom, variant):
     if offsets.dtype != geom.offset_dtype:
         raise TypeError(f"offsets must have dtype {geom.offset_dtype} for a "
                         f"{geom.kh}x{geom.kw} window, got {offsets.dtype}")
-    device_id = _device(dout=dout, offsets=offsets)
-    with _on_device(device_id):
+    device_id = cuda_compile.device_of(dout=dout, offsets=offsets)
+    with cuda_compile.on_device(device_id):
         dout = cupy.ascontiguousarray(dout)
         offsets = cupy.ascontiguousarray(offsets)
         dx = cupy.empty(geom.input_shape, dtype=dout.dtype)

@@ -56,7 +56,6 @@ Launch plans (kernel, grid, scalar arguments) are cached per (geometry, dtype, l
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -337,26 +336,6 @@ def _adaptive_plan(kernel, ageom, dtype, channels_last=False):
     return expression, items, outer, layout + adaptive_scalars(ageom, offsets=offsets)
 
 
-def _device(**arrays):
-    """The device of the named CuPy arrays (see compile.device_of); ValueError naming them and
-    their devices when they differ."""
-    try:
-        return cuda_compile.device_of(*arrays.values())
-    except ValueError as exc:
-        where = ", ".join(f"{name} {tuple(a.shape)} on device {a.device.id}"
-                          for name, a in arrays.items())
-        raise ValueError(f"arrays on different CUDA devices: {where}; "
-                         "move them to one device first") from exc
-
-
-def _on_device(device_id):
-    """Context that makes device_id current; nothing to do when it already is."""
-    import cupy
-    if device_id == cupy.cuda.runtime.getDevice():
-        return contextlib.nullcontext()
-    return cupy.cuda.Device(device_id)
-
-
 def _check(a, name, shape, what):
     import cupy
     if not isinstance(a, cupy.ndarray):
@@ -422,8 +401,8 @@ def _pool(kernel, geom, inputs, outputs, extra=(), channels_last=False, adaptive
     else:
         expression, items, outer, scalars = _pool_plan(kernel, geom, dtype, extra,
                                                        channels_last)
-    device_id = _device(**{n: a for n, (a, _) in inputs.items()})
-    with _on_device(device_id):
+    device_id = cuda_compile.device_of(**{n: a for n, (a, _) in inputs.items()})
+    with cuda_compile.on_device(device_id):
         arrays = [cupy.ascontiguousarray(a) for a, _ in inputs.values()]
         results = [cupy.empty(array_shape(shape, channels_last),
                               dtype=dtype if out_dtype is None else out_dtype)
@@ -679,8 +658,8 @@ def max_unpool_forward_gpu(x, indices, out_shape, return_winners=False, channels
     check_floating(x, "x")
     x_shape = to_channels_first_shape(x.shape, "channels_last") if channels_last else x.shape
     N, C, in_plane, out_plane, index = _unpool_shapes(x_shape, out_shape, what)
-    device_id = _device(x=x, indices=indices)
-    with _on_device(device_id):
+    device_id = cuda_compile.device_of(x=x, indices=indices)
+    with cuda_compile.on_device(device_id):
         x = cupy.ascontiguousarray(x)
         indices = _unpool_indices(indices)
         out = cupy.empty(array_shape(out_shape, channels_last), dtype=x.dtype)
@@ -727,8 +706,8 @@ def max_unpool_backward_gpu(dout, indices, winners, x_shape, channels_last=False
     dout_shape = (to_channels_first_shape(dout.shape, "channels_last") if channels_last
                   else dout.shape)
     N, C, in_plane, out_plane, index = _unpool_shapes(x_shape, dout_shape, what)
-    device_id = _device(dout=dout, indices=indices)
-    with _on_device(device_id):
+    device_id = cuda_compile.device_of(dout=dout, indices=indices)
+    with cuda_compile.on_device(device_id):
         dout = cupy.ascontiguousarray(dout)
         indices = _unpool_indices(indices)
         dx = cupy.empty(array_shape(x_shape, channels_last), dtype=dout.dtype)
