@@ -776,6 +776,18 @@ def _nd_timing_cases():
             ("NHWC batch_norm train", (256, 64, 56, 56), last_bn, CL)]
 
 
+def _time_side_by_side(entries, args, label, errors):
+    """Round-robin ``entries`` (ours first, then torch's if any): ({name: median ms or None},
+    ours / torch or NaN); each entry's error is appended to ``errors`` under ``label``."""
+    B.round_robin(entries, args.reps, args.warmup)
+    ms = {e.name: B.median(e.samples) if e.error is None else None for e in entries}
+    for e in entries:
+        if e.error:
+            errors.append({"case": f"{label} {e.name}", "error": e.error})
+    ours, theirs = ms.get("ours"), ms.get("torch")
+    return ms, (ours / theirs if ours and theirs else float("nan"))
+
+
 def stage_nd_timing(dev, args, rng, out_dir, errors):
     """Our pool_nd kernels against PyTorch on the same card: median CUDA-event ms."""
     if dev.dry_run or args.smoke:
@@ -805,19 +817,12 @@ def stage_nd_timing(dev, args, rng, out_dir, errors):
                     entries = [B.Timed("ours", fn, dev.clock)]
                     if pass_ in theirs:
                         entries.append(B.Timed("torch", theirs[pass_], dev.torch_clock))
-                    B.round_robin(entries, args.reps, args.warmup)
-                    ms = {e.name: B.median(e.samples) if e.error is None else None
-                          for e in entries}
-                    for e in entries:
-                        if e.error:
-                            errors.append({"case": f"pool_nd {name} {pass_} {dtype} {e.name}",
-                                           "error": e.error})
+                    ms, ratio = _time_side_by_side(entries, args, f"pool_nd {name} {pass_} "
+                                                   f"{dtype}", errors)
                     row = {"case": name, "pass": pass_, "shape": list(shape), "dtype": dtype,
                            "layout": layout or "channels_first",
                            "ours_ms": ms["ours"], "torch_ms": ms.get("torch")}
                     rows.append(row)
-                    ratio = (row["ours_ms"] / row["torch_ms"]
-                             if row["ours_ms"] and row["torch_ms"] else float("nan"))
                     say(f"  {name:<22}{pass_:<4}{str(shape):<22}{dtype:<8}"
                         f" ours {row['ours_ms'] or float('nan'):8.3f} ms  torch "
                         f"{row['torch_ms'] or float('nan'):8.3f} ms  ratio {ratio:.2f}")
@@ -928,20 +933,13 @@ def stage_torch_timing(dev, args, out_dir, errors):
                 for pass_ in ("fwd", "fwd+bwd"):
                     entries = [B.Timed("ours", fns["ours"][pass_], dev.torch_clock),
                                B.Timed("torch", fns["torch"][pass_], dev.torch_clock)]
-                    B.round_robin(entries, args.reps, args.warmup)
-                    ms = {e.name: B.median(e.samples) if e.error is None else None
-                          for e in entries}
-                    for e in entries:
-                        if e.error:
-                            errors.append({"case": f"torch bridge {name} {layout} {pass_} "
-                                                   f"{e.name}", "error": e.error})
+                    ms, ratio = _time_side_by_side(entries, args, f"torch bridge {name} "
+                                                   f"{layout} {pass_}", errors)
                     row = {"case": name, "pass": pass_, "shape": list(shape), "layout": layout,
                            "ours_ms": ms["ours"], "torch_ms": ms["torch"],
                            "ours_saved_bytes": saved["ours"],
                            "torch_saved_bytes": saved["torch"]}
                     rows.append(row)
-                    ratio = (row["ours_ms"] / row["torch_ms"]
-                             if row["ours_ms"] and row["torch_ms"] else float("nan"))
                     say(f"  {name:<24}{layout:<14}{pass_:<8} ours {row['ours_ms'] or 0:8.3f} ms"
                         f"  torch {row['torch_ms'] or 0:8.3f} ms  ratio {ratio:.2f}  saved "
                         f"{saved['ours'] / 2**20:.1f} vs {saved['torch'] / 2**20:.1f} MiB")
