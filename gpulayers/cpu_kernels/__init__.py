@@ -1,0 +1,88 @@
+"""Compiled CPU loop kernels (numba), the CPU counterpart of gpulayers.cuda.
+
+Kernels are written as plain Python loops over planes, rows and windows, the
+same shape as the CUDA kernels: one ``prange`` iteration is the work of one
+thread block. They are compiled by numba the first time they are called, with
+``cache=True`` (a second process loads the machine code instead of compiling).
+
+``import gpulayers`` does not import numba: :func:`kernel` wraps a function
+lazily, and numba is imported on the first call of a kernel. Without numba (or
+with ``GPULAYERS_CPU_KERNELS=0`` in the environment at import time, or after
+``set_enabled(False)``) the layer functions take their NumPy paths; the reason
+is given by :func:`unusable_reason`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+__all__ = ["kernel", "enabled", "set_enabled", "unusable_reason", "numba_module"]
+
+_ENABLED = os.environ.get("GPULAYERS_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=1)
+def _probe():
+    """(numba module or None, reason it is unusable or None); probed once."""
+    try:
+        import numba
+    except Exception as exc:  # ImportError, or a broken llvmlite
+        return None, f"numba does not import ({type(exc).__name__}: {exc})"
+    return numba, None
+
+
+def numba_module():
+    """The numba module (imported on first use), or None when it does not import."""
+    return _probe()[0]
+
+
+def unusable_reason():
+    """Why the CPU kernels are not used, or None when they are."""
+    if not _ENABLED:
+        return "disabled (GPULAYERS_CPU_KERNELS=0 or gpulayers.cpu_kernels.set_enabled(False))"
+    return _probe()[1]
+
+
+def enabled():
+    """True when layer functions run the compiled CPU kernels for NumPy inputs."""
+    return _ENABLED and _probe()[0] is not None
+
+
+def set_enabled(flag=True):
+    """Turn the compiled CPU kernels on or off for this process; returns the old setting."""
+    global _ENABLED
+    old, _ENABLED = _ENABLED, bool(flag)
+    return old
+
+
+class _LazyKernel:
+    """A loop function compiled by numba on its first call.
+
+    The function's module may use ``prange`` (bound to ``range`` until compile
+    time, then to ``numba.prange``) for its parallel loops.
+    """
+
+    def __init__(self, fn, options):
+        self.py_func = fn
+        self._options = options
+        self._compiled = None
+        functools.update_wrapper(self, fn)
+
+    def compiled(self):
+        if self._compiled is None:
+            numba = numba_module()
+            if numba is None:
+                raise RuntimeError(f"gpulayers CPU kernel {self.py_func.__name__}: {unusable_reason()}")
+            self.py_func.__globals__["prange"] = numba.prange
+            self._compiled = numba.njit(cache=True, nogil=True, **self._options)(self.py_func)
+        return self._compiled
+
+    def __call__(self, *args):
+        return self.compiled()(*args)
+
+
+def kernel(fn=None, *, parallel=True, **options):
+    """Decorator: ``@kernel`` or ``@kernel(parallel=False)``; numba options pass through."""
+    def wrap(f):
+        return _LazyKernel(f, dict(parallel=parallel, **options))
+    return wrap(fn) if fn is not None else wrap
