@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend, numpy_fast
+from . import backend, cpu_kernels, numpy_fast
 from .cuda import pool_kernels, pool_nd_kernels   # import no CuPy: their launchers do
 from .backend import NO_SCOPE, device_scope, get_array_module
 from .shapes import (AdaptiveGeometry, PoolGeometry, acc_dtype, adaptive_geometry,
@@ -1422,7 +1422,8 @@ def adaptive_avg_pool_forward(x, output_size, data_format="channels_first"):
       x in PyTorch's channels_last memory format is pooled without a copy)
 
     Every window sums its taps axis by axis in order; global pooling on NumPy sums each
-    plane as one row (pairwise); both layouts give the same bits either way.
+    plane in one fixed order (float64 lanes with the CPU kernels; see _global_avg); both
+    layouts give the same bits either way.
 
     Returns a tuple of:
     - out: array (N, C, *output_size) (or (N, *output_size, C)), dtype of x
@@ -1435,14 +1436,26 @@ def adaptive_avg_pool_forward(x, output_size, data_format="channels_first"):
 
 
 def _global_avg(x, geom, cl):
-    """Global average pooling of a NumPy x: each plane's P values summed as one contiguous
-    row by np.einsum('ij->i') (its vectorised row sums, in the accumulation dtype; about 3x
-    faster than np.add.reduce on rows this short), then divided by P. Channels-last planes
-    are transposed one sample at a time into such rows first, so both layouts sum every
-    plane with the same code on the same row: the same bits."""
-    acc = acc_dtype(x.dtype)
+    """Global average pooling of a NumPy x (the sum of each plane, divided by P).
+
+    With the CPU kernels (gpulayers.cpu_kernels.global_pool): every plane summed in
+    float64 by one fixed order of lanes for both layouts, channels-last without a
+    transposed copy (16-bit inputs are converted to float32 first). Without them: each
+    plane as one contiguous row by np.einsum('ij->i') in the accumulation dtype
+    (channels-last planes transposed one sample at a time into such rows). Either way
+    both layouts give the same bits."""
     N, C = geom.N, geom.C
     P = _prod(geom.size)
+    shape = (N, C) + (1,) * geom.d if not cl else (N,) + (1,) * geom.d + (C,)
+    if cpu_kernels.enabled():
+        from .cpu_kernels import global_pool
+        a = np.ascontiguousarray(x)
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float32)
+        total = global_pool.plane_sums(a, N, C, P, cl)
+        total /= P
+        return total.astype(x.dtype).reshape(shape)
+    acc = acc_dtype(x.dtype)
     if not cl:
         rows = np.ascontiguousarray(x).reshape(N * C, P)
         if x.dtype != acc:
@@ -1454,9 +1467,7 @@ def _global_avg(x, geom, cl):
             rows = np.ascontiguousarray(x[n].reshape(P, C).T, dtype=acc)
             total[n] = np.einsum("ij->i", rows)
     total /= acc.type(P)
-    out = total.reshape((N, C) + (1,) * geom.d) if not cl else total.reshape(
-        (N,) + (1,) * geom.d + (C,))
-    return out.astype(x.dtype, copy=False)
+    return total.reshape(shape).astype(x.dtype, copy=False)
 
 
 def _adaptive_avg_forward(x, geom, cl):
