@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from . import __version__, backend, batchnorm, benchmarking, pooling
+from . import __version__, backend, batchnorm, pooling, provenance, timing
 
 SIZES = {"small": 2, "medium": 8, "large": 32}
 CHANNELS, HW = 64, (112, 112)  # ResNet's stem output, the input of its first pooling
@@ -42,11 +42,11 @@ UNPOOL_POOL = dict(pool_height=2, pool_width=2, stride=2)
 
 def _time(fn, xp, reps):
     """Median time of fn() in ms (CUDA events on CuPy), after a warm-up call."""
-    clock = benchmarking.CPUClock() if xp is np else benchmarking.CupyClock()
-    (entry,) = benchmarking.round_robin([benchmarking.Timed("main", fn, clock)], reps, warmup=1)
+    clock = timing.CPUClock() if xp is np else timing.CupyClock()
+    (entry,) = timing.round_robin([timing.Timed("main", fn, clock)], reps, warmup=1)
     if entry.error:
         raise RuntimeError(entry.error)
-    return benchmarking.median(entry.samples)
+    return timing.median(entry.samples)
 
 
 def _ref_bn(x, gamma, beta, eps=1e-5):
@@ -339,8 +339,8 @@ def main(argv=None):
               f"{r['backward_ms']:9.2f} {r['backward_GBps']:9.2f} {r['rel_error']:9.1e}  "
               f"{'ok' if r['ok'] else 'FAILED'}")
     if args.json:
-        doc = {"gpulayers": __version__, "commit": benchmarking.package_commit(),
-               "date": benchmarking.today(), "size": args.size, "reps": args.reps,
+        doc = {"gpulayers": __version__, "commit": provenance.package_commit(),
+               "date": provenance.today(), "size": args.size, "reps": args.reps,
                "backend_info": info, "rows": rows}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(_finite(doc), f, indent=1, allow_nan=False)

@@ -17,7 +17,7 @@ How the numbers are made (so they can be trusted):
   implementations round-robin (rotating the start), and the median is shown;
 - CPU times are ``perf_counter`` wall times with PyTorch and NumPy on every
   core (``torch.set_num_threads``); GPU times are CUDA events;
-- GB/s uses the compulsory byte model of ``gpulayers.benchmarking.compulsory_bytes``
+- GB/s uses the compulsory byte model of ``harness.compulsory_bytes``
   (each input read once, each output incl. indices written once: our uint8
   offsets, PyTorch's int64 indices), and "% copy" divides it by a copy
   bandwidth measured in the same run (``np.copyto`` / device-to-device copy);
@@ -42,7 +42,7 @@ the same op with ``data_format='channels_last'`` on the C-contiguous channels-la
 copy of the input, and against the default call on PyTorch's channels_last memory
 format (that copy viewed channels-first): alternating rounds, medians after
 warm-up, a ratio column cl/cf with a verdict against
-``gpulayers.benchmarking.LAYOUT_TARGET`` (1.3), and a check that every result,
+``harness.LAYOUT_TARGET`` (1.3), and a check that every result,
 moved to channels-first, equals the channels-first one (pooling exactly, batch
 norm to ``CHECK_TOL``). NumPy only, no PyTorch. Exits 1 when a check fails (a miss
 of the ratio target is shown, not an error).
@@ -54,7 +54,7 @@ columns; with ``--quick`` / ``--smoke`` on smaller shapes. Before timing, each
 case's op is run once on a tiny input of its rank (a case gpulayers cannot run
 yet is listed and skipped); after it, our result (forward output or dx) is checked
 against PyTorch's (max |ours - torch| / max |torch| within
-``gpulayers.benchmarking.CHECK_TOL``). Exits 1 when a case is skipped or fails
+``harness.CHECK_TOL``). Exits 1 when a case is skipped or fails
 its check.
 """
 from __future__ import annotations
@@ -67,9 +67,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # harness.py
 
 import gpulayers  # noqa: E402
-from gpulayers import benchmarking as B  # noqa: E402
+import harness as B  # noqa: E402  (scripts/harness.py)
 
 MP3 = {"pool_height": 3, "pool_width": 3, "stride": 2, "pad": 1}
 MP2 = {"pool_height": 2, "pool_width": 2, "stride": 2}
@@ -280,7 +281,7 @@ class Setup:
             if self.torch is not None and not self.torch.cuda.is_available():
                 print("note: torch has no CUDA here; no PyTorch peer")
                 self.torch = None
-            self.torch_clock = B.TorchCudaClock(self.torch) if self.torch is not None else None
+            self.torch_clock = B.CupyClock() if self.torch is not None else None
         else:
             self.xp = np
             self.gpu = False
@@ -291,9 +292,9 @@ class Setup:
 
     def copy_bandwidth(self, nbytes):
         if self.gpu:
-            gbps, detail = B.copy_bandwidth_cupy(max(nbytes, 256 << 20))
+            gbps, detail = B.copy_bandwidth(self.xp, max(nbytes, 256 << 20))
             return gbps, ", ".join(f"{k} {v:.0f}" for k, v in detail.items())
-        return B.copy_bandwidth_numpy(nbytes), "np.copyto"
+        return B.copy_bandwidth(np, nbytes)[0], "np.copyto"
 
     def free(self):
         import gc
@@ -360,7 +361,7 @@ def make_cases(args, setup):
 
 
 def probe_cases(cases):
-    """Run each case's op once on a tiny input of its rank (benchmarking.probe_case);
+    """Run each case's op once on a tiny input of its rank (harness.probe_case);
     print what gpulayers cannot run yet. Returns the cases it can run."""
     ok, seen = [], {}
     for case in cases:

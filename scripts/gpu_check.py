@@ -54,10 +54,11 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))   # harness.py
 
 try:
     import gpulayers as gl
-    from gpulayers import benchmarking as B
+    import harness as B
 except Exception as _exc:  # still leave a results JSON that says why
     _out = os.environ.get("OUT") or "./gpu_check_out"
     os.makedirs(_out, exist_ok=True)
@@ -165,7 +166,7 @@ class Device:
             self.notes.append("note: torch does not see CUDA; no PyTorch peer")
             torch = None
         self.torch = torch
-        self.torch_clock = B.TorchCudaClock(torch) if torch is not None else None
+        self.torch_clock = B.CupyClock() if torch is not None else None
         self.ours, self.peer = "cuda-kernels", "torch-cuda"
 
     def to_device(self, a):
@@ -182,8 +183,8 @@ class Device:
 
     def copy_bandwidth(self):
         if self.dry_run:
-            return B.copy_bandwidth_numpy(16 << 20), "np.copyto 16 MiB"
-        gbps, detail = B.copy_bandwidth_cupy(1 << 30)
+            return B.copy_bandwidth(np, 16 << 20)[0], "np.copyto 16 MiB"
+        gbps, detail = B.copy_bandwidth(self.xp, 1 << 30)
         return gbps, "1 GiB; " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in detail.items())
 
 

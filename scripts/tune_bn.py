@@ -31,12 +31,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # harness.py
+import harness  # noqa: E402
+from gpulayers import timing  # noqa: E402
 
 SHAPES = ["256x64x112x112", "256x256x56x56", "256x2048x7x7", "32x64x56x56"]
 DTYPES = ["float32", "float16"]
@@ -68,54 +72,15 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------ timing
 
-class Timer:
-    def __init__(self, cp):
-        self.cp = cp
-        self.start, self.stop = cp.cuda.Event(), cp.cuda.Event()
-
-    def once(self, fn):
-        """ms of one call, events around it (host work included)."""
-        self.start.record()
-        fn()
-        self.stop.record()
-        self.stop.synchronize()
-        return self.cp.cuda.get_elapsed_time(self.start, self.stop)
-
-    def pipelined(self, fn, n=20):
-        """ms per call of n calls back to back (host work overlaps the GPU's)."""
-        fn()
-        self.start.record()
-        for _ in range(n):
-            fn()
-        self.stop.record()
-        self.stop.synchronize()
-        return self.cp.cuda.get_elapsed_time(self.start, self.stop) / n
-
-    def host(self, fn, n=20):
-        """us of host time per call (no synchronization inside)."""
-        self.cp.cuda.Device().synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        self.cp.cuda.Device().synchronize()
-        return (t1 - t0) / n * 1e6
-
-    def alternating(self, series, reps, warmup, errors, where):
-        """{name: median ms}: every series timed once per round, rounds repeated."""
-        times = {name: [] for name in series}
-        live = dict(series)
-        for round_ in range(warmup + reps):
-            for name, fn in list(live.items()):
-                try:
-                    t = self.once(fn)
-                except Exception as exc:  # a failing series is reported, the rest go on
-                    errors.append({"where": f"{where} {name}", "error": _short(exc)})
-                    del live[name]
-                    continue
-                if round_ >= warmup:
-                    times[name].append(t)
-        return {name: statistics.median(v) if v else None for name, v in times.items()}
+def _timed(clock, series, reps, warmup, errors, where):
+    """{name: median ms or None}: gpulayers.timing.medians over the series; a series
+    that raised is reported in ``errors``."""
+    med = timing.medians(series, clock, reps, warmup)
+    for name, t in med.items():
+        if isinstance(t, str):
+            errors.append({"where": f"{where} {name}", "error": t.splitlines()[0][:300]})
+            med[name] = None
+    return med
 
 
 def _short(exc):
@@ -288,7 +253,7 @@ def run_shape(cp, K, gl, torch, shape, dtype, args, timer, copy_bw, errors, with
         series.update({f"bare[{name}]": runs[op] for name, runs in bare.items()})
         if op in tor:
             series["torch"] = tor[op]
-        med = timer.alternating(series, args.reps, args.warmup, errors, f"{where} {op}")
+        med = _timed(timer, series, args.reps, args.warmup, errors, f"{where} {op}")
         row = {"shape": list(shape), "dtype": dtype, "op": op, "ours_ms": med["ours"],
                "launcher_ms": med["launcher"], "bare_ms": med.get("bare[default]"),
                "torch_ms": med.get("torch"), "errors": errs if op == "train_fwd" else None,
@@ -304,8 +269,8 @@ def run_shape(cp, K, gl, torch, shape, dtype, args, timer, copy_bw, errors, with
             if fn is None:
                 continue
             try:
-                row[f"{who}_host_us"] = timer.host(fn)
-                row[f"{who}_pipelined_ms"] = timer.pipelined(fn)
+                row[f"{who}_host_us"] = timer.host_us(fn)
+                row[f"{who}_pipelined_ms"] = timer.pipelined_ms(fn)
             except Exception as exc:
                 errors.append({"where": f"{where} {op} {who} host", "error": _short(exc)})
         rows.append(row)
@@ -350,14 +315,6 @@ def print_tables(res):
         print(f"ERROR {e['where']}: {e['error']}")
 
 
-def copy_bandwidth(cp, timer, nbytes=2**30):
-    """Bytes/s of a device-to-device copy (read + write counted), median of 10."""
-    src, dst = cp.empty(nbytes // 4, np.float32), cp.empty(nbytes // 4, np.float32)
-    ms = statistics.median(timer.once(lambda: dst.data.copy_from_device_async(src.data, nbytes))
-                           for _ in range(10))
-    return 2 * nbytes / (ms * 1e-3)
-
-
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -376,8 +333,8 @@ def main(argv=None):
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    timer = Timer(cp)
-    copy_bw = copy_bandwidth(cp, timer)
+    timer = timing.CupyClock()
+    copy_bw = harness.copy_bandwidth(cp, 1 << 30)[0] * 1e9   # bytes/s
     res = {"device": name, "sms": props["multiProcessorCount"], "cupy": cp.__version__,
            "torch": getattr(torch, "__version__", None), "python": platform.python_version(),
            "copy_GBps": copy_bw / 1e9, "tuning_default": dict(K.TUNING), "reps": args.reps,

@@ -27,12 +27,16 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # harness.py
+import harness  # noqa: E402
+from gpulayers import timing  # noqa: E402
 
 # name: (pass, shape, dtype, pool_param); e.g. "fwd-3x3-f32"
 _GEOMETRIES = {"3x3": ((256, 64, 112, 112), dict(pool_height=3, pool_width=3, stride=2, pad=1)),
@@ -122,52 +126,6 @@ def list_cases(args):
             print(f"  {label(v):<26} {expr}")
 
 
-class Timer:
-    """CUDA-event timing of prepared launches, round-robin over the series."""
-
-    def __init__(self, cp):
-        self.cp = cp
-
-    def round_robin(self, fns, reps, warmup):
-        """{key: median ms} for fns {key: zero-argument callable}; a series that raises is
-        dropped and reported as {key: exception}."""
-        cp, failed = self.cp, {}
-        live = dict(fns)
-        for key, fn in list(live.items()):
-            try:
-                for _ in range(warmup):
-                    fn()
-            except Exception as exc:  # a broken variant must not stop the others
-                failed[key] = exc
-                del live[key]
-        cp.cuda.Device().synchronize()
-        events = {key: [] for key in live}
-        for _ in range(reps):
-            for key, fn in live.items():
-                start, stop = cp.cuda.Event(), cp.cuda.Event()
-                start.record()
-                fn()
-                stop.record()
-                events[key].append((start, stop))
-        cp.cuda.Device().synchronize()
-        times = {key: statistics.median(cp.cuda.get_elapsed_time(a, b) for a, b in ev)
-                 for key, ev in events.items()}
-        times.update(failed)
-        return times
-
-
-def copy_bandwidth(cp, timer, nbytes=2**30):
-    """Bytes per second of a device-to-device copy, counting read + write."""
-    a = cp.empty(nbytes, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    a.fill(1)
-    ms = timer.round_robin({"copy": lambda: b.data.copy_from_device_async(a.data, nbytes)},
-                           reps=10, warmup=2)["copy"]
-    del a, b
-    cp.get_default_memory_pool().free_all_blocks()
-    return 2 * nbytes / (ms * 1e-3)
-
-
 def prepared(cp, pk, cuda_compile, pass_, geom, dtype, variant, inputs):
     """(make, expression): make(outputs) is a zero-argument bare launch of the variant's kernel
     that reads ``inputs`` and writes ``outputs`` (see :func:`new_outputs`)."""
@@ -209,7 +167,8 @@ def same_bits(cp, a, b):
 
 
 def torch_time(torch, pass_, x, dout, pool_param, reps, warmup):
-    """Median ms of PyTorch's max_pool2d forward (with indices) or its backward kernel."""
+    """Median ms of PyTorch's max_pool2d forward (with indices) or its backward kernel
+    (gpulayers.timing's CUDA-event clock: PyTorch works on the same legacy default stream)."""
     import torch.nn.functional as F
     k = [pool_param["pool_height"], pool_param["pool_width"]]
     s, p = [pool_param.get("stride", 1)] * 2, [pool_param.get("pad", 0)] * 2
@@ -224,17 +183,9 @@ def torch_time(torch, pass_, x, dout, pool_param, reps, warmup):
         def fn():
             return torch.ops.aten.max_pool2d_with_indices_backward(gt, xt, k, s, p, [1, 1],
                                                                    False, idx)
-    for _ in range(warmup):
-        fn()
-    pairs = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        pairs.append((a, b))
-    torch.cuda.synchronize()
-    ms = statistics.median(a.elapsed_time(b) for a, b in pairs)
+    ms = timing.medians({"torch": fn}, timing.CupyClock(), reps, warmup)["torch"]
+    if isinstance(ms, str):
+        raise RuntimeError(ms)
     del out, idx
     torch.cuda.empty_cache()
     return ms
@@ -290,11 +241,11 @@ def run_case(cp, pk, cuda_compile, torch, name, args, timer, copy_bw, with_varia
             row["status"] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             traceback.print_exc(limit=2)
         rows.append(row)
-    times = timer.round_robin(fns, args.reps, args.warmup) if fns else {}
+    times = timing.medians(fns, timer, args.reps, args.warmup) if fns else {}
     for row in rows:
         t = times.get(row["label"])
-        if isinstance(t, Exception):
-            row["status"] = f"ERROR {type(t).__name__}: {str(t).splitlines()[0][:200]}"
+        if isinstance(t, str):   # the error of a variant that raised while timed
+            row["status"] = f"ERROR {t.splitlines()[0][:200]}"
         elif t is not None:
             row["ms"] = t
             row["bw"] = nbytes / (t * 1e-3) / copy_bw
@@ -367,7 +318,6 @@ def summary(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.list:
         list_cases(args)
         return 0
@@ -390,8 +340,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
     device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    timer = Timer(cp)
-    copy_bw = copy_bandwidth(cp, timer)
+    timer = timing.CupyClock()
+    copy_bw = harness.copy_bandwidth(cp, 1 << 30)[0] * 1e9   # bytes/s
     print(f"{device}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     # compile both dtypes' groups up front, so the compile time is visible
     for dtype in sorted({CASES[c][2] for c in args.cases}):

@@ -5,12 +5,17 @@ header, and ``GPULAYERS_TEST_SEED=<seed> pytest`` replays a run.
 """
 import os
 import secrets
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
 from gpulayers import backend
+
+# the scripts' benchmark harness (scripts/harness.py) is not part of the package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
 
 SESSION_SEED = int(os.environ.get("GPULAYERS_TEST_SEED", secrets.randbits(32)))
 

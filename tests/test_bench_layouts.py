@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpulayers import benchmarking as B
+import harness as B  # scripts/harness.py (tests/conftest.py puts scripts/ on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ No PyTorch needed: the peer is a small fake ``torch`` (tensors over NumPy arrays
 tape for ``autograd.grad``, and ``F.max_pool1d/2d/3d``, ``avg_pool*d``,
 ``adaptive_*_pool*d`` computed by the NumPy reference below) that records which
 functional it was called with. Where gpulayers does not have an N-d op yet
-(``benchmarking.probe_case`` says why), the same reference stands in for it, so the
+(``harness.probe_case`` says why), the same reference stands in for it, so the
 machinery -- probes, cases, peer dispatch by rank, the check against the peer, the
 summary table and the results JSON -- is tested either way; once gpulayers has the
 op, the real one runs. No timing is asserted.
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import gpulayers
-from gpulayers import benchmarking as B
+import harness as B  # scripts/harness.py (tests/conftest.py puts scripts/ on sys.path)
 from gpulayers import pooling
 from gpulayers.shapes import adaptive_geometry, pool_geometry
 
@@ -116,7 +116,7 @@ def ref_adaptive_avg_backward(dout, cache):
 
 
 class FakeTensor:
-    """A NumPy array with what benchmarking's peer uses of a torch tensor."""
+    """A NumPy array with what harness's peer uses of a torch tensor."""
 
     def __init__(self, a, back=None):
         self.a = a

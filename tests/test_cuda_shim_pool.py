@@ -406,6 +406,9 @@ class FakeCupy:
             def record(self):
                 self.t = time.perf_counter()
 
+            def synchronize(self):
+                pass
+
         runtime = types.SimpleNamespace(
             getDeviceCount=lambda: devices, getDevice=lambda: fake.current,
             getDeviceProperties=lambda i: {"multiProcessorCount": 2, "name": b"cpu shim"})
@@ -748,7 +751,7 @@ def test_tune_pool_script_through_the_shim(lib, monkeypatch, tmp_path, capsys):
         for name, (pass_, shape, dtype, pool_param) in tune.CASES.items()
         if "float16" not in dtype or cuda_shim.has_half()})
     monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
-    monkeypatch.setattr(tune, "copy_bandwidth", lambda cp, timer: 1e9)
+    monkeypatch.setattr(tune.harness, "copy_bandwidth", lambda xp, nbytes, reps=15: (1.0, {}))
 
     def get_kernel(source, expression, group, device_id=None):
         assert expression in group and device_id in (None, 0)

@@ -9,7 +9,7 @@ import pytest
 
 import gpulayers
 from gpulayers import __main__ as main_job
-from gpulayers import backend, benchmarking, pooling
+from gpulayers import backend, pooling, provenance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +148,7 @@ def test_json_carries_version_commit_date_reps_and_is_strict(tmp_path, monkeypat
     assert doc["date"] == datetime.date.today().isoformat()
     assert doc["reps"] == 3 and doc["size"] == "small"
     assert doc["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", doc["commit"])
-    assert doc["commit"] == benchmarking.package_commit()
+    assert doc["commit"] == provenance.package_commit()
     for r in doc["rows"]:
         assert r["forward_ms"] == 0.0 and r["forward_GBps"] is None  # inf -> null
         assert r["backward_ms"] is None and r["backward_GBps"] is None  # NaN -> null
@@ -159,17 +159,17 @@ def test_package_commit(tmp_path, monkeypatch):
     fake = tmp_path / "site" / "gpulayers" / "__init__.py"
     fake.parent.mkdir(parents=True)
     fake.write_text("")
-    monkeypatch.setattr(benchmarking.gl, "__file__", str(fake))
+    monkeypatch.setattr(provenance, "__file__", str(fake))
     monkeypatch.delenv("GPULAYERS_COMMIT", raising=False)
-    assert benchmarking.package_commit() is None  # an installed copy: no git, no env
+    assert provenance.package_commit() is None  # an installed copy: no git, no env
     monkeypatch.setenv("GPULAYERS_COMMIT", "abc123")
-    assert benchmarking.package_commit() == "abc123"
+    assert provenance.package_commit() == "abc123"
     monkeypatch.undo()
     if os.path.exists(os.path.join(REPO, ".git")):
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True)
         if head.returncode == 0:
-            assert benchmarking.package_commit() == head.stdout.strip()
+            assert provenance.package_commit() == head.stdout.strip()
 
 
 @pytest.mark.parametrize("what, layer", [

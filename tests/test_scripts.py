@@ -2,7 +2,7 @@
 
 scripts/bench.py --smoke and scripts/gpu_check.py --smoke run as users run
 them, in a subprocess; neither needs PyTorch (gpu_check uses it as the peer
-when it imports). The shared machinery in gpulayers.benchmarking is tested
+when it imports). The shared machinery in scripts/harness.py is tested
 directly.
 """
 import importlib.util
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpulayers import benchmarking as B
+import harness as B  # scripts/harness.py (tests/conftest.py puts scripts/ on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,18 +1,19 @@
-"""Benchmark machinery shared by ``scripts/bench.py`` and ``scripts/gpu_check.py``.
+"""Benchmark machinery shared by the scripts (bench.py, gpu_check.py, tune_pool.py,
+tune_bn.py); it is not part of the installed package. The clocks and the round-robin
+loop are gpulayers.timing's (re-exported here), the one home the main job uses too.
 
 What is here, in the order a benchmark uses it:
 
-- *clocks*: :class:`CPUClock` (``perf_counter``), :class:`CupyClock` and
-  :class:`TorchCudaClock` (CUDA events on the current stream; CuPy and PyTorch
-  both default to the legacy default stream, so their events see each other's
-  work in order);
+- *clocks* (gpulayers.timing): :class:`CPUClock` (``perf_counter``) and
+  :class:`CupyClock` (CUDA events on CuPy's current stream; CuPy and PyTorch both
+  default to the legacy default stream, so it times PyTorch's CUDA peers too);
 - :func:`round_robin`: warm-up, then every implementation once per round in a
   rotating order, so drift (turbo, thermal, other processes) hits all alike;
   :func:`median` of the samples is what gets reported;
 - *the compulsory byte model* (:func:`compulsory_bytes`): each input read
   once, each output -- indices included -- written once;
 - *copy bandwidth*: the ceiling the byte model is compared with, measured in
-  the same run (:func:`copy_bandwidth_numpy`, :func:`copy_bandwidth_cupy`);
+  the same run (:func:`copy_bandwidth`);
 - :class:`Case` and :func:`build_case`: one op on one shape and dtype, with a
   callable per implementation (ours and PyTorch's) over the *same* data; pooling
   cases take x of any rank the op takes ((N, C, L), (N, C, H, W), (N, C, D, H, W))
@@ -41,132 +42,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import gpulayers as gl
-from .backend import is_cupy_array
-from .shapes import adaptive_geometry, pool_geometry
+from gpulayers.backend import is_cupy_array
+from gpulayers.shapes import adaptive_geometry, pool_geometry
+from gpulayers.provenance import git_commit, package_commit, today
+from gpulayers.timing import CPUClock, CupyClock, Timed, median, medians, round_robin
 
 __all__ = [
-    "CPUClock", "CupyClock", "TorchCudaClock", "Timed", "round_robin", "median",
-    "compulsory_bytes", "copy_bandwidth_numpy", "copy_bandwidth_cupy",
+    "CPUClock", "CupyClock", "Timed", "round_robin", "median", "medians",
+    "compulsory_bytes", "copy_bandwidth",
     "Case", "build_case", "OPS", "peak_memory", "import_torch", "nd_support", "check_against",
     "CHECK_TOL",
     "results_document", "validate_results", "write_json", "git_commit", "package_commit",
     "slug", "today",
 ]
-
-# ------------------------------------------------------------------------------ clocks
-
-
-class CPUClock:
-    """Wall time of one call, ``time.perf_counter``; for NumPy and PyTorch CPU."""
-
-    kind = "cpu"
-
-    def time_ms(self, fn):
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    def sync(self):
-        pass
-
-
-class CupyClock:
-    """Device time of one call between two CUDA events on CuPy's current stream."""
-
-    kind = "cuda"
-
-    def __init__(self):
-        import cupy
-        self._cp = cupy
-        self._start = cupy.cuda.Event()
-        self._end = cupy.cuda.Event()
-
-    def time_ms(self, fn):
-        self._start.record()
-        fn()
-        self._end.record()
-        self._end.synchronize()
-        return float(self._cp.cuda.get_elapsed_time(self._start, self._end))
-
-    def sync(self):
-        self._cp.cuda.Device().synchronize()
-
-
-class TorchCudaClock:
-    """Device time of one call between two CUDA events on PyTorch's current stream."""
-
-    kind = "cuda"
-
-    def __init__(self, torch):
-        self._torch = torch
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._end = torch.cuda.Event(enable_timing=True)
-
-    def time_ms(self, fn):
-        self._start.record()
-        fn()
-        self._end.record()
-        self._end.synchronize()
-        return float(self._start.elapsed_time(self._end))
-
-    def sync(self):
-        self._torch.cuda.synchronize()
-
-
-# ------------------------------------------------------------------- round-robin timing
-
-
-@dataclass
-class Timed:
-    """One implementation to time: ``fn()`` runs it once; ``reps`` caps its
-    samples (the naive loops get fewer); ``error`` is set when it raised."""
-
-    name: str
-    fn: object
-    clock: object
-    reps: int | None = None
-    error: str | None = None
-    samples: list = field(default_factory=list)
-
-
-def round_robin(entries, reps, warmup=2, on_round=None):
-    """Time ``entries`` (a list of :class:`Timed`) alternately.
-
-    Each entry first runs ``warmup`` times untimed (compiles kernels, fills
-    allocator caches, faults pages in). Then ``reps`` rounds follow; round r
-    runs every entry once, starting at entry ``r % len(entries)``. An entry
-    that raises gets ``error`` set and drops out; the others go on.
-
-    Returns ``entries`` with ``samples`` (milliseconds) filled in.
-    """
-    def attempt(e, timed):
-        try:
-            if timed:
-                e.samples.append(e.clock.time_ms(e.fn))
-            else:
-                e.fn()
-                e.clock.sync()
-        except Exception as exc:  # record and go on with the others
-            e.error = f"{type(exc).__name__}: {exc}"[:500]
-
-    for e in entries:
-        for _ in range(warmup if (e.reps is None or e.reps > 2) else min(warmup, 1)):
-            if e.error is None:
-                attempt(e, timed=False)
-    n = len(entries)
-    for r in range(reps):
-        for k in range(n):
-            e = entries[(r + k) % n]
-            if e.error is None and (e.reps is None or len(e.samples) < e.reps):
-                attempt(e, timed=True)
-        if on_round is not None:
-            on_round()
-    return entries
-
-
-def median(samples):
-    return float(statistics.median(samples)) if samples else float("nan")
-
 
 # ------------------------------------------------------------------ compulsory bytes
 
@@ -218,33 +106,36 @@ def compulsory_bytes(op, x_shape, out_shape, itemsize, index_itemsize=0, param_i
 # ------------------------------------------------------------------- copy bandwidth
 
 
-def copy_bandwidth_numpy(nbytes=64 << 20, reps=15):
-    """GB/s of ``np.copyto`` between two fresh buffers of ``nbytes``
-    (bytes read + bytes written per second, median of ``reps``)."""
-    n = max(1, nbytes // 4)
-    src = np.random.default_rng().standard_normal(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    entry = Timed("copy", lambda: np.copyto(dst, src), CPUClock())
-    round_robin([entry], reps, warmup=2)
-    return 2 * src.nbytes / (median(entry.samples) * 1e-3) / 1e9
+def copy_bandwidth(xp, nbytes, reps=15):
+    """The copy bandwidth of ``xp`` (numpy or cupy): GB/s, counting the bytes read and
+    the bytes written, of copies between two fresh float32 buffers of ``nbytes``;
+    median of ``reps`` after warm-up, timed by :func:`round_robin`.
 
+    NumPy: ``np.copyto``. CuPy: the better of ``cudaMemcpyAsync`` device-to-device and
+    an element-wise copy kernel (``cupy.copyto``), CUDA events (:class:`CupyClock`).
 
-def copy_bandwidth_cupy(nbytes=512 << 20, reps=15):
-    """GB/s of a device-to-device copy (bytes read + written per second): the
-    better median of ``cudaMemcpyAsync`` device-to-device and an element-wise
-    copy kernel (``cupy.copyto``). Returns (GB/s, detail dict)."""
-    import cupy
+    Returns a tuple of:
+    - gbps: float
+    - detail: {method: GB/s}
+    """
     n = max(1, nbytes // 4)
-    src = cupy.random.default_rng().standard_normal(n, dtype=cupy.float32)
-    dst = cupy.empty_like(src)
-    memcpy = Timed("memcpy", lambda: dst.data.copy_from_device_async(src.data, src.nbytes),
-                   CupyClock())
-    kernel = Timed("copyto", lambda: cupy.copyto(dst, src), CupyClock())
-    round_robin([memcpy, kernel], reps, warmup=3)
+    if xp is np:
+        src = np.random.default_rng().standard_normal(n, dtype=np.float32)
+        dst = np.empty_like(src)
+        entries = [Timed("np.copyto", lambda: np.copyto(dst, src), CPUClock())]
+    else:
+        src = xp.random.default_rng().standard_normal(n, dtype=xp.float32)
+        dst = xp.empty_like(src)
+        clock = CupyClock()
+        entries = [Timed("memcpy", lambda: dst.data.copy_from_device_async(src.data, src.nbytes),
+                         clock),
+                   Timed("copyto", lambda: xp.copyto(dst, src), clock)]
+    round_robin(entries, reps, warmup=3)
     detail = {e.name: 2 * src.nbytes / (median(e.samples) * 1e-3) / 1e9
-              for e in (memcpy, kernel) if e.error is None}
+              for e in entries if e.error is None}
     del src, dst
-    cupy.get_default_memory_pool().free_all_blocks()
+    if xp is not np:
+        xp.get_default_memory_pool().free_all_blocks()
     return max(detail.values()), detail
 
 
@@ -343,7 +234,7 @@ def _lookup(fn):
         return fn
     found = getattr(gl, fn, None)
     if found is None:
-        from . import pooling
+        from gpulayers import pooling
         found = getattr(pooling, fn, None)
     return found
 
@@ -796,42 +687,10 @@ def peak_memory(fn):
 RESULT_OPS = tuple(OPS)
 
 
-def today():
-    return datetime.date.today().isoformat()
-
-
 def slug(text):
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
     return s or "unknown"
-
-
-def git_commit(repo_dir="."):
-    """HEAD's hash; else env GPULAYERS_COMMIT; else 'unknown'."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()):
-            return out.stdout.strip()
-    except Exception:
-        pass
-    return os.environ.get("GPULAYERS_COMMIT") or "unknown"
-
-
-def package_commit():
-    """The commit of the gpulayers that is imported, or None when unknown.
-
-    HEAD of the checkout the package is imported from (only when that folder
-    is itself a git work tree's root: an installed copy inside some other
-    repository, e.g. a virtualenv in a project, must not report that
-    project's commit); else env GPULAYERS_COMMIT; else None.
-    """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(gl.__file__)))
-    if os.path.exists(os.path.join(root, ".git")):
-        commit = git_commit(root)
-    else:
-        commit = os.environ.get("GPULAYERS_COMMIT") or "unknown"
-    return None if commit == "unknown" else commit
 
 
 def result_case(case, ours, peer, copy_gbps, params=None):
