@@ -16,10 +16,12 @@ Channels-last: every kernel also runs with ``channels_last=True`` on the transpo
 (N, *spatial, C), contiguous and as transposed views, in three of the launch runs (the
 launcher's grid with 32-bit indices, the small grid with 64-bit ones, the large grid), and
 must give the channels-first kernels' results transposed, bit for bit (offsets and the
-winners' elements too). The vectorised channels-last forward kernels (max and average
-pooling) must give the scalar channels-last kernels' results bit for bit, run only when C is
-a multiple of the vector width and the arrays are 16-byte aligned (the stand-in's arrays are
-64-byte aligned, as CuPy's), and fault on a misaligned array when launched directly.
+winners' elements too). The vectorised channels-last kernels (max and average pooling,
+forward and backward) must give the scalar channels-last kernels' results bit for bit (the
+backward ones also the brute-force references and the NumPy xp path), run only when C is a
+multiple of the vector width and the arrays they access by vectors are aligned to it (the
+stand-in's arrays are 64-byte aligned, as CuPy's), and fault on a misaligned array when
+launched directly.
 """
 import sys
 import types
@@ -817,9 +819,10 @@ def test_name_expressions_and_compile_groups():
     this module."""
     assert nk.SOURCE in instantiations()
     # 4 value types, 2 index types, 2 layouts: 4*3 offset kernels... per (value, index, layout)
-    # ... plus the channels-last vector variants of max (4*3*2) and avg (4*2) forward.
+    # ... plus the channels-last vector variants of max (4*3*2) and avg (4*2), forward and
+    # backward.
     assert len(set(nk.NAME_EXPRESSIONS)) == len(nk.NAME_EXPRESSIONS) == 2 * (
-        4 * 4 * 3 * 2 + 5 * 4 * 2 + 2 * 2 + 4 * 2 * 2) + 4 * 3 * 2 + 4 * 2 == 344
+        4 * 4 * 3 * 2 + 5 * 4 * 2 + 2 * 2 + 4 * 2 * 2) + 2 * (4 * 3 * 2 + 4 * 2) == 376
     for last in (False, True):
         for dtype, value in nk.VALUE_TYPES.items():
             for index in nk.INDEX_TYPES:
@@ -834,11 +837,11 @@ def test_name_expressions_and_compile_groups():
                     args = args[:-1] if last else args
                     assert args[-1] == index
                     assert args[0] == value or e.startswith("max_unpool_winners")
-                assert len(group) == 4 * 3 + 5 + 2 + 2 + (3 + 1 if last else 0)
+                assert len(group) == 4 * 3 + 5 + 2 + 2 + (2 * (3 + 1) if last else 0)
     assert sum(len(nk.compile_group(nk.kernel_expression("avg_pool3d_forward", d, i,
                                                          channels_last=last)))
                for d in nk.VALUE_TYPES for i in nk.INDEX_TYPES
-               for last in (False, True)) == 344 + 8 * 3
+               for last in (False, True)) == 376 + 8 * 3
     assert nk.kernel_expression("max_pool3d_forward", BF16, "long long", offset=np.uint16,
                                 channels_last=True) == (
         "max_pool3d_forward<__nv_bfloat16, unsigned short, long long, ChannelsLast>")
@@ -908,6 +911,7 @@ def test_channels_last_vector_kernels(cp, lib, rng, monkeypatch, name, dtype):
     V = nk.vector_width(dtype)
     size, param = VEC_CASES[name]
     real_vectorised = nk._vectorised
+    forward = [k for k in nk.VECTOR_KERNELS if k.endswith("forward")]
     for C in (2 * V, V + 1):
         mgeom = pool_geometry((2, C) + size, param, op="max")
         ageom = pool_geometry((2, C) + size, param, op="avg")
@@ -923,8 +927,8 @@ def test_channels_last_vector_kernels(cp, lib, rng, monkeypatch, name, dtype):
                 ref = _forward_last(cp, x_l, mgeom, ageom)
                 assert not any("_vec<" in n for n in ref[3]), ref[3]
                 vec = [n.split("<")[0] for n in got[3]]
-                assert vec == ([nk.VECTOR_KERNELS[k] for k in nk.VECTOR_KERNELS]
-                               if C % V == 0 else list(nk.VECTOR_KERNELS)), (vec, where)
+                assert vec == ([nk.VECTOR_KERNELS[k] for k in forward]
+                               if C % V == 0 else forward), (vec, where)
                 for what, a, b in zip(("max out", "offsets", "avg out"), got, ref):
                     assert_same(a, b, f"vector {what}: {where}")
     cp.index, cp.run = None, "own"
@@ -953,3 +957,191 @@ def test_channels_last_vector_kernels(cp, lib, rng, monkeypatch, name, dtype):
         lib.launch(expression, (2, 1, 1), (32, 1, 1), (x_mis, out, off) + scalars)
     lib.launch(expression, (2, 1, 1), (32, 1, 1), (cp.on(x), out, off) + scalars)
     assert_same(out, ref[0], f"direct vector launch: {name}, {np.dtype(dtype)}")
+
+
+# Backward cases: overlapping windows, dilation (max only), ceil_mode, 1 to 3 axes, uint16
+# offsets (a window of 272 taps), windows overlapping along one axis of two.
+VEC_BACKWARD_CASES = {
+    "1d-k3s2p1": ((9,), dict(kernel_size=3, stride=2, pad=1)),
+    "1d-k2s1p1d2ceil": ((10,), dict(kernel_size=2, stride=1, pad=1, dilation=2,
+                                    ceil_mode=True)),
+    "2d-k3s2p1": ((7, 8), dict(kernel_size=3, stride=2, pad=1)),
+    "2d-k3x2s1p1d2x1": ((8, 7), dict(kernel_size=(3, 2), stride=1, pad=1, dilation=(2, 1))),
+    "2d-k3s2p1ceil": ((6, 8), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+    "2d-k3x2s2p1x0": ((7, 8), dict(kernel_size=(3, 2), stride=2, pad=(1, 0))),
+    "2d-uint16": ((17, 18), dict(kernel_size=(16, 17), stride=1)),
+    "3d-k3s2p1ceil": ((4, 5, 6), dict(kernel_size=3, stride=2, pad=1, ceil_mode=True)),
+    "3d-k2s1p1": ((3, 4, 3), dict(kernel_size=2, stride=1, pad=1)),
+}
+VEC_BACKWARD_RUNS = (("int", "own"), ("long long", "small"), ("int", "large"))
+
+
+def misaligned(cp, a):
+    """a on the fake device as a C-contiguous view one element into an aligned buffer: not
+    aligned to 2 of its elements, so not to any vector of them."""
+    base = cp.on(np.zeros(a.size + 1, a.dtype))
+    view = base[1:].reshape(a.shape)
+    view[...] = a
+    assert view.flags.c_contiguous and view.data.ptr % (2 * a.itemsize) != 0
+    return view
+
+
+# Units in the last place of each dtype (the xp path's rounding, see _assert_xp_dx).
+ULP = {np.dtype(np.float16): 2.0**-10, BF16: 2.0**-7, np.dtype(np.float32): 2.0**-23,
+       np.dtype(np.float64): 2.0**-52}
+
+
+def _assert_xp_dx(got, xp_dx, geom, op, dout, what):
+    """The kernels' dx against the NumPy xp path's: bit for bit for max pooling, and for
+    average pooling when windows overlap along at most one axis; else the xp path sums a
+    dx element's (up to 2**d) quotients in another grouping (one separable pass per axis,
+    gpulayers.pooling._sum_pool_backward_xp), so there: NaN and infinities at the same
+    places, the rest within 4 units in the last place of max |dout|."""
+    overlapping = sum(k > s for k, s in zip(geom.kernel, geom.stride))
+    if op == "max" or overlapping <= 1:
+        assert_same(got, xp_dx, what)
+        return
+    a, b = np.asarray(got).astype(np.float64), np.asarray(xp_dx).astype(np.float64)
+    assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}: NaN positions differ"
+    inf = np.isinf(b)
+    assert np.array_equal(a[inf], b[inf]), f"{what}: infinities differ"
+    finite = np.isfinite(dout.astype(np.float64))
+    scale = np.abs(dout.astype(np.float64)[finite]).max(initial=1.0)
+    ok = np.isfinite(b)
+    np.testing.assert_allclose(a[ok], b[ok], rtol=0, atol=4 * ULP[np.dtype(got.dtype)] * scale,
+                               err_msg=what)
+
+
+def _xp_backward(op, x_l, dout_l, param, options=None):
+    """dx of the NumPy xp path (gpulayers' public functions) on channels-last arrays."""
+    import gpulayers as G
+    param = dict(param, data_format="channels_last")
+    if op == "max":
+        _, cache = G.max_pool_forward(x_l, param)
+        return G.max_pool_backward(dout_l, cache)
+    if options == (False, 1):  # sum pooling: the avg kernels with divisor_override = 1
+        _, cache = G.sum_pool_forward(x_l, param)
+        return G.sum_pool_backward(dout_l, cache)
+    param.update(count_include_pad=options[0], divisor_override=options[1])
+    _, cache = G.avg_pool_forward(x_l, param)
+    return G.avg_pool_backward(dout_l, cache)
+
+
+def _backward_names(cp, start):
+    return [n.split("<")[0] for n, _ in cp.launches[start:]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", VEC_BACKWARD_CASES)
+def test_channels_last_vector_backward_kernels(cp, rng, monkeypatch, name, dtype):
+    """max_pool3d_backward_vec and avg_pool3d_backward_vec (sum pooling too) run for C = V,
+    2V, 3V on aligned arrays and give, bit for bit, the scalar channels-last kernels' dx, the
+    brute-force references' (transposed) and the NumPy xp path's (random, ties, NaN, +-inf,
+    signed zeros in x and dout; 32- and 64-bit indices; the launcher's, a small and a large
+    grid), twice the same; C = V + 1 runs the scalar kernels."""
+    V = nk.vector_width(dtype)
+    size, param = VEC_BACKWARD_CASES[name]
+    real_vectorised = nk._vectorised
+    for op in ("max",) if "dilation" in param else ("max", "avg"):
+        for C in (V, 2 * V, 3 * V, V + 1):
+            geom = pool_geometry((2, C) + size, param, op=op)
+            windows = pool_taps(geom)
+            kernel = f"{op}_pool3d_backward"
+            expect = nk.VECTOR_KERNELS[kernel] if C % V == 0 else kernel
+            for kind in DATA if C % V == 0 else ("random",):
+                x = data(kind, geom.input_shape, dtype, rng)
+                dout = data(kind, geom.output_shape, dtype, rng)
+                x_l, dout_l = cp.on(last(x)), cp.on(last(dout))
+                with np.errstate(invalid="ignore"):  # inf - inf
+                    if op == "max":
+                        _, ref_off = ref_max_forward(x, windows, geom.output_shape,
+                                                     geom.offset_dtype)
+                        cases = {None: ref_max_backward(dout, ref_off, windows,
+                                                        geom.input_shape, "taps")}
+                    else:
+                        options = AVG_OPTIONS if kind == "random" else AVG_OPTIONS[:1]
+                        cases = {o: ref_avg_backward(dout, windows, geom.input_shape,
+                                                     avg_divisors(geom, *o), "taps")
+                                 for o in options}
+                    xp = {o: _xp_backward(op, last(x), last(dout), param, o) for o in cases}
+                for options, ref_dx in cases.items():
+                    for index, run in VEC_BACKWARD_RUNS:
+                        where = (f"{name}, {op} {options}, C={C}, {kind}, "
+                                 f"{np.dtype(dtype)}, {index}, {run}")
+                        _clear_caches()
+                        cp.index, cp.run = (None if index == "int" else index), run
+                        monkeypatch.setattr(nk, "_vectorised", real_vectorised)
+                        if op == "max":
+                            _, off_l = nk.max_pool_forward_gpu(x_l, geom, channels_last=True)
+                            assert_same(off_l, last(ref_off), f"offsets: {where}")
+
+                            def backward():
+                                return nk.max_pool_backward_gpu(dout_l, off_l, geom,
+                                                                channels_last=True)
+                        else:
+                            def backward():
+                                return nk.avg_pool_backward_gpu(dout_l, geom, *options,
+                                                                channels_last=True)
+                        start = len(cp.launches)
+                        got = [backward(), backward()]
+                        monkeypatch.setattr(nk, "_vectorised", lambda *a: False)
+                        scalar = backward()
+                        assert _backward_names(cp, start) == [expect] * 2 + [kernel], where
+                        assert_same(got[0], scalar, f"vector vs scalar dx: {where}")
+                        assert_same(got[1], got[0], f"vector dx repeated: {where}")
+                        assert_same(got[0], last(ref_dx), f"vector dx vs reference: {where}")
+                        _assert_xp_dx(got[0], xp[options], geom, op, dout,
+                                      f"vector dx vs xp path: {where}")
+                assert_same(x_l, last(x), "x was modified")
+                assert_same(dout_l, last(dout), "dout was modified")
+    cp.index, cp.run = None, "own"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", ["1d-k3s2p1", "2d-uint16", "3d-k3s2p1ceil"])
+def test_channels_last_vector_backward_misaligned(cp, lib, rng, name, dtype):
+    """A misaligned dout (or max's offsets) makes the launcher run the scalar backward
+    kernel, with the same dx; the vector kernel launched directly on a misaligned dout,
+    offsets or dx faults in the shim, and on aligned arrays gives the same dx."""
+    V = nk.vector_width(dtype)
+    size, param = VEC_BACKWARD_CASES[name]
+    for op in ("max", "avg"):
+        geom = pool_geometry((2, 2 * V) + size, param, op=op)
+        kernel = f"{op}_pool3d_backward"
+        x = cp.on(last(data("random", geom.input_shape, dtype, rng)))
+        dout = cp.on(last(data("random", geom.output_shape, dtype, rng)))
+        if op == "max":
+            _, off = nk.max_pool_forward_gpu(x, geom, channels_last=True)
+            extra = ()
+
+            def backward(d, o=off):
+                return nk.max_pool_backward_gpu(d, o, geom, channels_last=True)
+            inputs = {"dout": dout, "offsets": off}
+        else:
+            extra = nk._avg_options(geom, True, None)
+
+            def backward(d, o=None):
+                return nk.avg_pool_backward_gpu(d, geom, True, None, channels_last=True)
+            inputs = {"dout": dout}
+        start = len(cp.launches)
+        ref = backward(dout)
+        assert _backward_names(cp, start) == [nk.VECTOR_KERNELS[kernel]]
+        for bad in inputs:
+            start = len(cp.launches)
+            args = dict(inputs, **{bad: misaligned(cp, inputs[bad])})
+            assert_same(backward(args["dout"], args.get("offsets")), ref,
+                        f"misaligned {bad}: {op}, {name}, {np.dtype(dtype)}")
+            assert _backward_names(cp, start) == [kernel], bad
+        expression, _, _, scalars = nk._pool_plan(kernel, geom, np.dtype(dtype), extra, True,
+                                                  True)
+        dx_shape = nk.array_shape(geom.input_shape, True)
+        for bad in list(inputs) + ["dx"]:
+            args = dict(inputs, dx=cp.empty(dx_shape, dtype))
+            args[bad] = misaligned(cp, args[bad])
+            with pytest.raises(cuda_shim.KernelFault,
+                               match="misaligned address: Vec "
+                                     + ("store" if bad == "dx" else "load")):
+                lib.launch(expression, (2, 1, 1), (32, 1, 1), tuple(args.values()) + scalars)
+        dx = cp.empty(dx_shape, dtype)
+        lib.launch(expression, (2, 1, 1), (32, 1, 1), tuple(inputs.values()) + (dx,) + scalars)
+        assert_same(dx, ref, f"direct vector launch: {op}, {name}, {np.dtype(dtype)}")

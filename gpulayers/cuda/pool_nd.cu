@@ -38,11 +38,14 @@
 // are formed in long long. Compact offsets are formed in unsigned (window sizes below 2**32).
 // Channels-last x-items (positions times C) and strides (C per position) are Idx too.
 //
-// Only the *_vec kernels (channels-last max and average pooling forward) use vector loads
-// and stores: 16 bytes (Vec<T, VecWidth<T>::value>) over consecutive channels, so they need C
-// a multiple of the width and x and out 16-byte aligned (offsets stay scalar); the launcher
-// checks and runs the scalar channels-last kernels otherwise. Every other pointer needs only
-// its element alignment (channels-last loads are coalesced across consecutive channels).
+// Only the *_vec kernels (channels-last max and average pooling, forward and backward) use
+// vector loads and stores: V = VecWidth<T>::value consecutive channels (16 bytes of values,
+// Vec<T, V>), so they need C a multiple of V and every array they access by vectors aligned to
+// V of its elements: x and out (forward; offsets stay scalar there), dout and dx (backward)
+// 16-byte aligned, and max's offsets (backward, read as Vec<Off, V>) aligned to V offsets; the
+// launcher checks and runs the scalar channels-last kernels otherwise. Every other pointer
+// needs only its element alignment (channels-last loads are coalesced across consecutive
+// channels).
 #ifndef GPULAYERS_CPU_SHIM
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -549,11 +552,12 @@ __global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ 
     }
 }
 
-// Vectorised channels-last forward kernels <T, [Off,] Idx, L = ChannelsLast> (L must be
-// ChannelsLast): an x-item is (position, group of V = VecWidth<T> consecutive channels); each
-// tap is one Vec load and each lane runs the scalar kernel's arithmetic in its tap order, so
-// the results are those of the scalar channels-last kernels bit for bit. Needs C % V == 0 and
-// x, out 16-byte aligned (the launcher checks).
+// Vectorised channels-last kernels <T, [Off,] Idx, L = ChannelsLast> (L must be
+// ChannelsLast): an x-item is (position, group of V = VecWidth<T> consecutive channels). In the
+// forward kernels each tap is one Vec load, in the backward kernels each covering window one
+// Vec load of dout (and of max's offsets), and each lane runs the scalar kernel's arithmetic in
+// its tap (window) order, so the results are those of the scalar channels-last kernels bit for
+// bit. Needs C % V == 0 and the vector arrays aligned (see the header; the launcher checks).
 
 // max_pool3d_forward over V channels per thread: per lane MaxOp from the first tap; out
 // stored as one Vec, offsets scalar.
@@ -640,6 +644,121 @@ __global__ void avg_pool3d_forward_vec(const T* __restrict__ x, T* __restrict__ 
 #pragma unroll
             for (int j = 0; j < V; ++j) store(&r.v[j], sum[j] / div);
             store_vec<T, V>(out + layout.offset(nc, out_plane) + p * layout.pitch() + lane, r);
+        }
+    }
+}
+
+// Backward max over V consecutive channels: per lane MaxGradOp's rule. The window's V offsets
+// are one Vec<Off, V> load; its dout one Vec<T, V> load, made only when some lane's offset
+// names the position (as the scalar kernel reads dout only then).
+template <typename T, typename Off, typename A, int V>
+struct VecMaxGradOp {
+    const T* dout;
+    const Off* offsets;
+    A acc[V];
+    template <typename Idx>
+    __device__ __forceinline__ void operator()(Idx q, unsigned k, const int (&)[3])
+    {
+        const Vec<Off, V> off = load_vec<Off, V>(offsets + q);
+        bool hit = false;
+#pragma unroll
+        for (int j = 0; j < V; ++j) hit |= (unsigned)off.v[j] == k;
+        if (!hit) return;
+        const Vec<T, V> d = load_vec<T, V>(dout + q);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            if ((unsigned)off.v[j] == k) acc[j] += to_acc(d.v[j]);
+        }
+    }
+};
+
+// Backward average over V consecutive channels: per lane AvgGradOp's sum (dout / divisor, the
+// divisor formed once per window); dout one Vec<T, V> load per window.
+template <typename T, typename A, int V, typename Divisor>
+struct VecAvgGradOp {
+    const T* dout;
+    Divisor divisor;
+    A acc[V];
+    template <typename Idx>
+    __device__ __forceinline__ void operator()(Idx q, unsigned, const int (&o)[3])
+    {
+        const A div = (A)divisor(o);
+        const Vec<T, V> d = load_vec<T, V>(dout + q);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += to_acc(d.v[j]) / div;
+    }
+};
+
+// max_pool3d_backward over V channels per thread: the covering windows in the scalar kernel's
+// order (visit_covers), dout and offsets read as Vecs, per lane the sum (in Acc<T>, from +0)
+// of the douts whose offset names the position; dx stored as one Vec. No atomics.
+template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsLast>
+__global__ void max_pool3d_backward_vec(const T* __restrict__ dout,
+                                        const Off* __restrict__ offsets, T* __restrict__ dx,
+                                        Idx outer, int C, POOL3_PARAMS)
+{
+    typedef typename Acc<T>::type A;
+    const int V = VecWidth<T>::value;
+    const L<Idx> layout = {outer, C};
+    const Pool3 g = POOL3_GEOMETRY;
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    const Idx groups = (Idx)(C / V);
+    FOR_ITEMS(i, in_plane * groups) {
+        const Idx p = i / groups, lane = (i - p * groups) * V;
+        int x[3];
+        decode3(p, H, W, x);
+        const PoolCover c[3] = {pool_cover(x[0], g.a[0]), pool_cover(x[1], g.a[1]),
+                                pool_cover(x[2], g.a[2])};
+        FOR_OUTER(nc) {
+            const Idx base = layout.offset(nc, out_plane) + lane;
+            VecMaxGradOp<T, Off, A, V> op;
+            op.dout = dout + base;
+            op.offsets = offsets + base;
+#pragma unroll
+            for (int j = 0; j < V; ++j) op.acc[j] = A(0);
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
+                              layout.pitch(), op);
+            Vec<T, V> r;
+#pragma unroll
+            for (int j = 0; j < V; ++j) store(&r.v[j], op.acc[j]);
+            store_vec<T, V>(dx + layout.offset(nc, in_plane) + p * layout.pitch() + lane, r);
+        }
+    }
+}
+
+// avg_pool3d_backward over V channels per thread (sum pooling too: divisor_override = 1): the
+// covering windows in the scalar kernel's order, dout read as Vecs, per lane the sum (in
+// Acc<T>, from +0) of dout / divisor; dx stored as one Vec. No atomics.
+template <typename T, typename Idx, template <typename> class L = ChannelsLast>
+__global__ void avg_pool3d_backward_vec(const T* __restrict__ dout, T* __restrict__ dx,
+                                        Idx outer, int C, POOL3_PARAMS, int count_include_pad,
+                                        int divisor_override)
+{
+    typedef typename Acc<T>::type A;
+    const int V = VecWidth<T>::value;
+    const L<Idx> layout = {outer, C};
+    const PoolDivisor divisor = {POOL3_GEOMETRY, count_include_pad, divisor_override};
+    const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
+    const Idx groups = (Idx)(C / V);
+    FOR_ITEMS(i, in_plane * groups) {
+        const Idx p = i / groups, lane = (i - p * groups) * V;
+        int x[3];
+        decode3(p, H, W, x);
+        const PoolCover c[3] = {pool_cover(x[0], divisor.g.a[0]),
+                                pool_cover(x[1], divisor.g.a[1]),
+                                pool_cover(x[2], divisor.g.a[2])};
+        FOR_OUTER(nc) {
+            VecAvgGradOp<T, A, V, PoolDivisor> op;
+            op.dout = dout + layout.offset(nc, out_plane) + lane;
+            op.divisor = divisor;
+#pragma unroll
+            for (int j = 0; j < V; ++j) op.acc[j] = A(0);
+            visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
+                              layout.pitch(), op);
+            Vec<T, V> r;
+#pragma unroll
+            for (int j = 0; j < V; ++j) store(&r.v[j], op.acc[j]);
+            store_vec<T, V>(dx + layout.offset(nc, in_plane) + p * layout.pitch() + lane, r);
         }
     }
 }

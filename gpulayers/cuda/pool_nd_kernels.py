@@ -23,11 +23,14 @@ indices (laid out like x) -- while geometries and the shapes passed (unpool's ``
 and ``x_shape``) stay (N, C, *spatial). The kernels then map consecutive threads to
 consecutive channels (coalesced) and give, bit for bit, the channels-first results of the
 transposed tensors: offsets and unpool indices count within each (n, c) plane as for
-channels-first. Channels-last max and average pooling forward run a vectorised variant
-(``max_pool3d_forward_vec``, ``avg_pool3d_forward_vec``: 16-byte loads and stores over
-consecutive channels, :data:`VECTOR_KERNELS`) when C is a multiple of the vector width
-(16 bytes / itemsize) and x and out are 16-byte aligned, else the scalar kernels; the results
-are the same bit for bit. Any element-aligned pointer will do.
+channels-first. Channels-last max and average pooling, forward and backward, run a
+vectorised variant (``max_pool3d_forward_vec``, ``avg_pool3d_forward_vec``,
+``max_pool3d_backward_vec``, ``avg_pool3d_backward_vec``: loads and stores of V = 16 bytes /
+itemsize consecutive channels, :data:`VECTOR_KERNELS`) when C is a multiple of V and every
+array the variant accesses by vectors (:data:`VECTOR_ARRAYS`: x and out forward; dout, dx
+and max's offsets backward) is aligned to V of its elements (16 bytes of values, V bytes of
+uint8 offsets), else the scalar kernels; the results are the same bit for bit. Any
+element-aligned pointer will do.
 
 Semantics (what the xp paths must match bit for bit):
 
@@ -91,11 +94,18 @@ VALUE_KERNELS = ("avg_pool3d_forward", "avg_pool3d_backward", "adaptive_avg_pool
 WINNERS_KERNEL = "max_unpool_winners"                      # <Ind, Idx, L>
 UNPOOL_BACKWARD_KERNEL = "max_unpool_backward"             # <T, Ind, Idx, L>
 # Vectorised channels-last variants (ChannelsLast only): {kernel: its variant}; the arrays
-# each reads or writes with vector accesses, which must be 16-byte aligned.
+# each reads or writes with vector accesses of V elements, which must be aligned to V of their
+# elements (V = VECTOR_BYTES / the values' itemsize: 16 bytes of values, V offsets).
 VECTOR_KERNELS = {"max_pool3d_forward": "max_pool3d_forward_vec",
-                  "avg_pool3d_forward": "avg_pool3d_forward_vec"}
-VECTOR_ARRAYS = ("x", "out")
+                  "avg_pool3d_forward": "avg_pool3d_forward_vec",
+                  "max_pool3d_backward": "max_pool3d_backward_vec",
+                  "avg_pool3d_backward": "avg_pool3d_backward_vec"}
+VECTOR_ARRAYS = {"max_pool3d_forward": ("x", "out"), "avg_pool3d_forward": ("x", "out"),
+                 "max_pool3d_backward": ("dout", "offsets", "dx"),
+                 "avg_pool3d_backward": ("dout", "dx")}
 VECTOR_BYTES = 16
+# The vector variants with an offset type (<T, Off, Idx, ChannelsLast>).
+_VECTOR_OFFSET_KERNELS = tuple(VECTOR_KERNELS[k] for k in OFFSET_KERNELS if k in VECTOR_KERNELS)
 
 
 def _expressions():
@@ -112,12 +122,11 @@ def _expressions():
         out += [name(UNPOOL_BACKWARD_KERNEL, v, n, i) for v in VALUE_TYPES.values()
                 for n in UNPOOL_INDEX_TYPES.values() for i in INDEX_TYPES]
     # The vector variants exist only channels-last.
-    vec = VECTOR_KERNELS["max_pool3d_forward"], VECTOR_KERNELS["avg_pool3d_forward"]
     last = LAYOUTS[True]
-    out += [f"{vec[0]}<{', '.join((v, o, i) + last)}>" for v in VALUE_TYPES.values()
-            for o in OFFSET_TYPES.values() for i in INDEX_TYPES]
-    out += [f"{vec[1]}<{', '.join((v, i) + last)}>" for v in VALUE_TYPES.values()
-            for i in INDEX_TYPES]
+    for vec in VECTOR_KERNELS.values():
+        offsets = OFFSET_TYPES.values() if vec in _VECTOR_OFFSET_KERNELS else (None,)
+        out += [f"{vec}<{', '.join(tuple(a for a in (v, o, i) if a) + last)}>"
+                for v in VALUE_TYPES.values() for o in offsets for i in INDEX_TYPES]
     return tuple(out)
 
 
@@ -180,7 +189,7 @@ def kernel_expression(kernel, dtype=None, index="int", offset=None, indices=None
             raise TypeError(f"pooling kernels take float16, bfloat16, float32 or float64, "
                             f"got {cuda_compile.dtype_name(dtype)}")
         parts.append(VALUE_TYPES[dtype])
-    if kernel in OFFSET_KERNELS or kernel == VECTOR_KERNELS["max_pool3d_forward"]:
+    if kernel in OFFSET_KERNELS or kernel in _VECTOR_OFFSET_KERNELS:
         parts.append(OFFSET_TYPES[np.dtype(offset)])
     if kernel in (WINNERS_KERNEL, UNPOOL_BACKWARD_KERNEL):
         parts.append(UNPOOL_INDEX_TYPES[np.dtype(indices)])
@@ -298,11 +307,13 @@ def vector_width(dtype):
 
 def _vectorised(kernel, C, dtype, arrays, channels_last):
     """Whether ``kernel`` runs as its vector variant: channels-last, C a multiple of the
-    width and every array in ``arrays`` ({name: array}) named in VECTOR_ARRAYS 16-byte
-    aligned."""
-    return (channels_last and kernel in VECTOR_KERNELS and C % vector_width(dtype) == 0
-            and all(a.data.ptr % VECTOR_BYTES == 0 for n, a in arrays.items()
-                    if n in VECTOR_ARRAYS))
+    width V and every array of ``arrays`` ({name: array}) that VECTOR_ARRAYS[kernel] names
+    aligned to V of its elements."""
+    if not channels_last or kernel not in VECTOR_KERNELS:
+        return False
+    V = vector_width(dtype)
+    return C % V == 0 and all(arrays[n].data.ptr % (arrays[n].itemsize * V) == 0
+                              for n in VECTOR_ARRAYS[kernel])
 
 
 @functools.lru_cache(maxsize=512)
@@ -440,7 +451,8 @@ def max_pool_forward_gpu(x, geom, channels_last=False):
 def max_pool_backward_gpu(dout, offsets, geom, channels_last=False):
     """Backward pass of max pooling: a gather per dx element over the windows that cover it
     (ascending tap order, float32 sums for float16 and bfloat16, no atomics); every element of
-    dx is written by the kernel.
+    dx is written by the kernel. Channels-last, with C a multiple of the vector width and dout
+    and offsets aligned for it, the vector variant runs (the same bits; see the module doc).
 
     Inputs:
     - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
@@ -484,7 +496,8 @@ def avg_pool_forward_gpu(x, geom, count_include_pad, divisor_override, channels_
 def avg_pool_backward_gpu(dout, geom, count_include_pad, divisor_override, channels_last=False):
     """Backward pass of average pooling: a gather per dx element of dout / divisor over the
     windows that cover it (ascending tap order, float32 sums for float16 and bfloat16, no
-    atomics).
+    atomics). Channels-last, with C a multiple of the vector width and dout aligned for it,
+    the vector variant runs (the same bits; see the module doc).
 
     Inputs:
     - dout: cupy array (N, C, *out), float16/bfloat16/float32/float64, any strides (not
