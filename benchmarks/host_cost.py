@@ -50,6 +50,7 @@ def make_standin(strict=False, n_devices=1):
     cp.__version__ = "0.0-standin"
     cp.syncs = []
     cp.launches = [0]
+    cp.launched = []
     cp.allow_sync = not strict
     cp.record = strict
     state = {"device": 0, "ptr": 1 << 20}
@@ -71,10 +72,16 @@ def make_standin(strict=False, n_devices=1):
             self.owndata = c
 
     class _Mem:
+        """cupy.cuda.MemoryPointer: ``ptr``, and ``+ offset`` (bytes) for a pointer into the
+        same allocation (a kernel takes one as a pointer argument, as CuPy does)."""
+
         __slots__ = ("ptr",)
 
         def __init__(self, ptr):
             self.ptr = ptr
+
+        def __add__(self, offset):
+            return _Mem(self.ptr + offset)
 
     class Device:
         def __init__(self, device=None):
@@ -141,6 +148,8 @@ def make_standin(strict=False, n_devices=1):
             if shape.__class__ is not tuple:
                 shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
             _fill(self, shape, dtype)
+            if memptr is not None:        # a view of existing memory (no allocation)
+                self.data = memptr
             if strides is not None:
                 self.strides = tuple(strides)
                 self.flags = is_c(self.shape, self.strides, self.dtype.itemsize)
@@ -406,14 +415,27 @@ def make_standin(strict=False, n_devices=1):
         setattr(cp, name, getattr(np, name))
     cp.dtype = np.dtype
 
+    _arg_types = (ndarray, _Mem, int, float, bool, type(None), np.generic)
+
     class RawKernel:
-        """A kernel that does nothing when launched (counted in ``launches``)."""
+        """A kernel that does nothing when launched (counted in ``launches``). In strict mode
+        every launch is also recorded in ``launched`` as (name, grid, block, args), and its
+        arguments are checked as CuPy's launcher takes them (arrays, memory pointers, None,
+        Python and NumPy scalars; a tuple grid and block): TypeError otherwise."""
 
         def __init__(self, code="", name="", options=(), **kwargs):
             self.name = name
 
         def __call__(self, grid, block, args, *, shared_mem=0, stream=None):
             cp.launches[0] += 1
+            if cp.record:
+                if grid.__class__ is not tuple or block.__class__ is not tuple:
+                    raise TypeError(f"{self.name}: grid and block must be tuples, got "
+                                    f"{grid!r}, {block!r}")
+                bad = [type(a).__name__ for a in args if not isinstance(a, _arg_types)]
+                if bad:
+                    raise TypeError(f"{self.name}: unsupported kernel argument types {bad}")
+                cp.launched.append((self.name, grid, block, tuple(args)))
 
     class RawModule:
         def __init__(self, code=None, options=(), name_expressions=(), **kwargs):
@@ -487,6 +509,9 @@ def _clear_caches():
         fn = getattr(importlib.import_module(mod), name, None)
         if fn is not None and hasattr(fn, "cache_clear"):
             fn.cache_clear()
+    for mod in ("gpulayers.cuda.bn_kernels", "gpulayers.cuda.pool_kernels"):
+        for table in getattr(importlib.import_module(mod), "DEPENDENT", ()):
+            table.clear()    # prepared calls made from the plans just dropped
     prepared = getattr(importlib.import_module("gpulayers.cuda.compile"), "_PREPARED", None)
     if isinstance(prepared, dict):
         prepared.clear()

@@ -391,7 +391,32 @@ class _BatchNorm(Layer):
         return (xp.ones(self.num_features, dtype=self.dtype),
                 xp.zeros(self.num_features, dtype=self.dtype))
 
+    _warm = None   # (the settings it holds for, batchnorm's _WarmForward, backward, x's key)
+
     def forward(self, x):
+        warm = self._warm
+        if (warm is not None and self.training is warm[0] and self.eps is warm[1]
+                and self.momentum is warm[2] and self.convention is warm[3]
+                and self.comm is None and self.data_format is warm[4]
+                and self.affine is warm[5] and self.track_running_stats is warm[6]):
+            # the same settings as a forward that ran batchnorm's warmed CUDA path: run it
+            # again when the arrays match too (batchnorm._warm_run checks the rest)
+            gamma, beta = ((self.params["gamma"], self.params["beta"]) if warm[5]
+                           else self._affine())
+            buffers = self.buffers
+            rm, rv = ((buffers["running_mean"], buffers["running_var"]) if warm[6]
+                      else (None, None))
+            out = None
+            if (x.__class__, x.shape, x.strides, x.dtype, gamma.__class__, gamma.shape,
+                    gamma.strides, gamma.dtype, beta.__class__, beta.shape, beta.strides,
+                    beta.dtype) == warm[9]:
+                out = batchnorm._warm_run(warm[7], x, gamma, beta, rm, rv)
+            if out is not None:
+                self.cache = out[1]
+                self._backward_fn = warm[8]
+                if warm[6] and warm[7].train:
+                    buffers["running_mean"], buffers["running_var"] = out[2], out[3]
+                return out[0]
         ndim = getattr(x, "ndim", None)
         if ndim not in self._ranks:
             shapes = " or ".join({2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)",
@@ -401,10 +426,23 @@ class _BatchNorm(Layer):
         forward, self._backward_fn = self._ranks[ndim]
         p = self._bn_param()
         gamma, beta = self._affine()
+        probe = dict(p) if x.__class__ is not np.ndarray and self.comm is None else None
         out, self.cache = forward(x, gamma, beta, p)
         if self.track_running_stats and p["mode"] == "train":
             self.buffers["running_mean"] = p["running_mean"]
             self.buffers["running_var"] = p["running_var"]
+        self._warm = None
+        if probe is not None:
+            op = ("batchnorm_forward" if forward is batchnorm.batchnorm_forward
+                  else "spatial_batchnorm_forward")
+            entry = batchnorm._warm_entry(x, gamma, beta, probe, op)
+            if entry is not None:
+                self._warm = (self.training, self.eps, self.momentum, self.convention,
+                              self.data_format, self.affine, self.track_running_stats,
+                              entry, self._backward_fn,
+                              (x.__class__, x.shape, x.strides, x.dtype, gamma.__class__,
+                               gamma.shape, gamma.strides, gamma.dtype, beta.__class__,
+                               beta.shape, beta.strides, beta.dtype))
         return out
 
     def backward(self, dout):

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from gpulayers.backend import cupy_unusable_reason
-from gpulayers.distributed import CommError, LocalComm, MPIComm, NCCLComm, _FlaggedComm
+from gpulayers.distributed import (CommError, CommSizeError, LocalComm, MPIComm, NCCLComm,
+                                   _FlaggedComm)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mpi_worker  # noqa: E402
@@ -68,55 +69,68 @@ def test_local_comm_rejects_bad_buffers(buf, error):
 
 
 class LoopbackComm(_FlaggedComm):
-    """A one-rank _FlaggedComm whose 'transport' returns the payload, or raises."""
+    """A _FlaggedComm whose 'transport' is local: one rank, or two where the peer mirrors
+    this rank's data (its header may differ: peer_failed, peer_count)."""
 
-    def __init__(self, fail_staging=False, fail_transport=False, peer_failed=False):
-        self.fail_staging, self.fail_transport, self.peer_failed = (
-            fail_staging, fail_transport, peer_failed)
-        self.payloads = []
+    def __init__(self, fail_staging=False, fail_transport=False, peer_failed=False,
+                 peer_count=None, size=None):
+        self.fail_staging, self.fail_transport = fail_staging, fail_transport
+        self.peer_failed, self.peer_count = peer_failed, peer_count
+        self.size = size or (2 if peer_failed or peer_count is not None else 1)
+        self.headers, self.data_calls = [], []
 
     def _to_transport(self, buf):
         if self.fail_staging:
             raise OSError("staging broke")
         return np.asarray(buf, dtype=np.float64)
 
-    def _payload(self, data, n, failed):
-        return MPIComm._payload(self, data, n, failed)
-
-    def _reduce(self, payload):
-        self.payloads.append(payload.copy())
+    def _reduce_header(self, header):
+        self.headers.append(header.copy())
         if self.fail_transport:
             raise RuntimeError("link down")
-        out = payload.copy()
-        out[0] += self.peer_failed
+        out = header.copy()
+        if self.size == 2:
+            n = header[1] if self.peer_count is None else self.peer_count
+            out += [float(self.peer_failed), n, n * n, header[3]]
         return out
 
+    def _reduce(self, data):
+        self.data_calls.append(("reduce", data.copy()))
+        return data * self.size
 
-def test_flagged_comm_round_trip_keeps_dtype_and_sends_flag():
+    def _gather(self, data):
+        self.data_calls.append(("gather", data.copy()))
+        return np.stack([data] * self.size)
+
+
+def test_flagged_comm_round_trip_keeps_dtype_and_sends_header():
     comm = LoopbackComm()
     out = comm.allreduce_sum(np.array([1, -2, 3], dtype=np.int32))
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, [1, -2, 3])
-    np.testing.assert_array_equal(comm.payloads[-1], [0.0, 1.0, -2.0, 3.0])
+    # [failed, K, K*K, host tag], then the data alone
+    np.testing.assert_array_equal(comm.headers[-1], [0.0, 3.0, 9.0, 0.0])
+    np.testing.assert_array_equal(comm.data_calls[-1][1], [1.0, -2.0, 3.0])
 
 
-def test_local_failure_still_enters_the_collective_then_raises():
+def test_local_failure_still_enters_the_header_then_raises():
     comm = LoopbackComm(fail_staging=True)
     with pytest.raises(CommError, match=r"rank 0 of 1.*failed on 1 of 1 ranks.*staging broke") as info:
         comm.allreduce_sum(np.ones(3))
     assert isinstance(info.value.__cause__, OSError)
-    np.testing.assert_array_equal(comm.payloads[-1], [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(comm.headers[-1], [1.0, 3.0, 9.0, 0.0])
+    assert comm.data_calls == []   # no data collective after a failed header
 
 
 def test_invalid_buffer_is_flagged_with_its_element_count():
     comm = LoopbackComm()
     with pytest.raises(CommError, match="1-D"):
         comm.allreduce_sum(np.ones((2, 2)))
-    assert comm.payloads[-1].shape == (5,) and comm.payloads[-1][0] == 1.0
+    np.testing.assert_array_equal(comm.headers[-1], [1.0, 4.0, 16.0, 0.0])
 
 
 def test_failure_on_another_rank_raises_here():
-    with pytest.raises(CommError, match=r"failed on 1 of .* ranks \(not here\)"):
+    with pytest.raises(CommError, match=r"failed on 1 of 2 ranks \(not here\)"):
         LoopbackComm(peer_failed=True).allreduce_sum(np.ones(2))
 
 
@@ -125,6 +139,43 @@ def test_transport_error_becomes_comm_error_naming_rank_and_op():
                                         r"LoopbackComm: RuntimeError: link down") as info:
         LoopbackComm(fail_transport=True).allreduce_sum(np.ones(2))
     assert (info.value.rank, info.value.op) == (0, "allreduce_sum")
+
+
+@pytest.mark.parametrize("op", ["allreduce_sum", "allgather"])
+def test_different_element_counts_raise_before_any_data_moves(op):
+    comm = LoopbackComm(peer_count=5)
+    with pytest.raises(CommSizeError, match=rf"rank 0 of 2: {op}: the ranks passed different "
+                                            r"element counts \(this rank 3, the mean over 2 "
+                                            r"ranks 4\)") as info:
+        getattr(comm, op)(np.ones(3))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, CommError)
+    assert (info.value.count, info.value.mean_count) == (3, 4.0)
+    assert comm.data_calls == []
+    np.testing.assert_array_equal(comm.allreduce_sum(np.ones(5)), 2 * np.ones(5))  # still usable
+
+
+def test_allgather_stacks_ranks_and_sums_the_host_tag():
+    comm = LoopbackComm(size=2)
+    buf = np.array([1.5, -2.0, 3.25], dtype=np.float32)
+    out, sums = comm.allgather(buf, host=(7,))
+    assert out.dtype == np.float32 and out.shape == (2, 3)
+    np.testing.assert_array_equal(out, [buf, buf])
+    assert sums == (14.0,)
+    np.testing.assert_array_equal(comm.headers[-1], [0.0, 3.0, 9.0, 7.0])
+    assert comm.data_calls[-1][0] == "gather"
+    plain = comm.allgather(buf)
+    assert isinstance(plain, np.ndarray) and plain.shape == (2, 3)
+    with pytest.raises(TypeError, match="host must be None or a tuple of one real number"):
+        comm.allgather(buf, host=(1, 2))
+
+
+def test_local_comm_allgather():
+    buf = np.arange(3.0)
+    out, sums = LocalComm().allgather(buf, host=(4,))
+    assert out.shape == (1, 3) and sums == (4.0,)
+    out[0, 0] = 9.0
+    assert buf[0] == 0.0   # a copy
+    np.testing.assert_array_equal(LocalComm().allgather(buf), [buf])
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, "5", True])

@@ -226,3 +226,122 @@ def test_ops_run_under_stream_capture():
         finally:
             graph = stream.end_capture()
     assert graph is not None
+
+
+# ------------------------------------------------- synchronized batch norm (a communicator)
+
+class StandinComm:
+    """A two-rank communicator on stand-in arrays: allgather / allreduce_sum return new
+    stand-in arrays (nothing is read), host numbers are summed on the host; calls counted."""
+
+    rank, size, checks_sizes = 0, 2, True
+
+    def __init__(self, cp):
+        self.cp, self.calls = cp, []
+
+    def allgather(self, buf, host=None):
+        self.calls.append("allgather")
+        out = self.cp.empty((self.size, buf.size), buf.dtype)
+        return out if host is None else (out, tuple(float(h) * self.size for h in host))
+
+    def allreduce_sum(self, buf):
+        self.calls.append("allreduce_sum")
+        return self.cp.empty(buf.shape, buf.dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+def test_synchronized_batchnorm_does_not_sync(cp, ndim, layout):
+    """With a comm, BN runs the kernels (no xp path), makes ONE collective per forward and
+    one per backward, and reads nothing from the device (the global count comes from the
+    communicator's host sums)."""
+    if ndim == 2 and layout != "channels_first":
+        pytest.skip("(N, D) has one layout")
+    C = 3
+    x = cp.empty((8, C), np.float32) if ndim == 2 else _x(cp, ndim - 2, layout, C=C)
+    gamma, beta = cp.empty(C, np.float32), cp.empty(C, np.float32)
+    fwd, bwd = ((G.batchnorm_forward, G.batchnorm_backward) if ndim == 2 else
+                (G.spatial_batchnorm_forward, G.spatial_batchnorm_backward))
+    for convention in ("cs231n", "torch"):
+        comm = StandinComm(cp)
+        param = {"mode": "train", "comm": comm, "convention": convention,
+                 "running_mean": cp.empty(C, np.float32), "running_var": cp.empty(C, np.float32)}
+        if ndim > 2:
+            param["data_format"] = _fmt(layout)
+        before = cp.launches[0]
+        y, cache = fwd(x, gamma, beta, param)
+        _ran(cp, before, f"synchronized {fwd.__name__} {ndim}-D {layout} {convention}")
+        assert cache.path == "cuda" and cache.count == 2 * (x.size // C)
+        assert cp.launches[0] - before == 3, "stats, record merge, apply"
+        assert comm.calls == ["allgather"]
+        before = cp.launches[0]
+        bwd(_like(cp, y), cache)
+        _ran(cp, before, f"synchronized {bwd.__name__} {ndim}-D {layout}")
+        assert cp.launches[0] - before == 3, "reduce, shares merge, dx"
+        assert comm.calls == ["allgather", "allreduce_sum"]
+
+
+class _FakeNccl:
+    """cupy.cuda.nccl's constants and a communicator that records its calls."""
+
+    NCCL_SUM = 0
+    NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 6, 7, 8
+    NCCL_INT8, NCCL_UINT8, NCCL_INT32, NCCL_UINT32, NCCL_INT64, NCCL_UINT64 = 0, 1, 2, 3, 4, 5
+
+    def __init__(self):
+        self.calls = []
+
+    def allReduce(self, send, recv, count, dtype, op, stream):
+        self.calls.append(("allReduce", count, dtype, stream))
+
+    def allGather(self, send, recv, count, dtype, stream):
+        self.calls.append(("allGather", count, dtype, stream))
+
+
+class _HostHeader:
+    """The host side of a two-rank header exchange (the peer mirrors this rank)."""
+
+    def __init__(self):
+        self.headers = []
+
+    def _reduce(self, header):
+        self.headers.append(header.copy())
+        return 2 * header
+
+
+def _nccl_comm(cp, host):
+    from gpulayers.distributed import NCCLComm
+    comm = object.__new__(NCCLComm)
+    fake = _FakeNccl()
+    comm._cupy, comm._nccl, comm.comm = cp, fake, fake
+    comm.rank, comm.size, comm.device_id, comm.timeout, comm._host = 0, 2, 0, None, host
+    return comm, fake
+
+
+def test_nccl_comm_collectives_run_on_the_current_stream_without_sync(cp):
+    stream = cp.cuda.get_current_stream()
+    stream.ptr = 0xabc
+    host = _HostHeader()
+    comm, fake = _nccl_comm(cp, host)
+    record = cp.empty(12, np.float64)
+    out, sums = comm.allgather(record, host=(5,))
+    assert out.shape == (2, 12) and out.dtype == np.float64 and sums == (10.0,)
+    shares = cp.empty(6, np.float32)
+    total = comm.allreduce_sum(shares)
+    assert total.shape == (6,) and total.dtype == np.float32
+    assert cp.syncs == []
+    # in the buffers' own dtypes (no conversion kernels), on the current stream
+    assert fake.calls == [("allGather", 12, fake.NCCL_FLOAT64, 0xabc),
+                          ("allReduce", 6, fake.NCCL_FLOAT32, 0xabc)]
+    np.testing.assert_array_equal(host.headers[0], [0.0, 12.0, 144.0, 5.0])
+
+
+def test_nccl_comm_without_a_host_comm_reads_its_header_back(cp):
+    """The documented cost of NCCLComm without host_comm / from_mpi: the header crosses
+    through NCCL and is read back (a synchronisation)."""
+    from gpulayers.distributed import CommError
+    cp.cuda.get_current_stream().ptr = 0xabc
+    comm, fake = _nccl_comm(cp, None)
+    with pytest.raises(CommError, match="SyncError: host read of a device value: ndarray.get"):
+        comm.allreduce_sum(cp.empty(4, np.float64))
+    assert fake.calls == [("allReduce", 4, fake.NCCL_FLOAT64, 0xabc)]   # the header's

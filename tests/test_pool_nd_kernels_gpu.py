@@ -333,9 +333,10 @@ def test_channels_last_equals_channels_first(cp, poisoned, rng, name, dtype):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ref.DTYPE_IDS)
 @pytest.mark.parametrize("name", ref.VEC_CASES)
 def test_channels_last_vector_kernels(cp, poisoned, rng, monkeypatch, name, dtype):
-    """The vectorised channels-last forward kernels (C a multiple of V, aligned arrays) give
-    the scalar channels-last kernels' results bit for bit; a misaligned x (a contiguous view
-    one element into an allocation) and C not a multiple of V run the scalar kernels."""
+    """The vectorised channels-last kernels, forward and backward (C a multiple of V,
+    aligned arrays), give the scalar channels-last kernels' results bit for bit; a
+    misaligned x or dout (a contiguous view one element into an allocation) and C not a
+    multiple of V run the scalar kernels."""
     V = nk.vector_width(dtype)
     size, param = ref.VEC_CASES[name]
     real_vectorised = nk._vectorised
@@ -347,6 +348,7 @@ def test_channels_last_vector_kernels(cp, poisoned, rng, monkeypatch, name, dtyp
         ageom = pool_geometry((3, C) + size, param, op="avg")
         for kind in KINDS:
             x = last(ref.data(kind, mgeom.input_shape, dtype, rng))
+            dout = last(ref.data(kind, mgeom.output_shape, dtype, rng))
             where = f"{name}, C={C}, {kind}, {np.dtype(dtype)}"
             runs = []
             for layout in ("contiguous", "misaligned", "scalar"):
@@ -354,15 +356,19 @@ def test_channels_last_vector_kernels(cp, poisoned, rng, monkeypatch, name, dtyp
                     monkeypatch.setattr(nk, "_vectorised", lambda *a: picked.append(False))
                 del picked[:]
                 x_gpu = on_device(cp, x, "contiguous" if layout == "scalar" else layout)
+                d_gpu = on_device(cp, dout, "contiguous" if layout == "scalar" else layout)
                 out, off = nk.max_pool_forward_gpu(x_gpu, mgeom, channels_last=True)
                 avg = nk.avg_pool_forward_gpu(x_gpu, ageom, True, None, channels_last=True)
+                dx_max = nk.max_pool_backward_gpu(d_gpu, off, mgeom, channels_last=True)
+                dx_avg = nk.avg_pool_backward_gpu(d_gpu, ageom, True, None, channels_last=True)
                 expect = layout == "contiguous" and C % V == 0
-                assert picked == [expect, expect], (layout, where)
-                runs.append([backend.to_numpy(a) for a in (out, off, avg)])
+                assert picked == [expect] * 4, (layout, where)
+                runs.append([backend.to_numpy(a) for a in (out, off, avg, dx_max, dx_avg)])
             monkeypatch.setattr(nk, "_vectorised",
                                 lambda *a: picked.append(real_vectorised(*a)) or picked[-1])
             for got in runs[:2]:
-                for what, a, b in zip(("max out", "offsets", "avg out"), got, runs[2]):
+                for what, a, b in zip(("max out", "offsets", "avg out", "max dx", "avg dx"),
+                                      got, runs[2]):
                     ref.assert_same(a, b, f"{what}: {where}")
 
 

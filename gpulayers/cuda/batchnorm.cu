@@ -47,6 +47,11 @@
 // running mean and var, bn::StatRow), or dgamma and dbeta. The order of every merge is fixed
 // and no kernel uses atomics: results are deterministic, bit for bit.
 //
+// Synchronized batch norm (a communicator, gpulayers/cuda/bn_kernels.py) adds bn_stats_merge:
+// it merges a rank's slots into one (count, mean, mean_lo, M2) record per channel; the ranks'
+// gathered records are then the apply kernel's slots (one per rank), and the backward's
+// summed shares the dx kernel's single slot.
+//
 // Backward sums dout and dout*(x - mean - mean_lo) per channel the same two-level way (plain
 // sums; part[0/1][c][k]).
 //
@@ -900,6 +905,28 @@ __global__ void bn_backward_merge(
     if (live && (threadIdx.x & 3) == 0) {
         dbeta[c] = (A)s.s1;
         dgamma[c] = (A)((double)invstd[c] * s.s2);
+    }
+}
+
+// Synchronized batch norm, 4 threads per channel c = t/4 (t the global thread index): merge
+// the `slots` statistics partials of c (bn::merge_chains, the order of the apply kernels) and
+// the first writes this rank's moments of c to the (4, C) float64 block `record` that the
+// ranks gather: count, mean rounded to A, what that rounding lost (rounded to A) and M2. The
+// gathered records, one per rank, are then the apply kernels' partial slots (dtype A; the
+// mean's two parts are exact in A).
+template <typename A>
+__global__ void bn_stats_merge(const A* __restrict__ part, int C, int slots,
+                               double* __restrict__ record) {
+    const unsigned long long c = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) / 4;
+    const bool live = c < (unsigned long long)C;
+    const bn::MomentChain a = bn::merge_chains<bn::MomentChain>(
+            part + (live ? c : 0ull) * slots, (unsigned long long)C * slots, slots, live);
+    if (live && (threadIdx.x & 3) == 0) {
+        const A m = (A)(a.s.hi + a.s.lo);
+        record[c] = a.n;
+        record[(unsigned long long)C + c] = (double)m;
+        record[2ull * C + c] = (double)(A)((a.s.hi - (double)m) + a.s.lo);
+        record[3ull * C + c] = a.s.m2;
     }
 }
 

@@ -45,11 +45,14 @@ header of ``batchnorm.cu`` for what the layouts mean.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from .compile import CTypes, device_of, get_kernel, launch, on_device
+from . import compile as compile_module
+from .compile import (CTypes, device_of, get_kernel, launch, launch_error, launch_here,
+                      on_device)
 
 __all__ = [
     "SOURCE", "NAME_EXPRESSIONS", "LayoutPlan", "plan_layout", "TUNING", "set_tuning",
@@ -57,6 +60,8 @@ __all__ = [
     "bn_train_forward_update_gpu",
     "bn_train_forward_block_gpu", "bn_eval_forward_gpu",
     "bn_eval_forward_stats_gpu", "bn_backward_gpu", "thread_utilisation",
+    "RECORD_ROWS", "sync_stats_gpu", "sync_train_forward_gpu", "sync_backward_shares_gpu",
+    "sync_backward_dx_gpu",
 ]
 
 SOURCE = "batchnorm.cu"
@@ -95,7 +100,8 @@ def _expressions():
                         f"bn_backward_reduce_{layout}<{ctype}, {vec}, false>",
                         f"bn_backward_reduce_{layout}<{ctype}, {vec}, true>",
                         f"bn_backward_dx_{layout}<{ctype}, {vec}>"]
-    out += ["bn_backward_merge<float>", "bn_backward_merge<double>"]
+    out += ["bn_backward_merge<float>", "bn_backward_merge<double>",
+            "bn_stats_merge<float>", "bn_stats_merge<double>"]
     return tuple(out)
 
 
@@ -309,7 +315,15 @@ def set_tuning(**knobs):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"tuning knob {name} must be a positive int, got {value!r}")
     TUNING.update({name: int(value) for name, value in knobs.items()})
+    forget_prepared()
+
+
+def forget_prepared():
+    """Drop every launch plan and kernel handle kept (_prepared) and the prepared calls made
+    from them (the tables in DEPENDENT): the next calls plan, and get their kernels, again."""
     _prepared.cache_clear()
+    for table in DEPENDENT:
+        table.clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -573,6 +587,17 @@ def bn_train_forward_gpu(x, gamma, beta, eps):
     return y, stats[0], stats[1], stats[2]
 
 
+def running_terms(momentum, convention):
+    """(keep, take, unbiased, var_default) of the running-statistics update of
+    ``convention``: running = keep*running + take*batch, the batch variance unbiased or not,
+    an absent running_var taken as var_default. ValueError for another convention."""
+    if convention == "cs231n":
+        return momentum, 1 - momentum, False, 0.0
+    if convention == "torch":
+        return 1 - momentum, momentum, True, 1.0
+    raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
+
+
 def bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var, momentum,
                                convention):
     """bn_train_forward_gpu plus the running-statistics update, in the same two launches,
@@ -591,12 +616,7 @@ def bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var, m
     - stats: array (6, C) in the stats dtype, rows STAT_ROWS: mean, var (biased), invstd,
       mean_lo, new running_mean, new running_var
     """
-    if convention == "cs231n":
-        keep, take, unbiased, var_default = momentum, 1 - momentum, False, 0.0
-    elif convention == "torch":
-        keep, take, unbiased, var_default = 1 - momentum, momentum, True, 1.0
-    else:
-        raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
+    keep, take, unbiased, var_default = running_terms(momentum, convention)
     return _train_forward(x, gamma, beta, eps, running_mean, running_var, keep, take,
                           unbiased, var_default)
 
@@ -604,12 +624,7 @@ def bn_train_forward_block_gpu(x, gamma, beta, eps, running_mean, running_var, m
 def _train_forward_block(x, gamma, beta, eps, running_mean, running_var, momentum, convention,
                          shape4):
     """bn_train_forward_block_gpu on x seen as ``shape4`` (see _check_x): y has x's shape."""
-    if convention == "cs231n":
-        keep, take, unbiased, var_default = momentum, 1 - momentum, False, 0.0
-    elif convention == "torch":
-        keep, take, unbiased, var_default = 1 - momentum, momentum, True, 1.0
-    else:
-        raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
+    keep, take, unbiased, var_default = running_terms(momentum, convention)
     return _train_forward(x, gamma, beta, eps, running_mean, running_var, keep, take,
                           unbiased, var_default, shape4)
 
@@ -768,3 +783,391 @@ def _backward_launches(p, dout, x, gamma, mean, invstd, train, part, dx, dgamma,
                           dx, with_lo, p.C) + p.plan.args))
     return (reduce, (p.kernels["backward_merge"], p.merge_grid,
                      (part, p.C, p.slots, invstd, dgamma, dbeta)))
+
+
+# ------------------------------------------------------------------ prepared calls
+#
+# What a warmed call runs (issue 13 §1: a few µs of Python per call). batchnorm.py keeps, per
+# kind of call that passed every check before (same classes, shapes, strides and dtypes of
+# every array, same parameters), one of these closures; it allocates the outputs and makes
+# the launches the checked path (_train_forward, _eval_forward, _backward) makes for such a
+# call, with the same arguments -- tests/test_host_cost.py compares them. It checks only what
+# may differ between such calls: the arrays' devices (all the closure's, and current) and the
+# alignment of x (and dout), and returns None when they differ (the caller then takes the
+# checked path). No row views are made: the new running statistics are arrays over rows 4
+# and 5 of the stats block (``memptr``), and the backward passes rows 2 and 3 of a train
+# cache's block as memory pointers (CuPy takes a MemoryPointer as a pointer argument).
+
+DEPENDENT = []   # tables of prepared calls (batchnorm.py's), emptied by forget_prepared
+
+
+def _ready_common(shape4, dtype, aligned, device_id):
+    import cupy
+    p = _prepared(shape4, dtype, aligned, device_id)
+    return cupy.ndarray, cupy.cuda.runtime.getDevice, p, p.plan.grid, (p.C,) + p.plan.args
+
+
+def ready_train_forward(shape4, shape, dtype, aligned, device_id, given, keep, take, unbiased,
+                        var_default, eps):
+    """``run(x, gamma, beta, running_mean, running_var) -> (y, stats, new_running_mean,
+    new_running_var)``, or None (see above), for x of ``shape`` (seen as ``shape4``) and
+    ``dtype`` whose pointer is 16-byte ``aligned`` (or only element-aligned), on
+    ``device_id``; ``given`` as _train_forward (bit 0: running_mean, bit 1: running_var;
+    absent ones are not read and may be None); keep, take, unbiased, var_default as
+    running_terms; eps a float."""
+    nd, get_device, p, grid, tail = _ready_common(shape4, dtype, aligned, device_id)
+    sd = stats_dtype(dtype)
+    C = int(shape4[1])
+    (k1, n1), (k2, n2) = p.kernels["stats"], p.kernels["apply_train"]
+    scalars = _train_scalars(given, keep, take, p.unbiased if unbiased else 1.0, var_default,
+                             eps)
+    slots, part_shape, stats_shape, row = p.slots, (p.part_size,), (len(STAT_ROWS), C), (C,)
+    mean_at = STAT_ROWS.index("running_mean") * C * sd.itemsize
+    var_at = STAT_ROWS.index("running_var") * C * sd.itemsize
+    itemsize = np.dtype(dtype).itemsize
+    has_mean, has_var = bool(given & 1), bool(given & 2)
+    block = _BLOCK
+    get_stream = sys.modules["cupy"].cuda.get_current_stream
+
+    def run(x, gamma, beta, running_mean, running_var):
+        if (x.device.id != device_id or gamma.device.id != device_id
+                or beta.device.id != device_id or get_device() != device_id
+                or (has_mean and running_mean.device.id != device_id)
+                or (has_var and running_var.device.id != device_id)):
+            return None
+        ptr = x.data.ptr
+        if (ptr % 16 == 0) is not aligned or ptr % itemsize:
+            return None
+        part = nd(part_shape, sd)
+        stats = nd(stats_shape, sd)
+        y = nd(shape, dtype)
+        try:   # launch_here, inlined
+            k1(grid, block, (x, part) + tail)
+            if compile_module._CHECK_LAUNCHES:
+                get_stream().synchronize()
+        except Exception as exc:
+            raise launch_error(n1, grid, block, device_id, exc) from exc
+        try:
+            k2(grid, block, (x, gamma, beta, part, slots, running_mean if has_mean else part,
+                             running_var if has_var else part) + scalars + (stats, y) + tail)
+            if compile_module._CHECK_LAUNCHES:
+                get_stream().synchronize()
+        except Exception as exc:
+            raise launch_error(n2, grid, block, device_id, exc) from exc
+        mem = stats.data
+        return y, stats, nd(row, sd, memptr=mem + mean_at), nd(row, sd, memptr=mem + var_at)
+    return run
+
+
+def ready_eval_forward(shape4, shape, dtype, aligned, device_id, eps):
+    """``run(x, gamma, beta, mean, var) -> (y, invstd)``, or None (see above): the test-mode
+    forward (mean and var the running statistics, contiguous (C,) arrays of the stats
+    dtype); arguments as ready_train_forward."""
+    nd, get_device, p, grid, tail = _ready_common(shape4, dtype, aligned, device_id)
+    sd = stats_dtype(dtype)
+    kernel, name = p.kernels["apply"]
+    e = np.float64(eps)
+    zero = _ZERO
+    scalars = (_GIVEN_BOTH, zero, zero, zero, zero, e)
+    head = _EVAL_HEAD[0]
+    row = (int(shape4[1]),)
+    itemsize = np.dtype(dtype).itemsize
+    block = _BLOCK
+
+    def run(x, gamma, beta, mean, var):
+        if (x.device.id != device_id or gamma.device.id != device_id
+                or beta.device.id != device_id or mean.device.id != device_id
+                or var.device.id != device_id or get_device() != device_id):
+            return None
+        ptr = x.data.ptr
+        if (ptr % 16 == 0) is not aligned or ptr % itemsize:
+            return None
+        y = nd(shape, dtype)
+        invstd = nd(row, sd)
+        launch_here(kernel, name, grid, block,
+                    (x, gamma, beta, mean, head, mean, var) + scalars + (invstd, y) + tail,
+                    device_id)
+        return y, invstd
+    return run
+
+
+def ready_backward(shape4, shape, dtype, aligned, device_id, train):
+    """``run(dout, x, gamma, a, b) -> (dx, dgamma, dbeta)``, or None (see above): the
+    backward of a train cache (``a`` its (6, C) stats block, whose rows mean, invstd and
+    mean_lo are read; ``b`` unused) or of a test cache (``a`` the running mean, ``b``
+    invstd); ``aligned``: x and dout both 16-byte aligned; else as ready_train_forward."""
+    nd, get_device, p, grid, tail = _ready_common(shape4, dtype, aligned, device_id)
+    sd = stats_dtype(dtype)
+    C = int(shape4[1])
+    part_shape, row, slots, count = (p.part_size,), (C,), p.slots, p.count
+    invstd_at = STAT_ROWS.index("invstd") * C * sd.itemsize
+    lo_at = STAT_ROWS.index("mean_lo") * C * sd.itemsize
+    itemsize = np.dtype(dtype).itemsize
+    block = _BLOCK
+    merge_grid = p.merge_grid
+    if train:
+        (k1, n1), (k2, n2) = p.kernels["reduce_train"], p.kernels["dx"]
+        with_lo = _WITH_LO[True]
+    else:
+        (k1, n1), (k2, n2) = p.kernels["reduce_test"], p.kernels["backward_merge"]
+        with_lo = _WITH_LO[False]
+    head = (with_lo,) + tail
+    merge_tail = (p.C, slots)
+
+    def run(dout, x, gamma, a, b):
+        if (dout.device.id != device_id or x.device.id != device_id
+                or gamma.device.id != device_id or a.device.id != device_id
+                or (not train and b.device.id != device_id) or get_device() != device_id):
+            return None
+        px, pd = x.data.ptr, dout.data.ptr
+        if (px % 16 == 0 and pd % 16 == 0) is not aligned or px % itemsize or pd % itemsize:
+            return None
+        dx = nd(shape, dtype)
+        part = nd(part_shape, sd)
+        dgamma = nd(row, sd)
+        dbeta = nd(row, sd)
+        if train:
+            mem = a.data
+            lo, invstd = mem + lo_at, mem + invstd_at
+            launch_here(k1, n1, grid, block, (dout, x, gamma, a, lo, invstd, part, dx) + head,
+                        device_id)
+            launch_here(k2, n2, grid, block,
+                        (dout, x, gamma, a, lo, invstd, part, slots, dgamma, dbeta, count, dx)
+                        + head, device_id)
+        else:
+            launch_here(k1, n1, grid, block, (dout, x, gamma, a, a, b, part, dx) + head,
+                        device_id)
+            launch_here(k2, n2, merge_grid, block, (part,) + merge_tail + (b, dgamma, dbeta),
+                        device_id)
+        return dx, dgamma, dbeta
+    return run
+
+
+# ------------------------------------------------------- synchronized batch norm (a comm)
+#
+# With a communicator the statistics cross ranks in one all-gather of per-rank records
+# (gpulayers.batchnorm does the collective; these launchers never talk to other ranks):
+#
+#   forward   stats (this rank's partials) -> bn_stats_merge (this rank's record, (4, C)
+#             float64: RECORD_ROWS) -> [all-gather: (K, 4, C)] -> the records as K partial
+#             slots (one copy to (4, C, K) in the stats dtype) -> apply (merges the K slots
+#             in its fixed order, writes the stats block and y)
+#   backward  reduce -> bn_backward_merge (this rank's [dbeta, dgamma], (2, C)) ->
+#             [all-reduce] -> dx (the summed shares as one slot; dgamma, dbeta are the sums)
+#
+# No launcher reads a device value on the host; the global count is a host number (the
+# communicator sums the ranks' counts in its host header).
+
+RECORD_ROWS = ("count", "mean", "mean_lo", "m2")   # rows of a rank's statistics record
+
+
+_MERGE_KERNELS = {}   # (stats dtype, device, get_kernel) -> (handle, expression)
+
+
+def _merge_kernel(sd, device_id):
+    """(handle, expression) of bn_stats_merge for stats dtype ``sd`` on a device (kept per
+    get_kernel too: a test that swaps it in does not leave its handles behind)."""
+    key = (sd, device_id, get_kernel)
+    entry = _MERGE_KERNELS.get(key)
+    if entry is None:
+        if len(_MERGE_KERNELS) >= 64:
+            _MERGE_KERNELS.clear()
+        entry = _MERGE_KERNELS[key] = _function(f"bn_stats_merge<{_CTYPE[sd]}>", device_id)
+    return entry
+
+
+def _sync_stats_launches(p, merge, x, part, record):
+    """The (kernel, grid, args) of a rank's statistics record: stats (partials), then
+    bn_stats_merge (``merge``: its kernel handle) writing ``record`` (4, C) float64."""
+    return ((p.kernels["stats"], p.plan.grid, (x, part, p.C) + p.plan.args),
+            (merge, p.merge_grid, (part, p.C, p.slots, record)))
+
+
+def _sync_apply_launches(p, x, gamma, beta, eps, running_mean, running_var, given, keep, take,
+                         factor, var_default, slots, ranks, stats, y):
+    """The (kernel, grid, args) of the apply with the gathered records as partial slots
+    (``slots``: (4, C, ranks) in the stats dtype); ``factor`` multiplies the batch variance
+    in the running update (count/(count - 1) over all ranks, or 1)."""
+    scalars = _train_scalars(given, keep, take, factor, var_default, eps)
+    return ((p.kernels["apply_train"], p.plan.grid,
+             (x, gamma, beta, slots, np.int32(ranks),
+              slots if running_mean is None else running_mean,
+              slots if running_var is None else running_var) + scalars
+             + (stats, y, p.C) + p.plan.args),)
+
+
+def _sync_backward_launches(p, dout, x, gamma, mean, mean_lo, invstd, part, shares):
+    """The (kernel, grid, args) of this rank's gradient shares: reduce (train), then
+    bn_backward_merge writing ``shares`` (2, C): row 0 sum(dout) (dbeta), row 1
+    invstd*sum(dout*(x - mean - mean_lo)) (dgamma)."""
+    return ((p.kernels["reduce_train"], p.plan.grid,
+             (dout, x, gamma, mean, mean_lo, invstd, part, x, _WITH_LO[1], p.C)   # dx: not written
+             + p.plan.args),
+            (p.kernels["backward_merge"], p.merge_grid,
+             (part, p.C, p.slots, invstd, shares[1], shares[0])))
+
+
+def _sync_dx_launches(p, dout, x, gamma, mean, mean_lo, invstd, sums, count, scratch, dx):
+    """The (kernel, grid, args) of dx from the summed shares: ``sums`` (2, C) holds
+    sum(dout) and sum(dout*(x - mean - mean_lo)) over all ranks, read as one partial slot;
+    ``count`` the values per channel over all ranks; the kernel's dgamma and dbeta go to
+    ``scratch`` (2, C)."""
+    return ((p.kernels["dx"], p.plan.grid,
+             (dout, x, gamma, mean, mean_lo, invstd, sums, np.int32(1), scratch[0], scratch[1],
+              np.float64(count), dx, _WITH_LO[1], p.C) + p.plan.args),)
+
+
+def sync_stats_gpu(x, shape4=None):
+    """This rank's statistics record for synchronized batch norm, in two launches.
+
+    Inputs:
+    - x: cupy array (N, C, H, W) (or of another shape seen as ``shape4``, see _check_x),
+      float16/bfloat16/float32/float64, at least one value per channel
+
+    Returns:
+    - record: new float64 array (4*C,), rows RECORD_ROWS of a (4, C) block: per channel the
+      count, the mean rounded to the stats dtype, what that rounding lost (in the stats
+      dtype) and M2 (centred sum of squares), from the kernels' Chan merges
+    """
+    import cupy
+    sd = _check_x(x, "x", shape4)
+    if shape4 is None:
+        shape4 = x.shape
+    dev, on_device = _device(x)
+    with on_device:
+        x = _contiguous(x)
+        p = _prepared(shape4, x.dtype, vectors_allowed(x), dev)
+        part = cupy.ndarray((p.part_size,), sd)
+        record = cupy.ndarray((len(RECORD_ROWS) * shape4[1],), np.float64)
+        _run(_sync_stats_launches(p, _merge_kernel(sd, dev), x, part, record), dev)
+    return record
+
+
+def sync_train_forward_gpu(x, gamma, beta, eps, records, total, running_mean, running_var,
+                           momentum, convention, shape4=None):
+    """Normalize x with the statistics of all ranks, from their gathered records.
+
+    Inputs:
+    - x, gamma, beta, eps: as bn_train_forward_gpu (x possibly seen as ``shape4``)
+    - records: float64 array (K, 4*C) (or (K*4*C,)): every rank's sync_stats_gpu record,
+      in rank order
+    - total: int, values per channel over all ranks (host number, > 1)
+    - running_mean, running_var, momentum, convention: as bn_train_forward_block_gpu (the
+      'torch' running variance uses total/(total - 1))
+
+    Returns a tuple of:
+    - y: array of x's shape and dtype
+    - stats: array (6, C) in the stats dtype, rows STAT_ROWS, the same on every rank
+    """
+    import cupy
+    sd = _check_x(x, "x", shape4)
+    if shape4 is None:
+        shape4 = x.shape
+    if convention == "cs231n":
+        keep, take, factor, var_default = momentum, 1 - momentum, 1.0, 0.0
+    elif convention == "torch":
+        keep, take, var_default = 1 - momentum, momentum, 1.0
+        factor = total / (total - 1) if total > 1 else 1.0
+    else:
+        raise ValueError(f"convention must be 'cs231n' or 'torch', got {convention!r}")
+    nd = cupy.ndarray
+    C = shape4[1]
+    rows = len(RECORD_ROWS)
+    if records.size % (rows * C):
+        raise ValueError(f"records must hold {rows}*C = {rows * C} values per rank, got "
+                         f"shape {tuple(records.shape)}")
+    ranks = records.size // (rows * C)
+    dev, on_device = _device(x, gamma, beta, records, running_mean, running_var)
+    with on_device:
+        x = _contiguous(x)
+        gamma = _channel_param(gamma, C, sd, "gamma", nd)
+        beta = _channel_param(beta, C, sd, "beta", nd)
+        given = 0
+        if running_mean is not None:
+            running_mean, given = _channel_param(running_mean, C, sd, "running_mean", nd), 1
+        if running_var is not None:
+            running_var, given = _channel_param(running_var, C, sd, "running_var", nd), given | 2
+        # the records as the apply kernels' partial slots: (4, C, ranks) in the stats dtype
+        slots = cupy.ascontiguousarray(records.reshape(ranks, rows, C).transpose(1, 2, 0),
+                                       dtype=sd)
+        p = _prepared(shape4, x.dtype, vectors_allowed(x), dev)
+        y = cupy.ndarray(x.shape, x.dtype)
+        stats = cupy.ndarray((len(STAT_ROWS), C), sd)
+        _run(_sync_apply_launches(p, x, gamma, beta, eps, running_mean, running_var, given,
+                                  keep, take, factor, var_default, slots, ranks, stats, y), dev)
+    return y, stats
+
+
+def sync_backward_shares_gpu(dout, x, gamma, mean, invstd, mean_lo, shape4=None):
+    """This rank's shares of dbeta and dgamma for synchronized batch norm, in two launches.
+
+    Inputs:
+    - dout, x: cupy arrays of one shape (seen as ``shape4``) and dtype
+    - gamma, mean, invstd, mean_lo: arrays (C,): the statistics of all ranks (the
+      forward's stats rows mean, invstd and mean_lo)
+
+    Returns:
+    - shares: new array (2*C,) in the stats dtype: [sum(dout), invstd*sum(dout*(x - mean -
+      mean_lo))] over this rank's values, per channel (dbeta, dgamma)
+    """
+    import cupy
+    sd = _check_x(x, "x", shape4)
+    _check_x(dout, "dout", shape4)
+    if dout.shape != x.shape or dout.dtype != x.dtype:
+        raise ValueError(f"dout must match x: got dout {tuple(dout.shape)} {dout.dtype}, "
+                         f"x {tuple(x.shape)} {x.dtype}")
+    if shape4 is None:
+        shape4 = x.shape
+    nd = cupy.ndarray
+    C = shape4[1]
+    dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo)
+    with on_device:
+        x, dout = _contiguous(x), _contiguous(dout)
+        gamma = _channel_param(gamma, C, sd, "gamma", nd)
+        mean = _channel_param(mean, C, sd, "mean", nd)
+        invstd = _channel_param(invstd, C, sd, "invstd", nd)
+        mean_lo = _channel_param(mean_lo, C, sd, "mean_lo", nd)
+        p = _prepared(shape4, x.dtype, vectors_allowed(x, dout), dev)
+        part = cupy.ndarray((p.part_size,), sd)
+        shares = cupy.ndarray((2, C), sd)
+        _run(_sync_backward_launches(p, dout, x, gamma, mean, mean_lo, invstd, part, shares),
+             dev)
+    return shares.reshape(-1)
+
+
+def sync_backward_dx_gpu(dout, x, gamma, mean, invstd, mean_lo, totals, count, shape4=None):
+    """Train-mode dx of synchronized batch norm from the summed shares, in one launch (and
+    one small division).
+
+    Inputs:
+    - dout, x, gamma, mean, invstd, mean_lo: as sync_backward_shares_gpu
+    - totals: array (2*C,): sync_backward_shares_gpu's shares summed over all ranks
+      ([dbeta, dgamma] of the whole batch)
+    - count: int, values per channel over all ranks
+
+    Returns:
+    - dx: array of x's shape and dtype
+    """
+    import cupy
+    sd = _check_x(x, "x", shape4)
+    if shape4 is None:
+        shape4 = x.shape
+    nd = cupy.ndarray
+    C = shape4[1]
+    dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo, totals)
+    with on_device:
+        x, dout = _contiguous(x), _contiguous(dout)
+        gamma = _channel_param(gamma, C, sd, "gamma", nd)
+        mean = _channel_param(mean, C, sd, "mean", nd)
+        invstd = _channel_param(invstd, C, sd, "invstd", nd)
+        mean_lo = _channel_param(mean_lo, C, sd, "mean_lo", nd)
+        t = totals.reshape(2, C)
+        sums = cupy.ndarray((2, C), sd)   # the dx kernel's one slot: sum(dout), sum(dout*xmu)
+        sums[0] = t[0]
+        sums[1] = t[1] / invstd
+        p = _prepared(shape4, x.dtype, vectors_allowed(x, dout), dev)
+        dx = cupy.ndarray(x.shape, x.dtype)
+        scratch = cupy.ndarray((2, C), sd)
+        _run(_sync_dx_launches(p, dout, x, gamma, mean, mean_lo, invstd, sums, count, scratch,
+                               dx), dev)
+    return dx

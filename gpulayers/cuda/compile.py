@@ -24,8 +24,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["source", "get_kernel", "launch", "device_of", "on_device", "KernelLaunchError",
-           "OPTIONS", "cuda_include_dir", "set_launch_checks", "launch_checks", "CTypes", "dtype_name"]
+__all__ = ["source", "get_kernel", "launch", "launch_here", "launch_error", "device_of",
+           "on_device", "KernelLaunchError", "OPTIONS", "cuda_include_dir", "set_launch_checks",
+           "launch_checks", "CTypes", "dtype_name"]
 
 # Options used for every compile; the NVRTC check in the tests uses the same.
 OPTIONS = ("-std=c++17",)
@@ -235,17 +236,40 @@ def launch(kernel, name, grid, block, args, device_id=None):
     With launch checks on (see set_launch_checks) the stream is synchronised after the
     launch, so an asynchronous fault of this kernel is raised here, naming it.
     """
-    switch = device_id is not None and device_id != _cupy().cuda.runtime.getDevice()
+    if device_id is not None:
+        cupy = _cupy()
+        if device_id != cupy.cuda.runtime.getDevice():
+            try:
+                with cupy.cuda.Device(device_id):
+                    _launch(kernel, grid, block, args)
+            except Exception as exc:
+                raise launch_error(name, grid, block, device_id, exc) from exc
+            return
     try:
-        if switch:
-            with _cupy().cuda.Device(device_id):
-                _launch(kernel, grid, block, args)
-        else:
-            _launch(kernel, grid, block, args)
+        kernel(grid, block, args)
+        if _CHECK_LAUNCHES:
+            _cupy().cuda.get_current_stream().synchronize()
     except Exception as exc:
-        where = "" if device_id is None else f" on device {device_id}"
-        raise KernelLaunchError(f"CUDA kernel {name} failed{where} "
-                                f"(grid={grid}, block={block}): {exc}") from exc
+        raise launch_error(name, grid, block, device_id, exc) from exc
+
+
+def launch_here(kernel, name, grid, block, args, device_id):
+    """:func:`launch` for a caller that has made ``device_id`` current (a prepared call that
+    checked its arrays' devices): no device query; the same error, naming the kernel and
+    ``device_id``."""
+    try:
+        kernel(grid, block, args)
+        if _CHECK_LAUNCHES:
+            _cupy().cuda.get_current_stream().synchronize()
+    except Exception as exc:
+        raise launch_error(name, grid, block, device_id, exc) from exc
+
+
+def launch_error(name, grid, block, device_id, exc):
+    """The KernelLaunchError of a failed launch (or of the synchronisation after it)."""
+    where = "" if device_id is None else f" on device {device_id}"
+    return KernelLaunchError(f"CUDA kernel {name} failed{where} "
+                             f"(grid={grid}, block={block}): {exc}")
 
 
 def _launch(kernel, grid, block, args):

@@ -419,6 +419,11 @@ class _Prepared(dict):
     def cache_clear(self):
         self.clear()
 
+    def clear(self):
+        super().clear()
+        for table in DEPENDENT:   # prepared calls made from the entries (see ready_forward)
+            table.clear()
+
 
 _CACHE_SIZE = 512
 _prepared = _Prepared()
@@ -595,3 +600,82 @@ def _backward(dout, offsets, geom, variant):
         _launch("backward", variant, dout.dtype, geom, (dout, offsets, dx), device_id,
                 pairs_aligned(dx))
     return dx
+
+
+# ------------------------------------------------------------------ prepared calls
+#
+# What a warmed call of gpulayers.pooling runs (issue 13 §1): per (pass, geometry, dtype,
+# device, alignment) a closure that allocates the outputs and makes the launch of the cache
+# entry above, checking only what may differ between calls whose arrays passed every check
+# before (same classes, shapes, strides, dtypes): the devices, the alignment, and that
+# VARIANT is unchanged. It returns None when any differs (the caller then takes the checked
+# path). Tables of such closures are listed in DEPENDENT and emptied with _prepared.
+
+DEPENDENT = []
+
+
+def _ready(pass_, geom, dtype, device_id, aligned):
+    """(knobs, changes, the launch entry's (function, expression, grid, block, scalars)) of
+    pass_ on the current VARIANT, or None when VARIANT[pass_] is not a _Knobs (unversioned)
+    or the entry is not made yet."""
+    knobs = VARIANT[pass_]
+    if knobs.__class__ is not _Knobs:
+        return None
+    call = _prepared.get(_key(pass_, geom, dtype, device_id, None))
+    launch = None if call is None else call.launches[aligned]
+    return None if launch is None else (knobs, _Knobs.changes, launch)
+
+
+def ready_forward(geom, dtype, device_id, aligned):
+    """``run(x) -> (out, offsets)``, or None (see above), for a C-contiguous x of
+    geom.input_shape and ``dtype`` on ``device_id`` whose pointer is (``aligned``) or is not a
+    multiple of 2 elements; None when there is no warmed launch for it yet."""
+    import cupy
+    ready = _ready("forward", geom, dtype, device_id, aligned)
+    if ready is None or geom.N * geom.C == 0:
+        return None
+    knobs, changes, (function, expression, grid, block, scalars) = ready
+    nd, get_device, variant = cupy.ndarray, cupy.cuda.runtime.getDevice, VARIANT
+    shape, offset_dtype, pair = geom.output_shape, geom.offset_dtype, 2 * dtype.itemsize
+    launch = cuda_compile.launch_here
+
+    def run(x):
+        if (variant["forward"] is not knobs or _Knobs.changes != changes
+                or x.device.id != device_id or get_device() != device_id
+                or (x.data.ptr % pair == 0) is not aligned):
+            return None
+        out = nd(shape, dtype)
+        offsets = nd(shape, offset_dtype)
+        launch(function, expression, grid, block, (x, out, offsets) + scalars, device_id)
+        return out, offsets
+    return run
+
+
+def ready_backward(geom, dtype, device_id):
+    """``run(dout, offsets) -> dx``, or None (see above), for C-contiguous dout and offsets of
+    geom.output_shape (dout of ``dtype``, offsets of geom.offset_dtype) on ``device_id``; None
+    when there is no warmed launch for them yet (dx's alignment picks the launch)."""
+    import cupy
+    entries = [_ready("backward", geom, dtype, device_id, aligned) for aligned in (0, 1)]
+    if entries == [None, None] or geom.N * geom.C == 0:
+        return None
+    knobs = next(e[0] for e in entries if e is not None)
+    changes = next(e[1] for e in entries if e is not None)
+    launches = [None if e is None else e[2] for e in entries]
+    nd, get_device, variant = cupy.ndarray, cupy.cuda.runtime.getDevice, VARIANT
+    shape, pair = geom.input_shape, 2 * dtype.itemsize
+    launch = cuda_compile.launch_here
+
+    def run(dout, offsets):
+        if (variant["backward"] is not knobs or _Knobs.changes != changes
+                or dout.device.id != device_id or offsets.device.id != device_id
+                or get_device() != device_id):
+            return None
+        dx = nd(shape, dtype)
+        entry = launches[dx.data.ptr % pair == 0]
+        if entry is None:
+            return None
+        function, expression, grid, block, scalars = entry
+        launch(function, expression, grid, block, (dout, offsets, dx) + scalars, device_id)
+        return dx
+    return run
