@@ -1,50 +1,38 @@
-"""Batch norm over the rows of an (M, C) matrix on NumPy, one block of rows at a time.
+"""Batch norm over the rows of an (M, C) matrix on NumPy.
 
 This is the NumPy path of batch norm on (N, D) input and of channels-last spatial batch
 norm, whose (N, *spatial, C) input is the (N*prod(spatial), C) matrix of its rows (a
 view, also for a channels-first-shaped array in PyTorch's channels_last memory
-format). Working block by block keeps every temporary at one block: a forward allocates
-its output and (C,) vectors, not a normalized or centred copy of x, and the cache keeps
-x itself (a reference, as PyTorch's saved tensors).
+format). A forward allocates its output and (C,) vectors, not a normalized or centred
+copy of x, and the cache keeps x itself (a reference, as PyTorch's saved tensors).
 
-Blocks run in numpy_fast's threads (numpy_fast._run_blocks: its block size and thread
-count). Statistics: per block, column sums in the stats dtype; the blocks' sums are added
-in float64 in block order. The variance is the sum of squared deviations from that mean
-(a second pass), never E[x^2] - E[x]^2 and no shift by one sample. The summation order
-is fixed by the block size, so results are deterministic and do not depend on x's
-memory layout (x is made C-contiguous first).
+float32 and float64 x run the compiled loop kernels (gpulayers.cpu_kernels.bn, the
+``*_rows`` kernels) while ``cpu_kernels.enabled()``: blocks of rows in parallel, float64
+statistics (shifted two-pass per block, Chan merges in block order), float64 backward
+sums in block order, each output in one pass. The block size is a function of the
+shape only, so the results are bitwise repeatable and do not depend on the thread count.
+
+Other dtypes (float16, bfloat16), or runs without the kernels, take the plain NumPy
+path below: statistics in the stats dtype, shifted by each channel's first sample, then
+centred by the mean (never E[x^2] - E[x]^2); whole-array ufuncs, single-threaded.
+
+Both paths make x C-contiguous first, so every memory layout gives the same bits.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import numpy_fast
+from . import cpu_kernels, numpy_fast
+from .cpu_kernels import bn as _bnk
 
 __all__ = ["train_forward", "eval_forward", "backward"]
 
-def _rows(x):
-    return np.ascontiguousarray(x)
 
-
-def _each_block(x, sd, work):
-    """Run ``work(s, e, t)`` over blocks of rows of x, in numpy_fast's threads; ``t`` is
-    a scratch (rows, C) buffer of dtype ``sd`` for the block. Returns the blocks' results
-    in block order (so sums of them have a fixed order, whatever thread ran which block)."""
-    M, C = x.shape
-    results = {}
-
-    def run(s, e, scratch):
-        t = scratch.get("t", C, sd).reshape(-1, C)[:e - s]
-        results[s] = work(s, e, t)
-    numpy_fast._run_blocks(M, C * np.dtype(sd).itemsize, run)
-    return [results[s] for s in sorted(results)]
-
-
-def _sum(parts, C):
-    total = np.zeros(C, np.float64)
-    for p in parts:
-        total += p
-    return total
+def _kernel_rows(x):
+    """True when the compiled kernels take x (and its thread count is set)."""
+    if x.dtype not in _bnk.DTYPES or not cpu_kernels.enabled():
+        return False
+    return True
 
 
 def train_forward(x, gamma, beta, eps, sd):
@@ -61,54 +49,52 @@ def train_forward(x, gamma, beta, eps, sd):
     - mean, var (biased), invstd: (C,) arrays in sd
     - x: the C-contiguous x the statistics were taken from (for the cache)
     """
-    x = _rows(x)
+    x = np.ascontiguousarray(x)
     M, C = x.shape
-
-    def sums(s, e, t):
-        return np.add.reduce(x[s:e], axis=0, dtype=sd)
-    mean = (_sum(_each_block(x, sd, sums), C) / M).astype(sd)
-
-    def squares(s, e, t):
-        np.subtract(x[s:e], mean, out=t, dtype=sd)
-        return np.einsum("ij,ij->j", t, t, dtype=sd)
-    var = (_sum(_each_block(x, sd, squares), C) / M).astype(sd)
+    if _kernel_rows(x):
+        y = np.empty(x.shape, x.dtype)
+        mean, var, invstd = np.empty(C, sd), np.empty(C, sd), np.empty(C, sd)
+        _bnk.train_forward_rows.run(x.size, x, gamma, beta, float(eps), _bnk.row_block(M, C),
+                                    y, mean, var, invstd)
+        return y, mean, var, invstd, x
+    pivot = x[0].astype(sd)
+    t = np.subtract(x, pivot, dtype=sd)
+    shift = (np.add.reduce(t, axis=0) / M).astype(sd)
+    t -= shift
+    var = (np.einsum("ij,ij->j", t, t) / M).astype(sd)
     invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(sd)
-    return _affine(x, mean, gamma * invstd, beta, sd), mean, var, invstd, x
+    t *= gamma * invstd
+    t += beta
+    return t.astype(x.dtype, copy=False), pivot + shift, var, invstd, x
 
 
 def eval_forward(x, gamma, beta, mean, invstd, sd):
-    """Test-mode BN of the rows of x with given statistics: (y, x) as train_forward."""
-    x = _rows(x)
-    return _affine(x, mean, gamma * invstd, beta, sd, invstd), x
+    """Test-mode BN of the rows of x with given statistics.
 
+    Inputs: x (M, C); gamma, beta, mean, invstd: (C,) arrays in sd.
 
-def _affine(x, mean, scale, shift, sd, invstd=None):
-    """y = (x - mean)*scale + shift. In test mode (invstd given), where every channel's
-    |mean|/std is small (numpy_fast's guard), as x*scale + (shift - mean*scale): one pass
-    fewer, with the same error bound as numpy_fast's eval path."""
-    y = np.empty(x.shape, x.dtype)
-    if invstd is not None and numpy_fast._foldable(mean, invstd):
-        folded = (shift.astype(np.float64) - mean.astype(np.float64) * scale).astype(sd)
-
-        def work(s, e, t):
-            np.multiply(x[s:e], scale, out=t, dtype=sd)
-            t += folded
-            y[s:e] = t
-    else:
-        def work(s, e, t):
-            np.subtract(x[s:e], mean, out=t, dtype=sd)
-            t *= scale
-            t += shift
-            y[s:e] = t
-    _each_block(x, sd, work)
-    return y
+    Returns a tuple of:
+    - y: array (M, C), dtype of x: (x - mean) * (gamma * invstd) + beta
+    - x: the C-contiguous x (for the cache)
+    """
+    x = np.ascontiguousarray(x)
+    M, C = x.shape
+    if _kernel_rows(x):
+        y = np.empty(x.shape, x.dtype)
+        _bnk.eval_forward_rows.run(x.size, x, gamma, beta, mean, invstd, _bnk.row_block(M, C),
+                                   y)
+        return y, x
+    t = np.subtract(x, mean, dtype=sd)
+    t *= gamma * invstd
+    t += beta
+    return t.astype(x.dtype, copy=False), x
 
 
 def backward(dout, x, gamma, mean, invstd, count, train, sd):
     """BN backward over the rows of x (the forward's C-contiguous x).
 
     Inputs:
-    - dout: array (M, C)
+    - dout: array (M, C), dtype of x
     - x, gamma, mean, invstd: as the forward kept them (gamma, mean, invstd (C,) in sd)
     - count: M, the values per channel
     - train: whether the statistics were the batch's (else constants)
@@ -119,29 +105,27 @@ def backward(dout, x, gamma, mean, invstd, count, train, sd):
     - dgamma, dbeta: (C,) arrays in sd
     """
     dout = np.ascontiguousarray(dout)
+    x = np.ascontiguousarray(x)
     M, C = x.shape
-
-    def sums(s, e, t):
-        np.subtract(x[s:e], mean, out=t, dtype=sd)
-        return (np.add.reduce(dout[s:e], axis=0, dtype=sd),
-                np.einsum("ij,ij->j", dout[s:e], t, dtype=sd))
-    parts = _each_block(x, sd, sums)
-    dbeta = _sum([p[0] for p in parts], C).astype(sd)
-    dgamma = (_sum([p[1] for p in parts], C) * invstd).astype(sd)
+    if dout.dtype == x.dtype and _kernel_rows(x):
+        if count != M:
+            raise ValueError(f"bn_rows.backward: count {count} is not M = {M} for x of "
+                             f"shape {x.shape}")
+        dx = np.empty(x.shape, x.dtype)
+        dgamma, dbeta = np.empty(C, sd), np.empty(C, sd)
+        _bnk.backward_rows.run(x.size, dout, x, gamma, mean, invstd, bool(train),
+                               _bnk.row_block(M, C), dx, dgamma, dbeta)
+        return dx, dgamma, dbeta
+    d = dout.astype(sd, copy=False)
+    xc = np.subtract(x, mean, dtype=sd)
+    dbeta = np.add.reduce(d, axis=0)
+    dgamma = (np.einsum("ij,ij->j", d, xc) * invstd).astype(sd)
     a = gamma * invstd
     if train:
-        e_ = (-a.astype(np.float64) * invstd * dgamma / count).astype(sd)
-        f_ = (-a.astype(np.float64) * dbeta / count).astype(sd)
-    dx = np.empty(x.shape, x.dtype)
-
-    def grad(s, e, t):
-        if train:
-            np.subtract(x[s:e], mean, out=t, dtype=sd)
-            t *= e_
-            t += f_
-            t += np.multiply(dout[s:e], a, dtype=sd)
-        else:
-            np.multiply(dout[s:e], a, out=t, dtype=sd)
-        dx[s:e] = t
-    _each_block(x, sd, grad)
-    return dx, dgamma, dbeta
+        xc *= (-a.astype(np.float64) * invstd * dgamma / count).astype(sd)
+        xc += (-a.astype(np.float64) * dbeta / count).astype(sd)
+        xc += d * a
+        dx = xc
+    else:
+        dx = d * a
+    return dx.astype(x.dtype, copy=False), dgamma, dbeta

@@ -6,7 +6,7 @@
     python scripts/bench.py --sweep --plot sweep.png
     python scripts/bench.py --device gpu --json benchmarks/results/mine.json
     python scripts/bench.py --small              # public vs general on small inputs (NumPy)
-    python scripts/bench.py --crossover          # where the NumPy blocked paths start to win
+    python scripts/bench.py --crossover          # where BN's CPU kernels start to win
     python scripts/bench.py --nd                 # 1-D / 3-D / adaptive pooling vs PyTorch
     python scripts/bench.py --layouts            # channels_last vs channels_first (NumPy)
 
@@ -31,9 +31,9 @@ The article's naive loops run only on inputs up to ``--naive-max-elems``
 elements (3 samples); ``--naive`` runs them everywhere.
 
 ``--small`` times the public NumPy calls against their ``_general`` twins on
-small inputs (the ratio must stay <= 1.10); ``--crossover`` times each
-``gpulayers.numpy_fast`` op with its size threshold forced to 0 (blocked,
-threaded) and to infinity (the simple path), the measurement behind the
+small inputs (the ratio must stay <= 1.10); ``--crossover`` times each BN op of
+``gpulayers.numpy_fast`` with its size threshold forced to 0 (the compiled CPU
+kernels) and to infinity (the simple NumPy path), the measurement behind the
 thresholds in ``numpy_fast``. Both: NumPy only, no PyTorch, alternating rounds,
 medians after warm-up.
 
@@ -604,7 +604,7 @@ def run_small(args):
     print(f"device: cpu: {cpu_name()} ({os.cpu_count()} cores), numpy {np.__version__}, "
           f"{args.dtype}, load average {os.getloadavg()[0]:.2f}")
     print(f"thresholds: {_thresholds()}")
-    print("public = gpulayers.<op> (numpy_fast dispatch); general = <op>_general; "
+    print("public = gpulayers.<op> (the CPU kernels / fast paths); general = <op>_general; "
           "ratio = public / general (target <= 1.10)")
     print(f"  {'op':<31}{'shape':<17}{'params':<17}{'public us':>10}{'general us':>11}"
           f"{'ratio':>7}{'n':>5}")
@@ -634,16 +634,11 @@ def run_small(args):
 
 
 # (op, params, which thresholds the blocked/simple pair sets, sizes)
-_XO_POOL_FWD = [(1, 1, 4, 4), (2, 3, 4, 5), (2, 3, 8, 8), (4, 8, 8, 8), (4, 8, 14, 14)]
 _XO_LARGE = [(8, 16, 28, 28), (8, 32, 28, 28), (16, 32, 28, 28), (16, 64, 28, 28),
              (32, 64, 28, 28), (16, 64, 56, 56), (32, 64, 56, 56)]
 _XO_DECLINE = [(2, 3, 4, 5), (4, 16, 14, 14), (4, 32, 14, 14), (4, 16, 28, 28),
                (6, 16, 28, 28), (8, 16, 28, 28), (12, 16, 28, 28)]
 CROSSOVER = [
-    ("max_pool_forward", MP2, "MAX_POOL_FORWARD_MIN", _XO_POOL_FWD),
-    ("max_pool_forward", MP3, "MAX_POOL_FORWARD_MIN", _XO_POOL_FWD),
-    ("max_pool_backward", MP2, "MAX_POOL_BACKWARD_MIN", _XO_LARGE),
-    ("max_pool_backward", MP3, "MAX_POOL_BACKWARD_MIN", _XO_LARGE),
     ("spatial_batchnorm_forward", BN, "BN_TRAIN_FORWARD_MIN", _XO_LARGE),
     ("spatial_batchnorm_backward", BN, "BN_BACKWARD_MIN", _XO_LARGE),
     ("spatial_batchnorm_eval_forward", BN, "BN_EVAL_FORWARD_MIN", _XO_LARGE),
@@ -654,14 +649,14 @@ CROSSOVER = [
 
 def _crossover_pair(op, name):
     """(label, impl, thresholds) of the two sides compared for threshold ``name``."""
-    off = {k: _NEVER for k in _thresholds()}   # incl. MAX_POOL_FORWARD_SMALL_WINDOW
+    off = {k: _NEVER for k in _thresholds()}
     off["BN_TRAIN_SMALL_MIN"] = 0          # the simple BN paths answer, no general fallback
     if name == "BN_TRAIN_SMALL_MIN":       # backward from x (simple) vs general from xhat
         return [("x-based", "fast", off), ("general", "general", off)]
     on = dict(off, **{name: 0})
-    if name.startswith("BN") and "BACKWARD" in name:   # caches made by the blocked forward
+    if name.startswith("BN") and "BACKWARD" in name:   # caches made by the kernel forward
         on = dict(on, BN_TRAIN_FORWARD_MIN=0, BN_EVAL_FORWARD_MIN=0)
-    return [("blocked", "fast", on), ("simple", "fast", off)]
+    return [("kernels", "fast", on), ("simple", "fast", off)]
 
 
 def _derive(sizes, ratios):
@@ -676,7 +671,8 @@ def _derive(sizes, ratios):
 
 
 def run_crossover(args):
-    """numpy_fast blocked vs simple path by size: the measurement behind its thresholds."""
+    """BN's compiled kernels vs the simple NumPy path by size (numpy_fast's thresholds):
+    the measurement behind them."""
     rng = np.random.default_rng(args.seed)
     print(f"device: cpu: {cpu_name()} ({os.cpu_count()} cores), numpy {np.__version__}, "
           f"{args.dtype}, {args.passes} passes, load average {os.getloadavg()[0]:.2f}")

@@ -101,10 +101,10 @@ def test_max_pool_reshape_channels_last_bitwise(rng, dtype, d):
 @pytest.mark.parametrize("shape", [(5, 16, 21, 20), (3, 8, 40), (3, 4, 6, 9, 10)])
 @pytest.mark.parametrize("kind", ["random", "ties", "nan", "-inf", "zeros"])
 def test_blocked_channels_last_path_bitwise(monkeypatch, rng, dtype, shape, kind):
-    """The blocked, threaded channels-last NumPy path in many small blocks: the general
-    path's bits (first maximum, last NaN, -inf rule, signed zeros) and the channels-first
-    fast path's, forward and backward (overlapping windows: np.add.at order)."""
-    monkeypatch.setattr(numpy_fast, "BLOCK_BYTES", 1 << 13)
+    """The channels-last NumPy fast path (the compiled kernels, or the general path
+    without them): the general path's bits (first maximum, last NaN, -inf rule, signed
+    zeros) and the channels-first fast path's, forward and backward (overlapping
+    windows: np.add.at order)."""
     monkeypatch.setenv("GPULAYERS_NUM_THREADS", "2")
     if kind == "zeros":   # +-0.0 ties: the first in window order must be returned
         x = np.where(rng.random(shape) < 0.5, -0.0, 0.0)

@@ -1,32 +1,18 @@
-"""The NumPy fast paths against the general xp paths, bit for bit where promised."""
+"""The NumPy fast paths (batch norm) against the general xp paths and float64, and the
+max-pool output signs through the public calls."""
 import numpy as np
 import pytest
 
 import gpulayers as G
-from gpulayers import numpy_fast
-from gpulayers.pooling import _max_pool_backward_xp, _max_pool_forward_xp
-
-# (pool_param, input H, W): overlapping and disjoint windows, padding, dilation, ceil_mode
-POOL_CASES = [
-    (dict(pool_height=3, pool_width=3, stride=2, pad=1), 13, 12),
-    (dict(pool_height=3, pool_width=3, stride=1, pad=1), 9, 10),
-    (dict(pool_height=2, pool_width=2, stride=2), 12, 10),
-    (dict(pool_height=2, pool_width=3, stride=(2, 3)), 9, 10),
-    (dict(pool_height=3, pool_width=2, stride=(1, 2), pad=(1, 0), ceil_mode=True), 8, 9),
-    (dict(pool_height=2, pool_width=2, stride=1, dilation=2), 9, 9),
-    (dict(pool_height=3, pool_width=3, stride=2, dilation=(2, 1), pad=1), 11, 7),
-    (dict(pool_height=2, pool_width=2, stride=3, dilation=2, ceil_mode=True), 10, 11),
-    (dict(pool_height=5, pool_width=1, stride=(2, 1), pad=(2, 0)), 12, 4),
-]
+from gpulayers import cpu_kernels, numpy_fast
 
 
 def _bits(a):
     return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
-_THRESHOLDS = ("MAX_POOL_FORWARD_MIN", "MAX_POOL_BACKWARD_MIN", "BN_TRAIN_SMALL_MIN",
-               "BN_TRAIN_FORWARD_MIN", "BN_EVAL_FORWARD_MIN", "BN_BACKWARD_MIN",
-               "BN_EVAL_BACKWARD_MIN")
+_THRESHOLDS = ("BN_TRAIN_SMALL_MIN", "BN_TRAIN_FORWARD_MIN", "BN_EVAL_FORWARD_MIN",
+               "BN_BACKWARD_MIN", "BN_EVAL_BACKWARD_MIN")
 _NEVER = 1 << 62
 
 
@@ -46,48 +32,6 @@ def path(request, monkeypatch):
     the simple single-threaded code that serves inputs under the thresholds."""
     _force(monkeypatch, request.param)
     return request.param
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("pp,H,W", POOL_CASES)
-def test_max_pool_backward_bitwise_equal_to_general(rng, pp, H, W, dtype, path):
-    # ties (small integers) make many elements the maximum of several windows, and
-    # dout spans many magnitudes, so the order of the sums shows in the last bits
-    x = rng.integers(0, 4, size=(3, 5, H, W)).astype(dtype)
-    out, cache = G.max_pool_forward(x, pp)
-    dout = (rng.standard_normal(out.shape) * 10.0 ** rng.integers(-4, 5, out.shape)).astype(dtype)
-    dout.flat[::7] = -0.0
-    got = numpy_fast.max_pool_backward(dout, cache.offsets, cache.geom)
-    ref = _max_pool_backward_xp(dout, cache.offsets, cache.geom)
-    assert got.dtype == ref.dtype == dtype
-    np.testing.assert_array_equal(_bits(got), _bits(ref))
-    np.testing.assert_array_equal(_bits(G.max_pool_backward(dout, cache)), _bits(ref))
-
-
-def test_max_pool_backward_non_finite_dout_matches_general(rng, path):
-    pp = dict(pool_height=3, pool_width=3, stride=2, pad=1)
-    x = rng.integers(0, 3, size=(2, 3, 11, 11)).astype(np.float32)
-    out, cache = G.max_pool_forward(x, pp)
-    dout = rng.standard_normal(out.shape).astype(np.float32)
-    dout.flat[rng.choice(dout.size, 20, replace=False)] = [np.nan, np.inf, -np.inf, 3e38] * 5
-    with np.errstate(over="ignore", invalid="ignore"):
-        got = numpy_fast.max_pool_backward(dout, cache.offsets, cache.geom)
-        ref = _max_pool_backward_xp(dout, cache.offsets, cache.geom)
-    np.testing.assert_array_equal(got, ref)   # NaN positions equal too
-
-
-def test_max_pool_backward_blocks_and_threads(rng, monkeypatch):
-    # many small blocks spread over threads give the same bits as one block
-    pp = dict(pool_height=3, pool_width=3, stride=2, pad=1)
-    x = rng.standard_normal((4, 6, 15, 14)).astype(np.float32)
-    out, cache = G.max_pool_forward(x, pp)
-    dout = rng.standard_normal(out.shape).astype(np.float32)
-    ref = _max_pool_backward_xp(dout, cache.offsets, cache.geom)
-    _force(monkeypatch, "blocked")
-    monkeypatch.setattr(numpy_fast, "BLOCK_BYTES", 1)
-    monkeypatch.setenv("GPULAYERS_NUM_THREADS", "2")
-    got = numpy_fast.max_pool_backward(dout, cache.offsets, cache.geom)
-    np.testing.assert_array_equal(_bits(got), _bits(ref))
 
 
 # ------------------------------------------------------------------------ batch norm
@@ -152,138 +96,98 @@ def test_bn_eval_large_running_mean_not_folded(rng, path):
 # ------------------------------------------------------- dispatch by size (no timing)
 
 
-def _no_blocks(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("the blocked, threaded path ran below its threshold")
-    monkeypatch.setattr(numpy_fast, "_run_blocks", fail)
-
-
-def _count_blocks(monkeypatch):
-    calls = []
-    real = numpy_fast._run_blocks
-
-    def spy(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-    monkeypatch.setattr(numpy_fast, "_run_blocks", spy)
-    return calls
-
-
 def test_thresholds_are_ordered_sizes():
     for name in _THRESHOLDS:
         assert isinstance(getattr(numpy_fast, name), int) and getattr(numpy_fast, name) >= 0, name
-    assert numpy_fast.BN_TRAIN_SMALL_MIN <= numpy_fast.BN_TRAIN_FORWARD_MIN
+    # the BN kernels take over no later than the simple NumPy path would
+    assert numpy_fast.BN_TRAIN_FORWARD_MIN <= numpy_fast.BN_TRAIN_SMALL_MIN
+    assert numpy_fast.BN_EVAL_FORWARD_MIN <= numpy_fast.BN_EVAL_SMALL_MIN
     assert "scripts/bench.py" in numpy_fast.SMALL_MEASUREMENT
 
 
-def test_small_inputs_skip_the_blocked_path(rng, monkeypatch):
-    # the issue's sizes through the public calls, default thresholds: neither reaches the
-    # blocked code, except max-pool forward, where the blocked path is faster from
-    # MAX_POOL_FORWARD_MIN on, and for windows of more than MAX_POOL_FORWARD_SMALL_WINDOW
-    # taps at every size
-    _no_blocks(monkeypatch)
-    for shape in [(2, 3, 4, 5), (8, 32, 28, 28)]:
-        n = int(np.prod(shape))
-        assert n < min(numpy_fast.MAX_POOL_BACKWARD_MIN, numpy_fast.BN_TRAIN_FORWARD_MIN,
-                       numpy_fast.BN_EVAL_FORWARD_MIN, numpy_fast.BN_BACKWARD_MIN,
-                       numpy_fast.BN_EVAL_BACKWARD_MIN)
-        x = rng.standard_normal(shape).astype(np.float32)
-        for pp in (dict(pool_height=2, pool_width=2), dict(pool_height=3, pool_width=3,
-                                                           stride=2, pad=1)):
-            small = (n < numpy_fast.MAX_POOL_FORWARD_MIN and pp["pool_height"] * pp["pool_width"]
-                     <= numpy_fast.MAX_POOL_FORWARD_SMALL_WINDOW)
-            out, cache = (G.max_pool_forward if small else G.max_pool_forward_general)(x, pp)
-            G.max_pool_backward(np.ones_like(out), cache)
-        g, b = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
-        for mode in ("train", "test"):
-            y, cache = G.spatial_batchnorm_forward(x, g, b, dict(mode=mode, running_mean=g * 0,
-                                                                 running_var=g))
-            G.spatial_batchnorm_backward(np.ones_like(y), cache)
+class _KernelSpy:
+    """Stands in for a cpu_kernels.bn kernel: records each run, then runs the kernel."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def run(self, work, *args):
+        self.calls.append(self.kernel.__name__)
+        return self.kernel.run(work, *args)
 
 
-@pytest.mark.parametrize("pp,small_window", [
-    (dict(pool_height=2, pool_width=2), True),
-    (dict(pool_height=2, pool_width=2, stride=1, pad=1), True),
-    (dict(pool_height=3, pool_width=3, stride=2, pad=1), False)])
-def test_max_pool_dispatch_follows_the_thresholds(rng, monkeypatch, pp, small_window):
-    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
-    geom = G.max_pool_forward_general(x, pp)[1].geom
-    assert (geom.window_size <= numpy_fast.MAX_POOL_FORWARD_SMALL_WINDOW) == small_window
-    general_calls = []
-
-    def general(xb, gb):
-        general_calls.append(xb.shape)
-        return _max_pool_forward_xp(xb, gb)
-    ref_out, ref_off = _max_pool_forward_xp(x, geom)
-    dout = rng.standard_normal(geom.output_shape).astype(np.float32)
-    ref_dx = _max_pool_backward_xp(dout, ref_off, geom)
-    blocks = _count_blocks(monkeypatch)
-    monkeypatch.setattr(numpy_fast, "MAX_POOL_FORWARD_MIN", x.size + 1)
-    monkeypatch.setattr(numpy_fast, "MAX_POOL_BACKWARD_MIN", x.size + 1)
-    out, off = numpy_fast.max_pool_forward(x, geom, general)
-    dx = numpy_fast.max_pool_backward(dout, off, geom)
-    # below the thresholds: the general forward (small windows only), no blocks in backward
-    assert blocks == ([] if small_window else [6])
-    assert general_calls == ([x.shape] if small_window else [])
-    monkeypatch.setattr(numpy_fast, "MAX_POOL_FORWARD_MIN", x.size)
-    monkeypatch.setattr(numpy_fast, "MAX_POOL_BACKWARD_MIN", x.size)
-    out2, off2 = numpy_fast.max_pool_forward(x, geom, general)
-    dx2 = numpy_fast.max_pool_backward(dout, off2, geom)
-    # at the thresholds: both by blocks of the N*C planes
-    assert blocks == ([6, 6] if small_window else [6, 6, 6])
-    assert general_calls == ([x.shape] if small_window else [])
-    for a, b in [(out, ref_out), (out2, ref_out), (dx, ref_dx), (dx2, ref_dx)]:
-        np.testing.assert_array_equal(_bits(a), _bits(b))
-    np.testing.assert_array_equal(off, ref_off)
-    np.testing.assert_array_equal(off2, ref_off)
+def _spy_kernels(monkeypatch):
+    calls = []
+    bnk = numpy_fast._bnk
+    for name in ("train_forward_planes", "eval_forward_planes", "backward_planes"):
+        if hasattr(bnk, name):
+            monkeypatch.setattr(bnk, name, _KernelSpy(getattr(bnk, name), calls))
+    return calls
 
 
+@pytest.mark.skipif(not cpu_kernels.enabled(), reason=f"CPU kernels unusable: "
+                    f"{cpu_kernels.unusable_reason()}")
 def test_bn_dispatch_follows_the_thresholds(rng, monkeypatch):
     x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
     g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
     sd = np.float32
-    blocks = _count_blocks(monkeypatch)
+    calls = _spy_kernels(monkeypatch)
     for name in _THRESHOLDS:
         monkeypatch.setattr(numpy_fast, name, x.size + 1)
+    monkeypatch.setattr(numpy_fast, "BN_TRAIN_SMALL_MIN", x.size + 1)
+    monkeypatch.setattr(numpy_fast, "BN_EVAL_SMALL_MIN", x.size + 1)
     assert numpy_fast.bn_train_forward(x, g, b, 1e-5, sd) is None   # the caller's general path
     m0, inv0 = np.zeros(4, np.float32), np.ones(4, np.float32)
-    monkeypatch.setattr(numpy_fast, "BN_EVAL_SMALL_MIN", x.size + 1)
     assert numpy_fast.bn_eval_forward(x, g, b, m0, inv0, sd) is None  # likewise
     monkeypatch.setattr(numpy_fast, "BN_EVAL_SMALL_MIN", x.size)
     monkeypatch.setattr(numpy_fast, "BN_TRAIN_SMALL_MIN", x.size)
     y, m, v, inv = numpy_fast.bn_train_forward(x, g, b, 1e-5, sd)   # _bn_train_small
     numpy_fast.bn_eval_forward(x, g, b, m, inv, sd)
     numpy_fast.bn_backward(x, x, g, m, inv, x.size // 4, True, sd)
-    assert blocks == []
+    assert calls == []
     for name in _THRESHOLDS:
         monkeypatch.setattr(numpy_fast, name, x.size)
-    assert numpy_fast.bn_train_forward(x, g, b, 1e-5, sd) is not None
-    assert len(blocks) == 2                                   # statistics, affine
+    y2, m2, v2, inv2 = numpy_fast.bn_train_forward(x, g, b, 1e-5, sd)
+    assert calls == ["train_forward_planes"]
     numpy_fast.bn_eval_forward(x, g, b, m, inv, sd)
-    assert len(blocks) == 3
     numpy_fast.bn_backward(x, x, g, m, inv, x.size // 4, True, sd)
-    assert len(blocks) == 5                                   # sums, gradient
     numpy_fast.bn_backward(x, x, g, m, inv, x.size // 4, False, sd)
-    assert len(blocks) == 7
+    assert calls == ["train_forward_planes", "eval_forward_planes", "backward_planes",
+                     "backward_planes"]
+    # the kernel and the simple path agree to float32 rounding
+    np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m2, m, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v2, v, rtol=1e-5)
     monkeypatch.setattr(numpy_fast, "BN_EVAL_BACKWARD_MIN", x.size + 1)
     numpy_fast.bn_backward(x, x, g, m, inv, x.size // 4, False, sd)
-    assert len(blocks) == 7
+    assert len(calls) == 4
 
 
-def test_public_bn_small_train_takes_the_general_path(rng):
-    # below BN_TRAIN_SMALL_MIN the public forward is the general path: same bits, xhat cache
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "numpy"])
+def test_public_bn_small_train(rng, kernels):
+    # below BN_TRAIN_SMALL_MIN, without the kernels, the public forward is the general path
+    # (same bits, xhat cache); with them, the kernel, to float32 rounding of the general path
     shape = (2, 3, 4, 5)
     assert np.prod(shape) < numpy_fast.BN_TRAIN_SMALL_MIN
     x = rng.standard_normal(shape).astype(np.float32)
     g = (rng.random(3) + 0.5).astype(np.float32)
     b = rng.standard_normal(3).astype(np.float32)
-    y, cache = G.spatial_batchnorm_forward(x, g, b, dict(mode="train"))
-    y2, cache2 = G.spatial_batchnorm_forward_general(x, g, b, dict(mode="train"))
-    np.testing.assert_array_equal(_bits(y), _bits(y2))
-    dout = rng.standard_normal(shape).astype(np.float32)
-    for got, ref in zip(G.spatial_batchnorm_backward(dout, cache),
-                        G.spatial_batchnorm_backward_general(dout, cache2)):
-        np.testing.assert_array_equal(_bits(got), _bits(ref))
+    old = cpu_kernels.set_enabled(kernels)
+    try:
+        y, cache = G.spatial_batchnorm_forward(x, g, b, dict(mode="train"))
+        y2, cache2 = G.spatial_batchnorm_forward_general(x, g, b, dict(mode="train"))
+        dout = rng.standard_normal(shape).astype(np.float32)
+        got_all = G.spatial_batchnorm_backward(dout, cache)
+        ref_all = G.spatial_batchnorm_backward_general(dout, cache2)
+    finally:
+        cpu_kernels.set_enabled(old)
+    on = kernels and cpu_kernels.enabled()
+    assert cache.path == ("numpy_fast" if on else "xp")
+    for got, ref in zip((y,) + tuple(got_all), (y2,) + tuple(ref_all)):
+        if on:
+            np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+        else:
+            np.testing.assert_array_equal(_bits(got), _bits(ref))
 
 
 # ---------------------------------------------------------------------- signed zero

@@ -312,12 +312,9 @@ def test_float16_backward_accumulates_in_float32():
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape,pp", MAX_CASES, ids=ids(MAX_CASES))
-def test_blocked_numpy_paths_bitwise_equal_general(monkeypatch, rng, shape, pp, dtype):
-    """numpy_fast's blocked code at every size (thresholds 0): 1-D through as_2d, 3-D
-    slice by slice plus the depth pass, and the flat-target 3-D backward."""
-    from gpulayers import numpy_fast
-    monkeypatch.setattr(numpy_fast, "MAX_POOL_FORWARD_MIN", 0)
-    monkeypatch.setattr(numpy_fast, "MAX_POOL_BACKWARD_MIN", 0)
+def test_public_max_pool_bitwise_equal_general(rng, shape, pp, dtype):
+    """The public calls (on NumPy: the CPU loop kernels, gpulayers.cpu_kernels.pool, or the
+    general path without them) against the general path at every rank."""
     for kind in ("ties", "nan", "-inf"):
         x = make_input(kind, shape, dtype, rng)
         x.flat[::5] = -0.0

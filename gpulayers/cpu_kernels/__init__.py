@@ -17,7 +17,7 @@ import functools
 import os
 
 __all__ = ["kernel", "enabled", "set_enabled", "unusable_reason", "numba_module",
-           "SERIAL_BELOW"]
+           "SERIAL_BELOW", "threads"]
 
 #: below this many elements of work, :meth:`_LazyKernel.run` keeps a kernel on the calling
 #: thread. On a quiet machine a parallel region costs under a microsecond more (plane sums,
@@ -97,19 +97,38 @@ class _LazyKernel:
 
     def run(self, work, *args):
         """Run with ``work`` elements of work: on the calling thread alone below
-        SERIAL_BELOW, else on the thread pool."""
+        SERIAL_BELOW, else on :func:`threads` threads; numba's per-thread setting is
+        restored afterwards."""
         f = self._compiled or self.compiled()
-        if work >= SERIAL_BELOW:
-            return f(*args)
+        n = 1 if work < SERIAL_BELOW else threads()
         get, put = _thread_count_calls()
         old = get()
-        if old == 1:
+        if old == n:
             return f(*args)
-        put(1)
+        put(n)
         try:
             return f(*args)
         finally:
             put(old)
+
+
+_THREADS = {}   # GPULAYERS_NUM_THREADS's value -> the thread count
+
+
+def threads():
+    """Threads the CPU kernels use: env GPULAYERS_NUM_THREADS, else every core, at most
+    numba's pool (NUMBA_NUM_THREADS); looked up once per value of the variable (os.cpu_count
+    costs microseconds). Results never depend on it: every kernel's order is fixed."""
+    env = os.environ.get("GPULAYERS_NUM_THREADS")
+    n = _THREADS.get(env)
+    if n is None:
+        try:
+            n = int(env or 0)
+        except ValueError:
+            n = 0
+        n = max(1, min(n or os.cpu_count() or 1, numba_module().config.NUMBA_NUM_THREADS))
+        _THREADS[env] = n
+    return n
 
 
 @functools.lru_cache(maxsize=1)
