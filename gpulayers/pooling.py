@@ -1578,6 +1578,11 @@ def max_unpool_forward(x, indices, output_size, data_format="channels_first"):
     in row-major order wins (as PyTorch on the CPU; deterministic here on
     every backend), and only it receives gradient in the backward pass.
 
+    An index outside the output plane raises ValueError on NumPy. On CuPy it is not
+    checked (that would read the device on the host): such an input targets nothing,
+    its value is dropped and its gradient is 0 (PyTorch's CUDA op raises a device-side
+    assert instead).
+
     Inputs:
     - x: array (N, C, *in) with 1, 2 or 3 spatial axes, e.g. a max pool's output
       ((N, *in, C) with data_format='channels_last')
@@ -1621,7 +1626,12 @@ def max_unpool_forward(x, indices, output_size, data_format="channels_first"):
     xi = _internal(x, layout)
     ii = _internal(indices, layout)
     idx = ii.astype(np.int64)           # (N, C, *in) or (N, *in, C)
-    if idx.size:
+    valid = None
+    if xp is not np:
+        # no host read on CuPy: an index out of range targets nothing (value dropped,
+        # gradient 0), in the kernels and on the xp path alike
+        valid = (idx >= 0) & (idx < P)
+    elif idx.size:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= P:
             raise ValueError(f"max unpooling index out of range: indices span [{lo}, {hi}] but "
@@ -1637,12 +1647,16 @@ def max_unpool_forward(x, indices, output_size, data_format="channels_first"):
             xi, idx, out_cf, return_winners=True, **_kernel_kw(cl))
         return _external(out, layout), UnpoolKernelCache(x_shape, np.dtype(x.dtype), idx, won,
                                                          out_shape, layout)
+    if valid is not None:
+        idx = xp.where(valid, idx, 0)
     if cl:   # target of (n, p, c): (n*P + index)*C + c
         targets = (idx.reshape(N, Pin, C) + (xp.arange(N, dtype=np.int64) * P)[:, None, None])
         targets = targets * C + xp.arange(C, dtype=np.int64)
     else:
         targets = idx.reshape(N * C, Pin) + xp.arange(N * C, dtype=np.int64)[:, None] * P
     targets = targets.reshape(-1)
+    if valid is not None:   # out-of-range inputs sort last and never win
+        targets = xp.where(valid.reshape(-1), targets, N * C * P)
     order = xp.argsort(targets, kind="stable")
     sorted_t = targets[order]
     last = xp.ones(sorted_t.shape, dtype=bool)
@@ -1650,6 +1664,9 @@ def max_unpool_forward(x, indices, output_size, data_format="channels_first"):
         last[:-1] = sorted_t[1:] != sorted_t[:-1]
     winners = xp.zeros(targets.shape, dtype=bool)
     winners[order[last]] = True
+    if valid is not None:
+        winners &= targets < N * C * P
+        targets = xp.where(winners | (targets < N * C * P), targets, 0)
     out = xp.zeros(N * C * P, dtype=x.dtype)
     out[targets[winners]] = xi.reshape(-1)[winners]
     cache = UnpoolCache(x_shape, np.dtype(x.dtype), _freeze(targets), _freeze(winners),

@@ -666,6 +666,51 @@ def test_max_unpool(cp, rng, name, dtype, index_dtype):
         assert_same(dout_dev, dout, "dout was modified")
 
 
+@pytest.mark.parametrize("index_dtype", [np.int64, np.int16, np.uint8], ids=DTYPE_IDS)
+def test_max_unpool_out_of_range_indices_target_nothing(cp, rng, index_dtype):
+    """CuPy callers do not check the index range (a host read): an index outside the output
+    plane targets nothing, its value is dropped and its gradient is 0, in both layouts."""
+    x_shape, out_shape = (2, 3, 4, 5), (2, 3, 6, 5)
+    out_plane = 30
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    indices = rng.integers(0, out_plane, size=x_shape).astype(np.int64)
+    bad = rng.random(x_shape) < 0.3
+    wild = rng.choice([out_plane, out_plane + 7, 200, -1, -30], size=x_shape)
+    if np.dtype(index_dtype).kind == "u":
+        wild = np.abs(wild) + out_plane
+    indices = np.where(bad, wild, indices).astype(index_dtype)
+    valid = (indices.astype(np.int64) >= 0) & (indices.astype(np.int64) < out_plane)
+    dout = rng.standard_normal(out_shape).astype(np.float32)
+    # the reference: only the in-range inputs, the last of a plane winning
+    planes = 6
+    xs, idx = x.reshape(planes, -1), np.where(valid, indices, 0).astype(np.int64).reshape(
+        planes, -1)
+    vs = valid.reshape(planes, -1)
+    out = np.zeros((planes, out_plane), np.float32)
+    winner = np.full(out.shape, -1)
+    for p in range(planes):
+        for i in range(xs.shape[1]):
+            if vs[p, i]:
+                out[p, idx[p, i]] = xs[p, i]
+                winner[p, idx[p, i]] = i
+    won = np.zeros(xs.shape, bool)
+    for p in range(planes):
+        won[p, winner[p][winner[p] >= 0]] = True
+    won = won.reshape(x_shape)
+    ref_dx = np.where(won, ref_unpool_backward(dout, np.where(valid, indices, 0), won), 0)
+    got, winners = nk.max_unpool_forward_gpu(cp.on(x), cp.on(indices), out_shape,
+                                             return_winners=True)
+    assert_same(got, out.reshape(out_shape), "out")
+    assert_same(nk.max_unpool_backward_gpu(cp.on(dout), cp.on(indices), winners, x_shape),
+                ref_dx.astype(np.float32), "dx")
+    got_l, won_l = nk.max_unpool_forward_gpu(cp.on(last(x)), cp.on(last(indices)), out_shape,
+                                             return_winners=True, channels_last=True)
+    assert_same(got_l, last(out.reshape(out_shape)), "channels-last out")
+    assert_same(nk.max_unpool_backward_gpu(cp.on(last(dout)), cp.on(last(indices)), won_l,
+                                           x_shape, channels_last=True),
+                last(ref_dx.astype(np.float32)), "channels-last dx")
+
+
 def test_max_unpool_inverts_max_pool(cp, rng):
     """Unpooling a 3-D max pool's output at its argmax positions (flat over each D*H*W plane)
     puts every maximum back; the gradient of unpooling is dout at those positions."""

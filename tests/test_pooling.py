@@ -353,6 +353,29 @@ def test_unpool_duplicate_targets_last_wins(xp):
     np.testing.assert_array_equal(to_np(dx), [[[[0.0, 20.0, 10.0]]]])
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "xp"])
+def test_unpool_out_of_range(xp, kernels):
+    """NumPy raises naming the range; CuPy (kernels or xp path) reads nothing back: an
+    out-of-range input targets nothing and gets no gradient."""
+    x = xp.asarray(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
+    idx = xp.asarray(np.array([[[[0, 16], [-1, 5]]]]))
+    if xp is np:
+        with pytest.raises(ValueError, match=r"out of range: indices span \[-1, 16\]"):
+            G.max_unpool_forward(x, idx, (4, 4))
+        return
+    from gpulayers import backend
+    old = backend.set_kernels(kernels)
+    try:
+        out, cache = G.max_unpool_forward(x, idx, (4, 4))
+        dx = G.max_unpool_backward(xp.asarray(np.arange(16.0).reshape(1, 1, 4, 4)), cache)
+    finally:
+        backend.set_kernels(old)
+    want = np.zeros((1, 1, 4, 4))
+    want[0, 0, 0, 0], want[0, 0, 1, 1] = 1.0, 4.0
+    np.testing.assert_array_equal(to_np(out), want)
+    np.testing.assert_array_equal(to_np(dx), [[[[0.0, 0.0], [0.0, 5.0]]]])
+
+
 def test_unpool_errors():
     x = np.ones((1, 1, 2, 2))
     with pytest.raises(ValueError, match="out of range"):

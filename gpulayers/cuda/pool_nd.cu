@@ -899,7 +899,8 @@ __device__ __forceinline__ void atomic_max_index(Idx* slot, Idx value)
 // layout, with atomicMax: after the kernel each slot holds the last input of the plane in
 // row-major order that targets it (in either layout the flat index grows with the position
 // within a plane; order-independent, so deterministic), or stays -1 (the launcher's fill).
-// Indices are assumed in [0, out_plane) (the caller checks them).
+// An index outside [0, out_plane) targets nothing (CuPy callers do not check them: that
+// would read the device on the host).
 template <typename Ind, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_unpool_winners(const Ind* __restrict__ indices, Idx* __restrict__ winners,
                                    Idx outer, int C, Idx in_plane, Idx out_plane)
@@ -910,8 +911,11 @@ __global__ void max_unpool_winners(const Ind* __restrict__ indices, Idx* __restr
         layout.split(i, p, lane);
         FOR_OUTER(nc) {
             const Idx e = layout.offset(nc, in_plane) + i;
-            atomic_max_index(winners + layout.offset(nc, out_plane) + lane +
-                                 (Idx)indices[e] * layout.pitch(), e);
+            const long long ix = (long long)indices[e];
+            if (ix >= 0 && ix < (long long)out_plane) {
+                atomic_max_index(winners + layout.offset(nc, out_plane) + lane +
+                                     (Idx)ix * layout.pitch(), e);
+            }
         }
     }
 }
@@ -937,7 +941,8 @@ __global__ void max_unpool_forward(const T* __restrict__ x, const Idx* __restric
 }
 
 // One thread per input element e: writes dout at its target to dx[e] if e won the target
-// (winners from max_unpool_winners), else 0. A gather: no atomics.
+// (winners from max_unpool_winners), else 0 (also for an index out of range). A gather: no
+// atomics.
 template <typename T, typename Ind, typename Idx, template <typename> class L = ChannelsFirst>
 __global__ void max_unpool_backward(const T* __restrict__ dout, const Ind* __restrict__ indices,
                                     const Idx* __restrict__ winners, T* __restrict__ dx,
@@ -950,8 +955,11 @@ __global__ void max_unpool_backward(const T* __restrict__ dout, const Ind* __res
         layout.split(i, p, lane);
         FOR_OUTER(nc) {
             const Idx e = layout.offset(nc, in_plane) + i;
-            const Idx t = layout.offset(nc, out_plane) + lane + (Idx)indices[e] * layout.pitch();
-            if (winners[t] == e) {
+            const long long ix = (long long)indices[e];
+            const bool in_range = ix >= 0 && ix < (long long)out_plane;
+            const Idx t = layout.offset(nc, out_plane) + lane + (in_range ? (Idx)ix : 0) *
+                                                                layout.pitch();
+            if (in_range && winners[t] == e) {
                 dx[e] = dout[t];
             } else {
                 store(dx + e, A(0));

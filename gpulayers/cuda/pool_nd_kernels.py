@@ -642,8 +642,8 @@ def max_unpool_forward_gpu(x, indices, out_shape, return_winners=False, channels
     (deterministic: an integer atomicMax of the inputs' flat indices picks the winners, then
     a second kernel writes every output element: the winner's value or 0).
 
-    Indices are assumed in range, [0, prod(out_shape[2:])): the caller checks them on the
-    host (the launcher never synchronises).
+    An index outside [0, prod(out_shape[2:])) targets nothing: its value is dropped and its
+    gradient is 0 (the launcher never synchronises, so it cannot check them on the host).
 
     Inputs:
     - x: cupy array (N, C, *in), float16/bfloat16/float32/float64, any strides (not
