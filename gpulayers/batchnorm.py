@@ -649,7 +649,8 @@ def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, mome
         invstd = 1 / xp.sqrt(xp.asarray(rv, dtype=sd) + eps)
 
     if kernels and xp is np and ndim == 2 and comm is None:
-        # NumPy rows path: (N, D) and channels-last input, block by block; the cache keeps x
+        # NumPy rows path: (N, D) and channels-last input (gpulayers.bn_rows: the CPU
+        # kernels' row blocks, or plain NumPy for 16-bit dtypes); the cache keeps x
         if train:
             y, mean, var, invstd, xr = bn_rows.train_forward(x, g, b, eps, sd)
             _update_running(bn_param, xp, C, sd, mean, var, total, convention, momentum)
@@ -659,8 +660,9 @@ def _forward_on(xp, x, gamma, beta, bn_param, op, what, kernels, mode, eps, mome
                                  total, x=xr, mean=mean, **dtypes)
     fast = None
     if kernels and xp is np and ndim >= 3 and comm is None and x.dtype.kind == "f":
-        # NumPy fast path (float16/32/64; bfloat16 takes the general path): blocked and
-        # threaded; the cache keeps x, not a normalized copy
+        # NumPy fast path (gpulayers.numpy_fast: the CPU kernels for float32/64, simple
+        # NumPy for float16; bfloat16 takes the general path); the cache keeps x, not a
+        # normalized copy
         x4 = x.reshape(_as4(x.shape))
         if train:
             fast = numpy_fast.bn_train_forward(x4, g, b, eps, sd)

@@ -195,7 +195,7 @@ def _affine_planes(x, m64, a64, b64, chunk, y):
             out[j] = (row[j] - mc) * ac + bc
 
 
-@kernel(error_model="numpy")
+@kernel(parallel=False, error_model="numpy")   # the parallel loop is the callee's
 def eval_forward_planes(x, gamma, beta, mean, invstd, chunk, y):
     """Test-mode BN of x (N, C, P) into y: (x - mean) * (gamma * invstd) + beta."""
     m64, a64, b64 = _eval_terms(gamma, beta, mean, invstd)
@@ -366,7 +366,7 @@ def train_forward_rows(x, gamma, beta, eps, R, y, mean, var, invstd):
     _affine_rows(x, m64, a64, b64, R, y)
 
 
-@kernel(error_model="numpy")
+@kernel(parallel=False, error_model="numpy")   # the parallel loop is the callee's
 def eval_forward_rows(x, gamma, beta, mean, invstd, R, y):
     """Test-mode BN of the rows of x (M, C) into y: (x - mean) * (gamma * invstd) + beta."""
     m64, a64, b64 = _eval_terms(gamma, beta, mean, invstd)
