@@ -253,12 +253,18 @@ def _parse(x, gamma, beta, bn_param, op, what):
             raise ValueError(f"{what} in test mode needs bn_param['running_mean'] and "
                              "['running_var'] (run a train step first or set them)")
         if xp is np:  # values are checked on the host only: on CuPy it would synchronize
-            if not (np.isfinite(rm).all() and np.isfinite(rv).all()):
-                raise ValueError(f"{what} in test mode needs finite running statistics, got "
-                                 f"running_mean {rm!r} and running_var {rv!r}")
-            if (rv < 0).any():
-                raise ValueError(f"{what} in test mode needs running_var >= 0, got {rv!r}")
+            _check_running_values(rm, rv, what)
     return xp, mode, float(eps), float(momentum), convention, comm, gamma, beta, data_format
+
+
+def _check_running_values(rm, rv, what):
+    """Test mode on NumPy: finite running statistics and running_var >= 0 (every call, also
+    when the rest of the checks come from _CHECKED)."""
+    if not (np.isfinite(rm).all() and np.isfinite(rv).all()):
+        raise ValueError(f"{what} in test mode needs finite running statistics, got "
+                         f"running_mean {rm!r} and running_var {rv!r}")
+    if (rv < 0).any():
+        raise ValueError(f"{what} in test mode needs running_var >= 0, got {rv!r}")
 
 
 # --------------------------------------------------------------- communicator helpers
@@ -434,8 +440,9 @@ def kernel_fallback_reason(shape):
 # (mode, eps, momentum, convention, layout). That is everything _parse and the layout
 # decision read (the layout follows from shape and strides), so a warm call costs the key,
 # one lookup and get_array_module (which still checks the arrays' kinds and devices). Not
-# stored: calls with a communicator, integer gamma/beta (cast per call), NumPy test mode
-# (its running statistics' values are checked per call) and any value of another class.
+# stored: calls with a communicator, integer gamma/beta (cast per call) and any value of
+# another class. NumPy test mode is stored; its running statistics' values are still checked
+# on every call (_check_running_values).
 _CHECKED = {}
 _SCALARS = frozenset({str, float, int, bool, np.float64, np.float32, np.float16, np.int64,
                       np.int32})
@@ -474,8 +481,10 @@ def _checked(x, gamma, beta, bn_param, op, what):
         except (AttributeError, TypeError):   # not arrays, or an unhashable value
             key = hit = None
         if hit is not None:
-            xp = get_array_module(x, gamma, beta, bn_param.get("running_mean"),
-                                  bn_param.get("running_var"))
+            rm, rv = bn_param.get("running_mean"), bn_param.get("running_var")
+            xp = get_array_module(x, gamma, beta, rm, rv)
+            if xp is np and hit[0] == "test":
+                _check_running_values(rm, rv, what)
             return (xp, hit[0], hit[1], hit[2], hit[3], None, gamma, beta, hit[4])
     xp, mode, eps, momentum, convention, comm, g, b, layout = _parse(
         x, gamma, beta, bn_param, op, what)
@@ -483,8 +492,7 @@ def _checked(x, gamma, beta, bn_param, op, what):
         layout = "channels_first"     # (N, D) has one layout
     elif layout == "channels_first" and channels_last_strided(x):
         layout = "channels_last_strided"
-    if (key is not None and comm is None and g is gamma and b is beta
-            and not (xp is np and mode == "test")):
+    if key is not None and comm is None and g is gamma and b is beta:
         if len(_CHECKED) >= 1024:
             _CHECKED.clear()
         _CHECKED[key] = (mode, eps, momentum, convention, layout)

@@ -208,6 +208,21 @@ def test_test_mode_running_statistics_are_checked(change, exc, match):
         _bn(bp)
 
 
+@pytest.mark.parametrize("change,match", [
+    (dict(running_mean=np.array([0.0, np.nan, 0.0])), "finite"),
+    (dict(running_var=np.array([1.0, np.inf, 1.0])), "finite"),
+    (dict(running_var=np.array([1.0, -1e-3, 1.0])), ">= 0")])
+def test_test_mode_running_values_are_checked_after_a_cached_call(change, match):
+    # the same kinds of inputs passed before (their checks are cached): the values of the
+    # running statistics are still checked on every NumPy call
+    bp = {"mode": "test", "running_mean": np.zeros(3), "running_var": np.ones(3)}
+    _bn(dict(bp))
+    _bn(dict(bp))
+    bp.update(change)
+    with pytest.raises(ValueError, match=match):
+        _bn(bp)
+
+
 def test_list_running_mean_names_its_type_in_train_mode():
     with pytest.raises(TypeError, match="got list"):
         _bn({"mode": "train", "running_mean": [0.0, 0.0, 0.0]})
