@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))   # harness.py
 try:
     import gpulayers as gl
     import harness as B
+    from gpulayers.distributed import LocalComm
 except Exception as _exc:  # still leave a results JSON that says why
     _out = os.environ.get("OUT") or "./gpu_check_out"
     os.makedirs(_out, exist_ok=True)
@@ -237,8 +238,10 @@ def compare_pool(dev, shape, params, dtype, rng, rows):
                      "unit": "differing elements"})
 
 
-def _bn_all(fwd, bwd, x, gamma, beta, dout, mode):
+def _bn_all(fwd, bwd, x, gamma, beta, dout, mode, comm=None):
     p = dict(BN, mode="train")
+    if comm is not None:   # synchronized BN: its own kernels (bn_stats_merge, one collective)
+        p["comm"] = comm
     out, cache = fwd(x, gamma, beta, p)
     dx, dgamma, dbeta = bwd(dout, cache)
     if mode == "train":
@@ -269,6 +272,9 @@ def compare_bn(dev, shape, dtype, rng, rows):
                               *dev_args, mode),
             "xp": _bn_all(gl.spatial_batchnorm_forward_general,
                           gl.spatial_batchnorm_backward_general, *dev_args, mode),
+            "sync kernel (LocalComm)": _bn_all(
+                gl.spatial_batchnorm_forward, gl.spatial_batchnorm_backward, *dev_args, mode,
+                comm=LocalComm()),
             "numpy": _bn_all(gl.spatial_batchnorm_forward, gl.spatial_batchnorm_backward,
                              x, g, b, d, mode),
         }
