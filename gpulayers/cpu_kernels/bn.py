@@ -74,6 +74,14 @@ def row_block(M, C):
 # ------------------------------------------------------------------------------- planes
 
 
+@kernel(parallel=False, inline="always")
+def _unit(u, K, C, P, chunk):
+    """(n, c, start, stop) of planes unit u: chunk u % K of plane u // K = n*C + c."""
+    i = u // K
+    s = (u - i * K) * chunk
+    return i // C, i % C, s, min(P, s + chunk)
+
+
 @kernel(error_model="numpy")
 def train_forward_planes(x, gamma, beta, eps, chunk, ratio_max, y, mean, var, invstd):
     """Train-mode BN of x (N, C, P) into y (N, C, P), one prange iteration per chunk.
@@ -88,12 +96,7 @@ def train_forward_planes(x, gamma, beta, eps, chunk, ratio_max, y, mean, var, in
     mu = np.empty(U)
     m2 = np.empty(U)
     for u in prange(U):
-        i = u // K
-        k = u - i * K
-        n = i // C
-        c = i - n * C
-        s = k * chunk
-        e = min(P, s + chunk)
+        n, c, s, e = _unit(u, K, C, P, chunk)
         piv = np.float64(x[0, c, 0])
         row = x[n, c, s:e]
         L = e - s
@@ -181,16 +184,12 @@ def _affine_planes(x, m64, a64, b64, chunk, y):
     N, C, P = x.shape
     K = (P + chunk - 1) // chunk
     for u in prange(N * C * K):
-        i = u // K
-        k = u - i * K
-        c = i % C
-        s = k * chunk
-        e = min(P, s + chunk)
+        n, c, s, e = _unit(u, K, C, P, chunk)
         mc = m64[c]
         ac = a64[c]
         bc = b64[c]
-        row = x[i // C, c, s:e]
-        out = y[i // C, c, s:e]
+        row = x[n, c, s:e]
+        out = y[n, c, s:e]
         for j in range(e - s):
             out[j] = (row[j] - mc) * ac + bc
 
@@ -216,12 +215,7 @@ def backward_planes(d, x, gamma, mean, invstd, train, chunk, dx, dgamma, dbeta):
     sb = np.empty(U)
     sg = np.empty(U)
     for u in prange(U):
-        i = u // K
-        k = u - i * K
-        n = i // C
-        c = i - n * C
-        s = k * chunk
-        e = min(P, s + chunk)
+        n, c, s, e = _unit(u, K, C, P, chunk)
         mc = np.float64(mean[c])
         xr = x[n, c, s:e]
         dr = d[n, c, s:e]
@@ -270,12 +264,7 @@ def backward_planes(d, x, gamma, mean, invstd, train, chunk, dx, dgamma, dbeta):
         k2[c] = -a * ic * tg / count
         k3[c] = -a * tb / count
     for u in prange(U):
-        i = u // K
-        k = u - i * K
-        n = i // C
-        c = i - n * C
-        s = k * chunk
-        e = min(P, s + chunk)
+        n, c, s, e = _unit(u, K, C, P, chunk)
         a = a64[c]
         dr = d[n, c, s:e]
         out = dx[n, c, s:e]
