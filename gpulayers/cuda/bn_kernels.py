@@ -739,26 +739,34 @@ def bn_backward_gpu(dout, x, gamma, mean, invstd, train, mean_lo=None):
     return _backward(dout, x, gamma, mean, invstd, train, mean_lo)
 
 
-def _backward(dout, x, gamma, mean, invstd, train, mean_lo=None, shape4=None):
-    """bn_backward_gpu; ``shape4`` as _check_x, for x and dout (dx then has x's shape)."""
-    import cupy
+def _check_dout_x(dout, x, shape4):
+    """(stats dtype, shape4) of a backward launcher's x and dout (one shape and dtype), or
+    the checks' errors; shape4 as _check_x (None: x's own shape)."""
     sd = _check_x(x, "x", shape4)
     _check_x(dout, "dout", shape4)
     if dout.shape != x.shape or dout.dtype != x.dtype:
         raise ValueError(f"dout must match x: got dout {tuple(dout.shape)} {dout.dtype}, "
                          f"x {tuple(x.shape)} {x.dtype}")
-    if shape4 is None:
-        shape4 = x.shape
+    return sd, (x.shape if shape4 is None else shape4)
+
+
+def _stat_params(C, sd, nd, gamma, mean, invstd, mean_lo):
+    """gamma, mean, invstd and mean_lo (None stays None) as _channel_param makes them."""
+    return tuple(None if a is None else _channel_param(a, C, sd, name, nd)
+                 for name, a in (("gamma", gamma), ("mean", mean), ("invstd", invstd),
+                                 ("mean_lo", mean_lo)))
+
+
+def _backward(dout, x, gamma, mean, invstd, train, mean_lo=None, shape4=None):
+    """bn_backward_gpu; ``shape4`` as _check_x, for x and dout (dx then has x's shape)."""
+    import cupy
+    sd, shape4 = _check_dout_x(dout, x, shape4)
     nd = cupy.ndarray
     dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo)
     with on_device:
         x, dout = _contiguous(x), _contiguous(dout)
         C = shape4[1]
-        gamma = _channel_param(gamma, C, sd, "gamma", nd)
-        mean = _channel_param(mean, C, sd, "mean", nd)
-        invstd = _channel_param(invstd, C, sd, "invstd", nd)
-        if mean_lo is not None:
-            mean_lo = _channel_param(mean_lo, C, sd, "mean_lo", nd)
+        gamma, mean, invstd, mean_lo = _stat_params(C, sd, nd, gamma, mean, invstd, mean_lo)
         p = _prepared(shape4, x.dtype, vectors_allowed(x, dout), dev)
         dx = cupy.ndarray(x.shape, x.dtype)
         part = cupy.ndarray((p.part_size,), sd)
@@ -1111,22 +1119,13 @@ def sync_backward_shares_gpu(dout, x, gamma, mean, invstd, mean_lo, shape4=None)
       mean_lo))] over this rank's values, per channel (dbeta, dgamma)
     """
     import cupy
-    sd = _check_x(x, "x", shape4)
-    _check_x(dout, "dout", shape4)
-    if dout.shape != x.shape or dout.dtype != x.dtype:
-        raise ValueError(f"dout must match x: got dout {tuple(dout.shape)} {dout.dtype}, "
-                         f"x {tuple(x.shape)} {x.dtype}")
-    if shape4 is None:
-        shape4 = x.shape
+    sd, shape4 = _check_dout_x(dout, x, shape4)
     nd = cupy.ndarray
     C = shape4[1]
     dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo)
     with on_device:
         x, dout = _contiguous(x), _contiguous(dout)
-        gamma = _channel_param(gamma, C, sd, "gamma", nd)
-        mean = _channel_param(mean, C, sd, "mean", nd)
-        invstd = _channel_param(invstd, C, sd, "invstd", nd)
-        mean_lo = _channel_param(mean_lo, C, sd, "mean_lo", nd)
+        gamma, mean, invstd, mean_lo = _stat_params(C, sd, nd, gamma, mean, invstd, mean_lo)
         p = _prepared(shape4, x.dtype, vectors_allowed(x, dout), dev)
         part = cupy.ndarray((p.part_size,), sd)
         shares = cupy.ndarray((2, C), sd)
@@ -1157,10 +1156,7 @@ def sync_backward_dx_gpu(dout, x, gamma, mean, invstd, mean_lo, totals, count, s
     dev, on_device = _device(dout, x, gamma, mean, invstd, mean_lo, totals)
     with on_device:
         x, dout = _contiguous(x), _contiguous(dout)
-        gamma = _channel_param(gamma, C, sd, "gamma", nd)
-        mean = _channel_param(mean, C, sd, "mean", nd)
-        invstd = _channel_param(invstd, C, sd, "invstd", nd)
-        mean_lo = _channel_param(mean_lo, C, sd, "mean_lo", nd)
+        gamma, mean, invstd, mean_lo = _stat_params(C, sd, nd, gamma, mean, invstd, mean_lo)
         t = totals.reshape(2, C)
         sums = cupy.ndarray((2, C), sd)   # the dx kernel's one slot: sum(dout), sum(dout*xmu)
         sums[0] = t[0]
