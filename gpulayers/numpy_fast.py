@@ -14,7 +14,7 @@ import numpy as np
 from . import cpu_kernels
 from .cpu_kernels import bn as _bnk   # imports no numba: its kernels compile on first call
 
-__all__ = ["bn_train_forward", "bn_eval_forward", "bn_backward"]
+__all__ = ["bn_train_forward", "bn_eval_forward", "bn_eval_forward_running", "bn_backward"]
 
 #: BN (all four ops): from the *_FORWARD_MIN / *_BACKWARD_MIN sizes on, float32/64 run the
 #: compiled kernels (gpulayers.cpu_kernels.bn) while cpu_kernels.enabled(); below them,
@@ -146,6 +146,46 @@ def bn_eval_forward(x, gamma, beta, mean, invstd, sd):
     _bnk.eval_forward_planes.run(x.size, x3, gamma, beta, mean, invstd,
                                  _bnk.plane_chunk(x3.shape[2]), out.reshape(x3.shape))
     return out
+
+
+def bn_eval_forward_running_takes(x):
+    """True when :func:`bn_eval_forward_running` would run the kernel on x now (C-contiguous
+    float32/64 NumPy x of at least ``BN_EVAL_FORWARD_MIN`` elements, the kernels on)."""
+    return (x.__class__ is np.ndarray and x.ndim >= 3 and x.dtype in _bnk.DTYPES
+            and x.size >= BN_EVAL_FORWARD_MIN and x.flags.c_contiguous
+            and cpu_kernels.enabled())
+
+
+def bn_eval_forward_running(x, gamma, beta, rm, rv, eps):
+    """Spatial BN test-mode forward straight from the running statistics: the warmed call
+    (batchnorm._forward_warm) of a forward whose checked call ran bn_eval_forward's kernel.
+
+    Inputs:
+    - x: C-contiguous float32/64 array (N, C, *spatial)
+    - gamma, beta, rm, rv: (C,) arrays of x's dtype (the stats dtype of these dtypes)
+    - eps: float
+
+    Returns a tuple of:
+    - out: array shaped like x: the checked path's bits (invstd = 1 / sqrt(rv + eps) in
+      x's dtype, then cpu_kernels.bn.eval_forward_planes)
+    - invstd: (C,) array
+    - gamma: (C,) copy of gamma (for the cache: a later in-place update of gamma must not
+      change the backward)
+    or None where the kernel does not run now (see :func:`bn_eval_forward_running_takes`)
+    or some running statistic is not finite or a running_var is negative: the caller then
+    takes the checked path, which raises its error.
+    """
+    if not bn_eval_forward_running_takes(x):
+        return None
+    N, C = x.shape[:2]
+    P = x.size // (N * C)
+    out = np.empty(x.shape, x.dtype)
+    g, invstd = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    if not _bnk.eval_forward_running_planes.run(
+            x.size, x.reshape(N, C, P), gamma, beta, rm, rv, x.dtype.type(eps),
+            _bnk.plane_chunk(P), out.reshape(N, C, P), g, invstd):
+        return None
+    return out, invstd, g
 
 
 def _planes3(a):

@@ -295,3 +295,20 @@ def test_import_does_not_load_numba():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not cpu_kernels.enabled(), reason=f"CPU kernels unusable: "
+                    f"{cpu_kernels.unusable_reason()}")
+def test_a_callee_stays_callable_after_its_caller_compiles(rng):
+    # eval_forward_running_planes calls eval_forward_planes: compiling the caller must leave
+    # the module's eval_forward_planes a lazy kernel with its .run (callers outside use it)
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y0, y1 = np.empty_like(x), np.empty_like(x)
+    gc, inv = np.empty(3, np.float32), np.empty(3, np.float32)
+    assert K.eval_forward_running_planes.run(x.size, x, g, b, rm, rv, np.float32(1e-5), 40,
+                                             y0, gc, inv)
+    assert isinstance(K.eval_forward_planes, cpu_kernels._LazyKernel)
+    K.eval_forward_planes.run(x.size, x, g, b, rm, inv, 40, y1)
+    np.testing.assert_array_equal(y0, y1)

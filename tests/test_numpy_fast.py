@@ -251,3 +251,139 @@ def test_bn_results_independent_of_memory_layout(rng, dtype, path):
                 assert got.dtype == want.dtype
                 np.testing.assert_array_equal(_bits(got), _bits(want),
                                               err_msg=f"x {name}, dout {dname}")
+
+
+# ------------------------------------------- the warmed NumPy test-mode forward (batchnorm)
+
+_KERNELS_ON = pytest.mark.skipif(not cpu_kernels.enabled(), reason=f"CPU kernels unusable: "
+                                 f"{cpu_kernels.unusable_reason()}")
+
+
+def _eval_inputs(rng, shape, dtype):
+    C = shape[1]
+    x = rng.standard_normal(shape).astype(dtype)
+    g = (rng.random(C) + 0.5).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    p = {"mode": "test", "eps": 1e-5,
+         "running_mean": (0.3 * rng.standard_normal(C)).astype(dtype),
+         "running_var": (rng.random(C) + 0.25).astype(dtype)}
+    return x, g, b, p
+
+
+def _spy_running(monkeypatch):
+    calls = []
+    bnk = numpy_fast._bnk
+    monkeypatch.setattr(bnk, "eval_forward_running_planes",
+                        _KernelSpy(bnk.eval_forward_running_planes, calls))
+    return calls
+
+
+def _same_cache(a, b):
+    assert a._fields == b._fields
+    for name, u, v in zip(a._fields, a, b):
+        if isinstance(u, np.ndarray):
+            assert isinstance(v, np.ndarray) and u.dtype == v.dtype, name
+            np.testing.assert_array_equal(_bits(u), _bits(v), err_msg=name)
+        else:
+            assert u == v, name
+
+
+@_KERNELS_ON
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 8, 16, 16), (2, 8, 8, 8, 8), (4, 8, 512)],
+                         ids=["2d", "3d", "1d"])
+def test_warm_eval_forward_is_the_checked_call(rng, monkeypatch, shape, dtype):
+    # a repeated NumPy test-mode call runs one kernel straight from the running statistics
+    # (batchnorm._forward_warm); output, cache and backward are the checked call's bits
+    from gpulayers import batchnorm
+    monkeypatch.setattr(batchnorm, "_WARM", {})
+    calls = _spy_running(monkeypatch)
+    x, g, b, p = _eval_inputs(rng, shape, dtype)
+    assert x.size >= numpy_fast.BN_EVAL_FORWARD_MIN
+    before = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+    y0, c0 = G.spatial_batchnorm_forward(x, g, b, p)    # checked; registers the warm call
+    assert calls == []
+    y1, c1 = G.spatial_batchnorm_forward(x, g, b, p)    # warm
+    assert calls == ["eval_forward_running_planes"]
+    y2, c2 = batchnorm._forward_checked(x, g, b, p, "spatial_batchnorm_forward",
+                                        "spatial_batchnorm_forward", True)
+    for y, c in ((y1, c1), (y2, c2)):
+        np.testing.assert_array_equal(_bits(y), _bits(y0))
+        _same_cache(c, c0)
+    assert c1.path == "numpy_fast" and not c1.train
+    dout = rng.standard_normal(shape).astype(dtype)
+    d0, d1 = G.spatial_batchnorm_backward(dout, c0), G.spatial_batchnorm_backward(dout, c1)
+    for u, v in zip(d0, d1):
+        np.testing.assert_array_equal(_bits(u), _bits(v))
+    # nothing given was changed, and the cache owns its gamma
+    for k, v in before.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(p[k], v)
+            assert p[k].dtype == v.dtype
+        else:
+            assert p[k] == v
+    g_old = g.copy()
+    g *= 3
+    np.testing.assert_array_equal(c1.gamma, g_old)
+
+
+@_KERNELS_ON
+@pytest.mark.parametrize("key, value, match", [
+    ("running_mean", np.nan, "finite running statistics"),
+    ("running_mean", -np.inf, "finite running statistics"),
+    ("running_var", np.inf, "finite running statistics"),
+    ("running_var", np.nan, "finite running statistics"),
+    ("running_var", -0.5, r"running_var >= 0"),
+])
+def test_warm_eval_forward_still_checks_running_values(rng, monkeypatch, key, value, match):
+    # the warm call's kernel checks the running statistics' values; on a bad one it writes
+    # nothing and the checked call raises its error
+    from gpulayers import batchnorm
+    monkeypatch.setattr(batchnorm, "_WARM", {})
+    calls = _spy_running(monkeypatch)
+    x, g, b, p = _eval_inputs(rng, (4, 8, 16, 16), np.float32)
+    G.spatial_batchnorm_forward(x, g, b, p)
+    G.spatial_batchnorm_forward(x, g, b, p)
+    assert len(calls) == 1
+    p[key][3] = value
+    with pytest.raises(ValueError, match=match):
+        G.spatial_batchnorm_forward(x, g, b, p)
+    assert len(calls) == 2   # the warm kernel ran, declined, and the checked path raised
+    p[key][3] = 1.0
+    G.spatial_batchnorm_forward(x, g, b, p)
+    assert len(calls) == 3
+
+
+@_KERNELS_ON
+def test_warm_eval_forward_declines_what_it_does_not_take(rng, monkeypatch):
+    # kernels switched off, a threshold above x's size, running statistics in another dtype
+    # or a non-contiguous x: the checked call runs (and gives its result)
+    from gpulayers import batchnorm
+    monkeypatch.setattr(batchnorm, "_WARM", {})
+    calls = _spy_running(monkeypatch)
+    x, g, b, p = _eval_inputs(rng, (4, 8, 16, 16), np.float32)
+    G.spatial_batchnorm_forward(x, g, b, p)
+    y_ref, _ = G.spatial_batchnorm_forward(x, g, b, p)
+    assert len(calls) == 1
+    old = cpu_kernels.set_enabled(False)
+    try:
+        y, c = G.spatial_batchnorm_forward(x, g, b, p)
+    finally:
+        cpu_kernels.set_enabled(old)
+    assert len(calls) == 1
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(numpy_fast, "BN_EVAL_FORWARD_MIN", x.size + 1)
+    y, c = G.spatial_batchnorm_forward(x, g, b, p)
+    assert len(calls) == 1
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(numpy_fast, "BN_EVAL_FORWARD_MIN", 0)
+    p64 = dict(p, running_mean=p["running_mean"].astype(np.float64))
+    for _ in range(2):
+        y, c = G.spatial_batchnorm_forward(x, g, b, p64)
+    assert len(calls) == 1
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    xs = np.asfortranarray(x)
+    for _ in range(2):
+        y, c = G.spatial_batchnorm_forward(xs, g, b, p)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(y, y_ref)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 __all__ = ["kernel", "enabled", "set_enabled", "unusable_reason", "numba_module",
            "SERIAL_BELOW", "threads"]
@@ -82,13 +83,20 @@ class _LazyKernel:
             numba = numba_module()
             if numba is None:
                 raise RuntimeError(f"gpulayers CPU kernel {self.py_func.__name__}: {unusable_reason()}")
-            g = self.py_func.__globals__
+            fn = self.py_func
+            g = fn.__globals__
             g["prange"] = numba.prange
-            for name in self.py_func.__code__.co_names:
-                # kernels calling kernels: numba must see the callee's dispatcher
-                if isinstance(g.get(name), _LazyKernel):
-                    g[name] = g[name].compiled()
-            self._compiled = numba.njit(cache=True, nogil=True, **self._options)(self.py_func)
+            # kernels calling kernels: numba must see the callee's dispatcher. It compiles
+            # a twin of the function whose globals name the dispatchers, so the module
+            # keeps its _LazyKernel objects (callers outside use their .run)
+            callees = {name: g[name].compiled() for name in fn.__code__.co_names
+                       if isinstance(g.get(name), _LazyKernel)}
+            if callees:
+                fn = types.FunctionType(fn.__code__, {**g, **callees}, fn.__name__,
+                                        fn.__defaults__, fn.__closure__)
+                fn.__qualname__ = self.py_func.__qualname__
+                fn.__module__ = self.py_func.__module__
+            self._compiled = numba.njit(cache=True, nogil=True, **self._options)(fn)
         return self._compiled
 
     def __call__(self, *args):

@@ -40,7 +40,8 @@ from . import kernel
 prange = range   # numba.prange once compiled (see gpulayers.cpu_kernels)
 
 __all__ = ["DTYPES", "PLANE_CHUNK", "ROW_BLOCK", "plane_chunk", "row_block",
-           "train_forward_planes", "eval_forward_planes", "backward_planes",
+           "train_forward_planes", "eval_forward_planes", "eval_forward_running_planes",
+           "backward_planes",
            "train_forward_rows", "eval_forward_rows", "backward_rows"]
 
 #: the array dtypes the kernels take
@@ -199,6 +200,25 @@ def eval_forward_planes(x, gamma, beta, mean, invstd, chunk, y):
     """Test-mode BN of x (N, C, P) into y: (x - mean) * (gamma * invstd) + beta."""
     m64, a64, b64 = _eval_terms(gamma, beta, mean, invstd)
     _affine_planes(x, m64, a64, b64, chunk, y)
+
+
+@kernel(parallel=False, error_model="numpy")   # the parallel loop is the callee's
+def eval_forward_running_planes(x, gamma, beta, rm, rv, eps, chunk, y, g, invstd):
+    """Test-mode BN of x (N, C, P) into y from the running statistics themselves: when
+    every rm and rv is finite and rv >= 0, writes invstd = 1 / sqrt(rv + eps) in rv's
+    dtype (``eps`` a scalar of that dtype: NumPy's own rounding steps), g = a copy of
+    gamma and y as eval_forward_planes, and returns True; otherwise writes nothing and
+    returns False."""
+    C = gamma.shape[0]
+    for c in range(C):
+        if not (np.isfinite(rm[c]) and np.isfinite(rv[c])) or rv[c] < 0:
+            return False
+    one = rv.dtype.type(1)
+    for c in range(C):
+        invstd[c] = one / np.sqrt(rv[c] + eps)
+        g[c] = gamma[c]
+    eval_forward_planes(x, gamma, beta, rm, invstd, chunk, y)
+    return True
 
 
 @kernel(error_model="numpy")
