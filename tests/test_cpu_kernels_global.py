@@ -117,3 +117,43 @@ def test_public_op_layouts_bitwise(enabled, dtype, shape):
     np.testing.assert_allclose(out.astype(np.float64).reshape(shape[:2]), ref, rtol=tol,
                                atol=tol)
     assert np.array_equal(x.view(np.uint8), x_copy.view(np.uint8))
+
+
+def _emulated(x):
+    """The documented order in Python floats: x (R, P) -> (R,) float64."""
+    out = np.empty(x.shape[0])
+    for r, row in enumerate(x.astype(np.float64)):
+        lanes = [0.0] * 8
+        for p, v in enumerate(row):
+            lanes[p % 8] += float(v)
+        while len(lanes) > 1:
+            lanes = [lanes[2 * j] + lanes[2 * j + 1] for j in range(len(lanes) // 2)]
+        out[r] = lanes[0]
+    return out
+
+
+@pytest.mark.parametrize("R", [1, 7, global_pool.ROWS, global_pool.ROWS + 1,
+                               2 * global_pool.ROWS + 3])
+@pytest.mark.parametrize("P", [1, 7, 8, 9, 43])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vector_paths_follow_the_order(R, P, dtype):
+    # the channels-first vector intrinsic (ROWS rows a call, a masked tail of P % 8) and
+    # its scalar remainder rows, and the channels-last blocks (a masked channel tail): every
+    # sum is the emulated order's bits
+    rng = np.random.default_rng(R * 100 + P)
+    x = (rng.standard_normal((1, R, P)) * np.exp(rng.uniform(-15, 15, (1, R, P)))).astype(dtype)
+    want = _emulated(x[0])
+    assert np.array_equal(global_pool.plane_sums(x, 1, R, P, False)[0], want)
+    assert np.array_equal(global_pool.plane_sums(_cl(x), 1, R, P, True)[0], want)
+
+
+@pytest.mark.parametrize("P", [15, 16])
+def test_signed_zero_planes(P):
+    # the lanes start at +0.0, so a plane of -0.0 sums to +0.0 (as the emulated order),
+    # whatever the masked loads put in the lanes they leave out
+    R = 2 * global_pool.ROWS + 1
+    x = np.full((1, R, P), -0.0, np.float32)
+    x[0, 1::2, P // 2] = 0.0
+    for s in (global_pool.plane_sums(x, 1, R, P, False)[0],
+              global_pool.plane_sums(_cl(x), 1, R, P, True)[0]):
+        assert np.array_equal(s, _emulated(x[0])) and not np.signbit(s).any()

@@ -17,8 +17,8 @@ import functools
 import os
 import types
 
-__all__ = ["kernel", "enabled", "set_enabled", "unusable_reason", "numba_module",
-           "SERIAL_BELOW", "threads"]
+__all__ = ["kernel", "LazyIntrinsic", "enabled", "set_enabled", "unusable_reason",
+           "numba_module", "SERIAL_BELOW", "threads"]
 
 #: below this many elements of work, :meth:`_LazyKernel.run` keeps a kernel on the calling
 #: thread. On a quiet machine a parallel region costs under a microsecond more (plane sums,
@@ -86,11 +86,11 @@ class _LazyKernel:
             fn = self.py_func
             g = fn.__globals__
             g["prange"] = numba.prange
-            # kernels calling kernels: numba must see the callee's dispatcher. It compiles
-            # a twin of the function whose globals name the dispatchers, so the module
-            # keeps its _LazyKernel objects (callers outside use their .run)
+            # kernels calling kernels (or intrinsics): numba must see the callee's dispatcher
+            # (or the made intrinsic). It compiles a twin of the function whose globals name
+            # them, so the module keeps its lazy objects (callers outside use their .run)
             callees = {name: g[name].compiled() for name in fn.__code__.co_names
-                       if isinstance(g.get(name), _LazyKernel)}
+                       if isinstance(g.get(name), (_LazyKernel, LazyIntrinsic))}
             if callees:
                 fn = types.FunctionType(fn.__code__, {**g, **callees}, fn.__name__,
                                         fn.__defaults__, fn.__closure__)
@@ -118,6 +118,22 @@ class _LazyKernel:
             return f(*args)
         finally:
             put(old)
+
+
+class LazyIntrinsic:
+    """A numba intrinsic (LLVM code a kernel calls like a function), made by ``build()``
+    -- which may import numba and llvmlite -- when the first kernel calling it compiles.
+    A module defines it beside the kernels that call it, so numba's cache of those
+    kernels is invalidated with the intrinsic's source."""
+
+    def __init__(self, build):
+        self._build = build
+        self._made = None
+
+    def compiled(self):
+        if self._made is None:
+            self._made = self._build()
+        return self._made
 
 
 _THREADS = {}   # GPULAYERS_NUM_THREADS's value -> the thread count
