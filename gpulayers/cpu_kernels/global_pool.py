@@ -7,7 +7,8 @@ therefore give the same bits, and the channels-last sum needs no transposed copy
 
 numba does not vectorise these loops by itself (a lane's chain is a loop-carried float
 sum, which LLVM only vectorises when allowed to reorder it), so the hot loops are two
-intrinsics that write the vector code out (:func:`_build_rows_cf`, :func:`_build_add_f64`):
+intrinsics that write the vector code out (:func:`_build_rows_cf`, :func:`_build_add_f64`,
+with gpulayers.cpu_kernels.simd's IR helpers):
 
 - channels-first: a plane is a row of x. ``ROWS`` rows at a time, each row's 8 lanes
   are one <8 x double> register (8 independent chains, so the adds pipeline); the last
@@ -25,96 +26,23 @@ from __future__ import annotations
 import numpy as np
 
 from . import LazyIntrinsic, kernel
+from .simd import LANES, ir_helpers
 
 prange = range   # numba.prange at compile time (gpulayers.cpu_kernels.kernel)
 
-#: interleaved partial sums per plane
-LANES = 8
+# LANES (from simd): the interleaved partial sums per plane, 8 = the width of the vector
+# helpers' registers; the tests pin the order with 8
+
 #: channels-first rows one intrinsic call sums (independent register chains)
 ROWS = 8
 #: channels per channels-last block (its LANES x CHANNELS float64 accumulators: 4 KiB)
 CHANNELS = 64
 
 
-def _vector_helpers():
-    """What the two intrinsics share, as attributes: llvmlite's ``ir``, numba's ``types``,
-    ``cgutils`` and ``intrinsic`` (imported here: only when their kernels first compile),
-    and small IR helpers."""
-    import types as pytypes
-
-    from llvmlite import ir
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-    f32, f64 = ir.FloatType(), ir.DoubleType()
-    v8d = ir.VectorType(f64, LANES)
-
-    def suffix(elt):
-        return "f32" if elt == f32 else "f64"
-
-    def masked_load(builder, ptr, elt, mask, fill):
-        """8 elements of elt at ptr, llvm.masked.load: lanes off in ``mask`` read nothing
-        and give ``fill``."""
-        vt = ir.VectorType(elt, LANES)
-        fnty = ir.FunctionType(vt, [vt.as_pointer(), i32, ir.VectorType(i1, LANES), vt])
-        fn = cgutils.get_or_insert_function(
-            builder.module, fnty, f"llvm.masked.load.v{LANES}{suffix(elt)}.p0v{LANES}"
-                                  f"{suffix(elt)}")
-        return builder.call(fn, [builder.bitcast(ptr, vt.as_pointer()),
-                                 ir.Constant(i32, 4 if elt == f32 else 8), mask,
-                                 ir.Constant(vt, [fill] * LANES)])
-
-    def masked_store(builder, value, ptr, mask):
-        """<8 x double> value to ptr, llvm.masked.store: lanes off in ``mask`` not written."""
-        fnty = ir.FunctionType(ir.VoidType(), [v8d, v8d.as_pointer(), i32,
-                                               ir.VectorType(i1, LANES)])
-        fn = cgutils.get_or_insert_function(builder.module, fnty,
-                                            f"llvm.masked.store.v{LANES}f64.p0v{LANES}f64")
-        builder.call(fn, [value, builder.bitcast(ptr, v8d.as_pointer()), ir.Constant(i32, 8),
-                          mask])
-
-    def lanes_below(builder, n):
-        """<8 x i1>: lane l on where l < n (an i64)."""
-        iota = ir.Constant(ir.VectorType(i64, LANES), list(range(LANES)))
-        one = builder.insert_element(ir.Constant(ir.VectorType(i64, LANES), None), n,
-                                     ir.Constant(i32, 0))
-        splat = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, LANES),
-                                                             [0] * LANES))
-        return builder.icmp_signed("<", iota, splat)
-
-    def load_f64(builder, ptr, elt, mask=None):
-        """8 elements of elt (float or double) at ptr as <8 x double>; with ``mask``, the
-        lanes off read nothing and give -0.0 (x + -0.0 == x, bits included)."""
-        if mask is None:
-            vt = ir.VectorType(elt, LANES)
-            v = builder.load(builder.bitcast(ptr, vt.as_pointer()),
-                             align=4 if elt == f32 else 8)
-        else:
-            v = masked_load(builder, ptr, elt, mask, -0.0)
-        return builder.fpext(v, v8d) if elt == f32 else v
-
-    def arrays_ok(src, dst):
-        """Typing: src a float32/64 array, dst a float64 array."""
-        return (isinstance(src, types.Array) and src.dtype in (types.float32, types.float64)
-                and isinstance(dst, types.Array) and dst.dtype == types.float64)
-
-    def data(context, builder, ty, value, elt):
-        """An array argument's data pointer as elt*."""
-        return builder.bitcast(context.make_array(ty)(context, builder, value).data,
-                               elt.as_pointer())
-
-    return pytypes.SimpleNamespace(
-        ir=ir, types=types, cgutils=cgutils, intrinsic=intrinsic, i32=i32, i64=i64, f64=f64,
-        v8d=v8d, masked_load=masked_load, masked_store=masked_store, lanes_below=lanes_below,
-        load_f64=load_f64, arrays_ok=arrays_ok, data=data)
-
-
 def _build_rows_cf():
     """Intrinsic ``rows_cf(src, base, P, out, o)``: out[o + b] = the plane sum of the row
     of P elements at src[base + b * P], for b < ROWS (src 1-D float32/64, out 1-D float64)."""
-    V = _vector_helpers()
+    V = ir_helpers()
     ir, i32, i64 = V.ir, V.i32, V.i64
 
     @V.intrinsic
@@ -167,7 +95,7 @@ def _build_add_f64():
     """Intrinsic ``add_f64(acc, a, src, s, n)``: acc[a + k] += src[s + k] for k < n, in
     float64 (acc float64, src float32/64, both 1-D), 8 elements a vector op, the last
     n % 8 by masked loads and a masked store."""
-    V = _vector_helpers()
+    V = ir_helpers()
     ir, i64 = V.ir, V.i64
 
     @V.intrinsic
