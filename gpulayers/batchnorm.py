@@ -1103,9 +1103,10 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param):
     - out: array shaped like x, dtype of x
     - cache: BatchNormCache for spatial_batchnorm_backward
     """
-    if bn_param.__class__ is dict and (x.__class__ is not np.ndarray
-                                       or bn_param.get("mode") == "test"):
-        # CuPy, or NumPy test mode: maybe a warmed call
+    if bn_param.__class__ is dict and (
+            x.__class__ is not np.ndarray
+            or (bn_param.get("mode") == "test" and x.size >= numpy_fast.BN_EVAL_FORWARD_MIN)):
+        # CuPy, or NumPy test mode on the CPU kernel's sizes: maybe a warmed call
         return _forward_warm(x, gamma, beta, bn_param, _SPATIAL, _SPATIAL)
     return _forward(x, gamma, beta, bn_param, _SPATIAL, _SPATIAL, kernels=True)
 
