@@ -123,8 +123,9 @@ class _LazyKernel:
 class LazyIntrinsic:
     """A numba intrinsic (LLVM code a kernel calls like a function), made by ``build()``
     -- which may import numba and llvmlite -- when the first kernel calling it compiles.
-    A module defines it beside the kernels that call it, so numba's cache of those
-    kernels is invalidated with the intrinsic's source."""
+    A module defines it (and its builder) beside the kernels that call it, so numba's cache
+    of those kernels is invalidated with the builder's source; the IR helpers the builders
+    share live in gpulayers.cpu_kernels.simd (see its note on the cache)."""
 
     def __init__(self, build):
         self._build = build
