@@ -624,8 +624,30 @@ def adaptive_geometry(x_shape, output_size):
       axis's input size); global pooling is output_size=1
 
     Raises TypeError for output sizes that are not ints or None, ValueError naming the
-    sizes otherwise.
+    sizes otherwise. A tuple shape of ints with an int or a tuple of ints and None as
+    output_size is checked once: its geometry is kept (as pool_geometry keeps its own).
     """
+    key = None
+    if x_shape.__class__ is tuple and all(v.__class__ is int for v in x_shape):
+        oc = output_size.__class__
+        if oc is int or (oc is tuple and all(v is None or v.__class__ is int
+                                             for v in output_size)):
+            key = (x_shape, output_size)
+            geom = _ADAPTIVE_GEOMETRIES.get(key)
+            if geom is not None:
+                return geom
+    geom = _adaptive_geometry(x_shape, output_size)
+    if key is not None:
+        if len(_ADAPTIVE_GEOMETRIES) >= 1024:
+            _ADAPTIVE_GEOMETRIES.clear()
+        _ADAPTIVE_GEOMETRIES[key] = geom
+    return geom
+
+
+_ADAPTIVE_GEOMETRIES = {}
+
+
+def _adaptive_geometry(x_shape, output_size):
     shape = tuple(int(s) for s in x_shape)
     if len(shape) not in (3, 4, 5):
         raise ValueError(f"adaptive pooling expects x of shape (N, C, L), (N, C, H, W) or "

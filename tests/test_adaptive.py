@@ -319,6 +319,26 @@ def test_adaptive_errors_name_sizes():
         P.max_pool_indices(acache)
 
 
+def test_adaptive_geometry_kept_per_shape_and_size():
+    # a checked (shape, output_size) is kept; the same sizes in other types, and bad sizes
+    # after a good one on the same shape, still go through every check
+    from gpulayers import shapes
+    g1 = shapes.adaptive_geometry((2, 3, 5, 6), (2, None))
+    assert shapes.adaptive_geometry((2, 3, 5, 6), (2, None)) is g1
+    assert (g1.out, g1.size) == ((2, 6), (5, 6))
+    g2 = shapes.adaptive_geometry((2, 3, 5, 6), (np.int64(2), None))
+    assert g2 is not g1 and (g2.out, g2.size) == (g1.out, g1.size)
+    assert shapes.adaptive_geometry((2, 3, 5, 6), 2).out == (2, 2)
+    with pytest.raises(TypeError, match="output_size"):
+        shapes.adaptive_geometry((2, 3, 5, 6), True)
+    with pytest.raises(TypeError, match="output_size"):
+        shapes.adaptive_geometry((2, 3, 5, 6), (True, None))
+    with pytest.raises(ValueError, match=r"positive, got \(0, 6\)"):
+        shapes.adaptive_geometry((2, 3, 5, 6), (0, None))
+    with pytest.raises(ValueError, match="non-zero C"):
+        shapes.adaptive_geometry((2, 0, 5, 6), 2)
+
+
 def test_adaptive_max_unpool_round_trip(rng):
     x = rng.permutation(np.linspace(-3, 3, 2 * 3 * 9 * 10)).reshape(2, 3, 9, 10)
     out, cache = P.adaptive_max_pool_forward(x, (4, 3))
