@@ -274,6 +274,19 @@ __device__ __forceinline__ void visit_taps(const T* x, const Window3<Idx>& w, Op
     }
 }
 
+// visit_taps for the *_vec kernels: op(v, k) gets each tap's V channels at x as one Vec load.
+template <typename T, int V, typename Idx, typename Op>
+__device__ __forceinline__ void visit_taps_vec(const T* x, const Window3<Idx>& w, Op& op)
+{
+    for (int a = 0; a < w.n[0]; ++a) {
+        for (int b = 0; b < w.n[1]; ++b) {
+            const Idx row = w.first + a * w.step[0] + b * w.step[1];
+            const unsigned k = w.k0 + a * w.kstep[0] + b * w.kstep[1];
+            for (int c = 0; c < w.n[2]; ++c) op(load_vec<T, V>(x + row + c * w.step[2]), k + c);
+        }
+    }
+}
+
 // The pooling windows along one axis that cover one input position, in ascending tap order:
 // the i-th (i < n) is window win - i*win_step, where the position is its tap tap + i*tap_step.
 struct PoolCover {
@@ -301,6 +314,14 @@ __device__ __forceinline__ PoolCover pool_cover(int pos, const PoolAxis& a)
         ++c.n;
     }
     return c;
+}
+
+// The covers of the input position with coordinates x along the three axes of g.
+__device__ __forceinline__ void pool_covers(const int (&x)[3], const Pool3& g,
+                                            PoolCover (&c)[3])
+{
+#pragma unroll
+    for (int a = 0; a < 3; ++a) c[a] = pool_cover(x[a], g.a[a]);
 }
 
 // The adaptive windows along one axis that cover input position pos, in ascending window
@@ -484,8 +505,8 @@ __global__ void max_pool3d_backward(const T* __restrict__ dout, const Off* __res
         layout.split(i, p, lane);
         int x[3];
         decode3(p, H, W, x);
-        const PoolCover c[3] = {pool_cover(x[0], g.a[0]), pool_cover(x[1], g.a[1]),
-                                pool_cover(x[2], g.a[2])};
+        PoolCover c[3];
+        pool_covers(x, g, c);
         FOR_OUTER(nc) {
             const Idx base = layout.offset(nc, out_plane) + lane;
             MaxGradOp<T, Off, A> op = {dout + base, offsets + base, A(0)};
@@ -539,9 +560,8 @@ __global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ 
         layout.split(i, p, lane);
         int x[3];
         decode3(p, H, W, x);
-        const PoolCover c[3] = {pool_cover(x[0], divisor.g.a[0]),
-                                pool_cover(x[1], divisor.g.a[1]),
-                                pool_cover(x[2], divisor.g.a[2])};
+        PoolCover c[3];
+        pool_covers(x, divisor.g, c);
         FOR_OUTER(nc) {
             AvgGradOp<T, A, PoolDivisor> op = {dout + layout.offset(nc, out_plane) + lane,
                                                divisor, A(0)};
@@ -559,6 +579,37 @@ __global__ void avg_pool3d_backward(const T* __restrict__ dout, T* __restrict__ 
 // its tap (window) order, so the results are those of the scalar channels-last kernels bit for
 // bit. Needs C % V == 0 and the vector arrays aligned (see the header; the launcher checks).
 
+// V scalar forward functors (MaxOp, SumOp), lane j fed channel j of each tap's Vec.
+template <typename Op, int V>
+struct Lanes {
+    Op lane[V];
+    template <typename T>
+    __device__ __forceinline__ void operator()(const Vec<T, V>& v, unsigned k)
+    {
+#pragma unroll
+        for (int j = 0; j < V; ++j) lane[j](to_acc(v.v[j]), k);
+    }
+};
+
+// x-item i of a *_vec kernel as its position p in the plane and the first channel (lane) of
+// its group of V (groups = C / V per position).
+template <typename Idx>
+__device__ __forceinline__ void vec_item(Idx i, Idx groups, int V, Idx& p, Idx& lane)
+{
+    p = i / groups;
+    lane = (i - p * groups) * V;
+}
+
+// V values rounded to T and stored as one Vec at p.
+template <typename T, int V, typename A>
+__device__ __forceinline__ void store_lanes(T* p, const A (&v)[V])
+{
+    Vec<T, V> r;
+#pragma unroll
+    for (int j = 0; j < V; ++j) store(&r.v[j], v[j]);
+    store_vec<T, V>(p, r);
+}
+
 // max_pool3d_forward over V channels per thread: per lane MaxOp from the first tap; out
 // stored as one Vec, offsets scalar.
 template <typename T, typename Off, typename Idx, template <typename> class L = ChannelsLast>
@@ -573,35 +624,26 @@ __global__ void max_pool3d_forward_vec(const T* __restrict__ x, T* __restrict__ 
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
     const Idx groups = (Idx)(C / V);
     FOR_ITEMS(i, out_plane * groups) {
-        const Idx p = i / groups, lane = (i - p * groups) * V;
+        Idx p, lane;
+        vec_item(i, groups, V, p, lane);
         int o[3];
         decode3(p, Ho, Wo, o);
         const Window3<Idx> w = pool_window<Idx>(g, o, layout.pitch());
         FOR_OUTER(nc) {
             const T* xp = x + layout.offset(nc, in_plane) + lane;
             const Vec<T, V> first = load_vec<T, V>(xp + w.first);
-            MaxOp<A> op[V];
+            Lanes<MaxOp<A>, V> op;
 #pragma unroll
-            for (int j = 0; j < V; ++j) op[j] = {to_acc(first.v[j]), w.k0};
-            for (int a = 0; a < w.n[0]; ++a) {
-                for (int b = 0; b < w.n[1]; ++b) {
-                    const Idx row = w.first + a * w.step[0] + b * w.step[1];
-                    const unsigned k = w.k0 + a * w.kstep[0] + b * w.kstep[1];
-                    for (int c = 0; c < w.n[2]; ++c) {
-                        const Vec<T, V> v = load_vec<T, V>(xp + row + c * w.step[2]);
-#pragma unroll
-                        for (int j = 0; j < V; ++j) op[j](to_acc(v.v[j]), k + c);
-                    }
-                }
-            }
+            for (int j = 0; j < V; ++j) op.lane[j] = {to_acc(first.v[j]), w.k0};
+            visit_taps_vec<T, V>(xp, w, op);
             const Idx at = layout.offset(nc, out_plane) + p * layout.pitch() + lane;
-            Vec<T, V> r;
+            A best[V];
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-                store(&r.v[j], op[j].best);
-                offsets[at + j] = (Off)op[j].arg;
+                best[j] = op.lane[j].best;
+                offsets[at + j] = (Off)op.lane[j].arg;
             }
-            store_vec<T, V>(out + at, r);
+            store_lanes<T, V>(out + at, best);
         }
     }
 }
@@ -620,30 +662,22 @@ __global__ void avg_pool3d_forward_vec(const T* __restrict__ x, T* __restrict__ 
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
     const Idx groups = (Idx)(C / V);
     FOR_ITEMS(i, out_plane * groups) {
-        const Idx p = i / groups, lane = (i - p * groups) * V;
+        Idx p, lane;
+        vec_item(i, groups, V, p, lane);
         int o[3];
         decode3(p, Ho, Wo, o);
         const Window3<Idx> w = pool_window<Idx>(divisor.g, o, layout.pitch());
         const A div = (A)divisor(o);
         FOR_OUTER(nc) {
-            const T* xp = x + layout.offset(nc, in_plane) + lane;
-            A sum[V];
+            Lanes<SumOp<A>, V> op;
 #pragma unroll
-            for (int j = 0; j < V; ++j) sum[j] = A(0);
-            for (int a = 0; a < w.n[0]; ++a) {
-                for (int b = 0; b < w.n[1]; ++b) {
-                    const Idx row = w.first + a * w.step[0] + b * w.step[1];
-                    for (int c = 0; c < w.n[2]; ++c) {
-                        const Vec<T, V> v = load_vec<T, V>(xp + row + c * w.step[2]);
+            for (int j = 0; j < V; ++j) op.lane[j].sum = A(0);
+            visit_taps_vec<T, V>(x + layout.offset(nc, in_plane) + lane, w, op);
+            A mean[V];
 #pragma unroll
-                        for (int j = 0; j < V; ++j) sum[j] += to_acc(v.v[j]);
-                    }
-                }
-            }
-            Vec<T, V> r;
-#pragma unroll
-            for (int j = 0; j < V; ++j) store(&r.v[j], sum[j] / div);
-            store_vec<T, V>(out + layout.offset(nc, out_plane) + p * layout.pitch() + lane, r);
+            for (int j = 0; j < V; ++j) mean[j] = op.lane[j].sum / div;
+            store_lanes<T, V>(out + layout.offset(nc, out_plane) + p * layout.pitch() + lane,
+                              mean);
         }
     }
 }
@@ -704,11 +738,12 @@ __global__ void max_pool3d_backward_vec(const T* __restrict__ dout,
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
     const Idx groups = (Idx)(C / V);
     FOR_ITEMS(i, in_plane * groups) {
-        const Idx p = i / groups, lane = (i - p * groups) * V;
+        Idx p, lane;
+        vec_item(i, groups, V, p, lane);
         int x[3];
         decode3(p, H, W, x);
-        const PoolCover c[3] = {pool_cover(x[0], g.a[0]), pool_cover(x[1], g.a[1]),
-                                pool_cover(x[2], g.a[2])};
+        PoolCover c[3];
+        pool_covers(x, g, c);
         FOR_OUTER(nc) {
             const Idx base = layout.offset(nc, out_plane) + lane;
             VecMaxGradOp<T, Off, A, V> op;
@@ -718,10 +753,8 @@ __global__ void max_pool3d_backward_vec(const T* __restrict__ dout,
             for (int j = 0; j < V; ++j) op.acc[j] = A(0);
             visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
                               layout.pitch(), op);
-            Vec<T, V> r;
-#pragma unroll
-            for (int j = 0; j < V; ++j) store(&r.v[j], op.acc[j]);
-            store_vec<T, V>(dx + layout.offset(nc, in_plane) + p * layout.pitch() + lane, r);
+            store_lanes<T, V>(dx + layout.offset(nc, in_plane) + p * layout.pitch() + lane,
+                              op.acc);
         }
     }
 }
@@ -741,12 +774,12 @@ __global__ void avg_pool3d_backward_vec(const T* __restrict__ dout, T* __restric
     const Idx in_plane = (Idx)D * H * W, out_plane = (Idx)Do * Ho * Wo;
     const Idx groups = (Idx)(C / V);
     FOR_ITEMS(i, in_plane * groups) {
-        const Idx p = i / groups, lane = (i - p * groups) * V;
+        Idx p, lane;
+        vec_item(i, groups, V, p, lane);
         int x[3];
         decode3(p, H, W, x);
-        const PoolCover c[3] = {pool_cover(x[0], divisor.g.a[0]),
-                                pool_cover(x[1], divisor.g.a[1]),
-                                pool_cover(x[2], divisor.g.a[2])};
+        PoolCover c[3];
+        pool_covers(x, divisor.g, c);
         FOR_OUTER(nc) {
             VecAvgGradOp<T, A, V, PoolDivisor> op;
             op.dout = dout + layout.offset(nc, out_plane) + lane;
@@ -755,10 +788,8 @@ __global__ void avg_pool3d_backward_vec(const T* __restrict__ dout, T* __restric
             for (int j = 0; j < V; ++j) op.acc[j] = A(0);
             visit_covers<Idx>(c, Ho, Wo, (unsigned)kh * (unsigned)kw, (unsigned)kw,
                               layout.pitch(), op);
-            Vec<T, V> r;
-#pragma unroll
-            for (int j = 0; j < V; ++j) store(&r.v[j], op.acc[j]);
-            store_vec<T, V>(dx + layout.offset(nc, in_plane) + p * layout.pitch() + lane, r);
+            store_lanes<T, V>(dx + layout.offset(nc, in_plane) + p * layout.pitch() + lane,
+                              op.acc);
         }
     }
 }
