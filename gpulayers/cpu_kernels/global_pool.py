@@ -116,8 +116,9 @@ def _build_add_f64():
                 builder.store(builder.fadd(builder.load(pa, align=8), x), pa, align=8)
             full = builder.mul(blocks, ir.Constant(i64, LANES))
             tail = builder.sub(nv, full)
-            # only where there is a tail: a masked store, even of no lane, stalls the
-            # next load of its address (the next lane's row, here) on this CPU
+            # only where there is a tail: a masked store, even of no lane, is a store to
+            # its address for the CPU, which a later load of it (the next lane's row,
+            # here) may wait for
             with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(i64, 0))):
                 mask = V.lanes_below(builder, tail)
                 x = V.load_f64(builder, builder.gep(sp, [full]), elt, mask)
