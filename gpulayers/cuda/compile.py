@@ -245,12 +245,7 @@ def launch(kernel, name, grid, block, args, device_id=None):
             except Exception as exc:
                 raise launch_error(name, grid, block, device_id, exc) from exc
             return
-    try:
-        kernel(grid, block, args)
-        if _CHECK_LAUNCHES:
-            _cupy().cuda.get_current_stream().synchronize()
-    except Exception as exc:
-        raise launch_error(name, grid, block, device_id, exc) from exc
+    launch_here(kernel, name, grid, block, args, device_id)
 
 
 def launch_here(kernel, name, grid, block, args, device_id):
