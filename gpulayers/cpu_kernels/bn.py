@@ -72,6 +72,20 @@ def row_block(M, C):
     return max(1, min(ROW_BLOCK // max(1, C), -(-M // ROW_UNITS)))
 
 
+@kernel(parallel=False, inline="always", error_model="numpy")
+def _finish_channel(c, mc, vc, eps, gamma, mean, var, invstd, m64, a64):
+    """A train forward's channel c from its float64 mean mc and (biased) variance vc:
+    writes mean[c], var[c], invstd[c] (their dtype) and the float64 terms m64[c] = mc,
+    a64[c] = gamma[c] * invstd of y = (x - m64) * a64 + b; returns invstd in float64."""
+    ic = 1.0 / math.sqrt(vc + eps)
+    mean[c] = mc
+    var[c] = vc
+    invstd[c] = ic
+    m64[c] = mc
+    a64[c] = np.float64(gamma[c]) * ic
+    return ic
+
+
 # ------------------------------------------------------------------------------- planes
 
 
@@ -146,13 +160,7 @@ def train_forward_planes(x, gamma, beta, eps, chunk, ratio_max, y, mean, var, in
                 qa += m2[u] + d * d * (na * nb / nt)
                 na = nt
         mc = np.float64(x[0, c, 0]) + ma
-        vc = qa / na
-        ic = 1.0 / math.sqrt(vc + eps)
-        mean[c] = mc
-        var[c] = vc
-        invstd[c] = ic
-        m64[c] = mc
-        a64[c] = np.float64(gamma[c]) * ic
+        ic = _finish_channel(c, mc, qa / na, eps, gamma, mean, var, invstd, m64, a64)
         if abs(mc) * ic > ratio_max:
             ok = False
     if not ok:
@@ -363,14 +371,8 @@ def train_forward_rows(x, gamma, beta, eps, R, y, mean, var, invstd):
     a64 = np.empty(C)
     b64 = np.empty(C)
     for c in range(C):
-        mc = piv[c] + m64[c]
-        vc = q64[c] / na
-        ic = 1.0 / math.sqrt(vc + eps)
-        mean[c] = mc
-        var[c] = vc
-        invstd[c] = ic
-        m64[c] = mc
-        a64[c] = np.float64(gamma[c]) * ic
+        _finish_channel(c, piv[c] + m64[c], q64[c] / na, eps, gamma, mean, var, invstd,
+                        m64, a64)
         b64[c] = np.float64(beta[c])
     _affine_rows(x, m64, a64, b64, R, y)
 
