@@ -135,26 +135,22 @@ def _check(got, ref, dtype, x, gamma, dout, axes):
     np.testing.assert_allclose(dbe, rdb, rtol=0, atol=tol * 10 * gscale)
 
 
-@pytest.mark.parametrize("units", ["default", "small"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", PLANE_SHAPES)
-def test_planes_match_float64(rng, shape, dtype, units, request):
-    if units == "small":
-        request.getfixturevalue("small_units")
-    x, dout, gamma, beta, sd = _data(rng, shape, shape[1], dtype)
-    _check(_planes(x, dout, gamma, beta, sd), _ref(x, gamma, beta, dout, (0, 2, 3)), dtype,
-           x, gamma, dout, (0, 2, 3))
+# the two entry points with their reduction axes, and the shapes each runs
+ENTRY_POINTS = {"planes": (_planes, (0, 2, 3)), "rows": (_rows, (0,))}
+SHAPES = [("planes", s) for s in PLANE_SHAPES] + [("rows", s) for s in ROW_SHAPES]
 
 
 @pytest.mark.parametrize("units", ["default", "small"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ROW_SHAPES)
-def test_rows_match_float64(rng, shape, dtype, units, request):
+@pytest.mark.parametrize("layout, shape", SHAPES,
+                         ids=[f"{layout}-{'x'.join(map(str, s))}" for layout, s in SHAPES])
+def test_entry_points_match_float64(rng, layout, shape, dtype, units, request):
     if units == "small":
         request.getfixturevalue("small_units")
+    run, axes = ENTRY_POINTS[layout]
     x, dout, gamma, beta, sd = _data(rng, shape, shape[1], dtype)
-    _check(_rows(x, dout, gamma, beta, sd), _ref(x, gamma, beta, dout, (0,)), dtype,
-           x, gamma, dout, (0,))
+    _check(run(x, dout, gamma, beta, sd), _ref(x, gamma, beta, dout, axes), dtype,
+           x, gamma, dout, axes)
 
 
 @pytest.mark.parametrize("layout", ["planes", "rows"])
